@@ -1,0 +1,15 @@
+from .engine import Callbacks, GroupResult, NumericalError, Reconstructor, logits, prepare_model, resolve_device
+from .objective import OBJECTIVES, ReconstructionMSE, make_objective
+
+__all__ = [
+    "Callbacks",
+    "GroupResult",
+    "NumericalError",
+    "OBJECTIVES",
+    "ReconstructionMSE",
+    "Reconstructor",
+    "logits",
+    "make_objective",
+    "prepare_model",
+    "resolve_device",
+]

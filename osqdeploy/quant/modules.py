@@ -1,0 +1,378 @@
+"""Fake-quant modules: the quantized model is the timm model with these swapped in.
+
+Each module has three lives: *observe* (collect activation ranges on full-precision data),
+*reconstruct* (soft AdaRound weights, learned activation steps, QDrop), and *deployed*
+(integer weights, fixed steps) — the last is what a saved run holds and what the exporter
+writes, through the two custom ops below, as ONNX ``QuantizeLinear``/``DequantizeLinear``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import primitives as P
+
+# --- custom ops: the deployed arithmetic, recognisable by the ONNX exporter ---------------------
+
+
+@torch.library.custom_op("osqdeploy::qdq", mutates_args=())
+def qdq_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """QuantizeLinear→DequantizeLinear with the integer type's own saturation (uint8 here)."""
+    zp = zero_point.float()
+    return (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+
+
+@qdq_op.register_fake
+def _(x, scale, zero_point):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("osqdeploy::dequantize_weight", mutates_args=())
+def dequantize_weight_op(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-channel DequantizeLinear of integer weights along ``axis``."""
+    shape = [1] * q.dim()
+    shape[axis] = -1
+    return (q.float() - zero_point.float().view(shape)) * scale.view(shape)
+
+
+@dequantize_weight_op.register_fake
+def _(q, scale, zero_point, axis):
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+_EXPORTING = False
+
+
+@contextmanager
+def exporting() -> Iterator[None]:
+    """Route deployed modules through the custom ops while the ONNX exporter traces them."""
+    global _EXPORTING
+    previous, _EXPORTING = _EXPORTING, True
+    try:
+        yield
+    finally:
+        _EXPORTING = previous
+
+
+def _ema(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:
+    return new if old is None else decay * old + (1 - decay) * new
+
+
+# --- activation quantizers ----------------------------------------------------------------------
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor uniform activation quantizer with a learned step (QDrop/LSQ style).
+
+    ``per_channel_observe`` marks quantizers behind a LayerNorm: they observe per-channel ranges
+    (last dim) that RepQ-ViT reparameterisation later folds into the LayerNorm, after which the
+    deployed quantizer is per-tensor like every other.
+    """
+
+    ema_decay = 0.9
+
+    def __init__(self, bits: int, per_channel_observe: bool = False):
+        super().__init__()
+        P.qrange(bits)
+        self.bits = bits
+        self.per_channel_observe = per_channel_observe
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
+        self.register_buffer("zero_point_int", torch.tensor(0, dtype=torch.uint8), persistent=False)
+        self.enabled = False
+        self.observing = False
+        self.drop_prob = 0.0
+        self.obs_min: torch.Tensor | None = None
+        self.obs_max: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, enabled={self.enabled}"
+
+    def observe(self, x: torch.Tensor) -> None:
+        dim = x.dim() - 1 if self.per_channel_observe else None
+        lo, hi = P.mse_optimal_range(x, self.bits, channel_dim=dim)
+        if dim is None:
+            lo, hi = lo[0], hi[0]
+        self.obs_min = _ema(self.obs_min, lo, self.ema_decay)
+        self.obs_max = _ema(self.obs_max, hi, self.ema_decay)
+
+    def set_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> None:
+        scale, zp = P.qparams_from_range(xmin, xmax, self.bits)
+        with torch.no_grad():
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zp)
+
+    def finish_observation(self) -> None:
+        """Set the per-tensor grid from the observed range (per-channel ones are set by reparam)."""
+        self.observing = False
+        if self.obs_min is None:
+            raise RuntimeError("activation quantizer saw no data during observation")
+        if not self.per_channel_observe:
+            self.set_range(self.obs_min, self.obs_max)
+
+    def clip_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        qmin, qmax = P.qrange(self.bits)
+        return (qmin - self.zero_point) * self.scale, (qmax - self.zero_point) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x)
+            return x
+        if not self.enabled:
+            return x
+        if _EXPORTING:
+            if self.bits not in (4, 8):  # the ONNX integer type is wider than the grid
+                lo, hi = self.clip_bounds()
+                x = torch.clamp(x, lo.detach(), hi.detach())
+            return torch.ops.osqdeploy.qdq(x, self.scale.detach(), self.zero_point_int)
+        xq = P.fake_quantize_uniform(x, self.scale, self.zero_point, self.bits)
+        if self.training and self.drop_prob > 0:
+            xq = torch.where(torch.rand_like(x) < self.drop_prob, x, xq)
+        return xq
+
+    def prepare_export(self) -> None:
+        self.zero_point_int = self.zero_point.round().to(torch.uint8)
+
+
+class LogQuantizer(nn.Module):
+    """log√2 (RepQ-ViT) or log2 quantizer for post-softmax attention probabilities.
+
+    Its δ is the EMA of the observed maximum and is not learned: softmax outputs live in
+    (0, 1] and the grid's resolution near 0 comes from the exponent, not from δ.
+    """
+
+    ema_decay = 0.9
+
+    def __init__(self, bits: int, base: str = "sqrt2"):
+        super().__init__()
+        P.qrange(bits)
+        if base not in ("sqrt2", "2"):
+            raise ValueError(f"log quantizer base must be 'sqrt2' or '2', got {base!r}")
+        self.bits = bits
+        self.base = base
+        self.register_buffer("delta", torch.tensor(1.0))
+        self.enabled = False
+        self.observing = False
+        self.drop_prob = 0.0
+        self.obs_max: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, base={self.base}, enabled={self.enabled}"
+
+    def finish_observation(self) -> None:
+        self.observing = False
+        if self.obs_max is None:
+            raise RuntimeError("log quantizer saw no data during observation")
+        self.delta.copy_(torch.clamp(self.obs_max, min=1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.obs_max = _ema(self.obs_max, x.detach().amax().float(), self.ema_decay)
+            return x
+        if not self.enabled:
+            return x
+        xq = P.fake_quantize_log(x, self.delta, self.bits, self.base)
+        if not _EXPORTING:
+            xq = x + (xq - x).detach()  # STE: gradients reach the layers before the softmax
+            if self.training and self.drop_prob > 0:
+                xq = torch.where(torch.rand_like(x) < self.drop_prob, x, xq)
+        return xq
+
+    def prepare_export(self) -> None:
+        pass
+
+
+# --- weight quantizer ---------------------------------------------------------------------------
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel weight grid (min-max) with AdaRound learned rounding.
+
+    Modes: ``fp`` (pass-through), ``nearest`` (round-to-nearest), ``soft`` (h(V) in [0,1],
+    during reconstruction), ``hard`` (h(V) thresholded, for evaluation inside reconstruction),
+    ``int`` (deployed: integer codes in ``w_int``; the float weight is no longer needed).
+    """
+
+    def __init__(self, weight: torch.Tensor, bits: int):
+        super().__init__()
+        P.qrange(bits)
+        self.bits = bits
+        out = weight.shape[0]
+        self.register_buffer("scale", torch.ones(out))
+        self.register_buffer("zero_point", torch.zeros(out))
+        self.register_buffer("w_int", torch.zeros(0, dtype=torch.uint8))
+        self.register_buffer("zero_point_int", torch.zeros(out, dtype=torch.uint8), persistent=False)
+        self.register_buffer("w_int_export", torch.zeros(0, dtype=torch.uint8), persistent=False)
+        self.alpha: nn.Parameter | None = None
+        self.mode = "fp"
+        self.float_available = True  # False once rebuilt from a saved run (only integers there)
+        self._shape = tuple(weight.shape)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, mode={self.mode}"
+
+    def _view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1, *([1] * (len(self._shape) - 1)))
+
+    def init_minmax(self, weight: torch.Tensor) -> None:
+        flat = weight.detach().reshape(weight.shape[0], -1)
+        scale, zp = P.qparams_from_range(flat.amin(1), flat.amax(1), self.bits)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        self.mode = "nearest"
+
+    def init_adaround(self, weight: torch.Tensor) -> None:
+        w_over_s = weight.detach() / self._view(self.scale)
+        self.alpha = nn.Parameter(P.adaround_init(w_over_s))
+        self.mode = "soft"
+
+    def rounding_offsets(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.mode == "soft":
+            return P.rectified_sigmoid(self.alpha)
+        if self.mode == "hard":
+            return (self.alpha >= 0).to(weight.dtype)
+        raise RuntimeError(f"no rounding offsets in mode {self.mode}")
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return P.adaround_regularizer(self.alpha, beta)
+
+    def integer_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Integer codes (float tensor) of the current rounding decision."""
+        s, zp = self._view(self.scale), self._view(self.zero_point)
+        qmin, qmax = P.qrange(self.bits)
+        if self.mode in ("soft", "hard"):
+            h = (self.alpha >= 0).to(weight.dtype)
+            return torch.clamp(torch.floor(weight / s) + h + zp, qmin, qmax)
+        return P.quantize_uniform(weight, s, zp, self.bits)
+
+    def finalize(self, weight: torch.Tensor) -> None:
+        """Freeze the rounding into integer codes; drop the rounding variables."""
+        with torch.no_grad():
+            self.w_int = self.integer_weight(weight.detach()).to(torch.uint8)
+        self.alpha = None
+        self.mode = "int"
+
+    def make_deployable_structure(self) -> None:
+        """Shape buffers like a finalized quantizer so a saved state can be loaded into it."""
+        self.w_int = torch.zeros(self._shape, dtype=torch.uint8, device=self.scale.device)
+        self.alpha = None
+        self.mode = "int"
+        self.float_available = False
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.mode == "fp":
+            return weight
+        s, zp = self._view(self.scale), self._view(self.zero_point)
+        if self.mode == "int":
+            return P.dequantize_uniform(self.w_int.to(s.dtype), s, zp)
+        if self.mode == "nearest":
+            return P.dequantize_uniform(P.quantize_uniform(weight, s, zp, self.bits), s, zp)
+        w_floor = torch.floor(weight / s)
+        return P.adaround_weight(w_floor, self.rounding_offsets(weight), s, zp, self.bits)
+
+    def prepare_export(self, transpose: bool) -> None:
+        if self.mode != "int":
+            raise RuntimeError("export needs finalized (integer) weights")
+        self.zero_point_int = self.zero_point.round().to(torch.uint8)
+        self.w_int_export = self.w_int.t().contiguous() if transpose else self.w_int
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear with a quantized input and quantized weight (bias stays float, as in deployment)."""
+
+    def __init__(self, linear: nn.Linear, w_bits: int, a_bits: int, per_channel_observe: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        bias = linear.bias.detach().clone() if linear.bias is not None else torch.zeros(self.out_features)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+        self.input_quantizer = ActQuantizer(a_bits, per_channel_observe)
+        self.weight_quantizer = WeightQuantizer(self.weight, w_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quantizer(x)
+        if _EXPORTING and self.weight_quantizer.mode == "int":
+            wq = self.weight_quantizer
+            w_t = torch.ops.osqdeploy.dequantize_weight(wq.w_int_export, wq.scale, wq.zero_point_int, 1)
+            return torch.matmul(x, w_t) + self.bias
+        return F.linear(x, self.weight_quantizer(self.weight), self.bias)
+
+    def prepare_export(self) -> None:
+        self.weight_quantizer.prepare_export(transpose=True)
+
+
+class QuantConv2d(nn.Module):
+    """Patch-embedding convolution with quantized input and per-output-channel weights."""
+
+    def __init__(self, conv: nn.Conv2d, w_bits: int, a_bits: int):
+        super().__init__()
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+        bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+        self.input_quantizer = ActQuantizer(a_bits)
+        self.weight_quantizer = WeightQuantizer(self.weight, w_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quantizer(x)
+        if _EXPORTING and self.weight_quantizer.mode == "int":
+            wq = self.weight_quantizer
+            w = torch.ops.osqdeploy.dequantize_weight(wq.w_int_export, wq.scale, wq.zero_point_int, 0)
+        else:
+            w = self.weight_quantizer(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def prepare_export(self) -> None:
+        self.weight_quantizer.prepare_export(transpose=False)
+
+
+QUANT_LAYERS = (QuantLinear, QuantConv2d)
+ACT_QUANTIZERS = (ActQuantizer, LogQuantizer)
+
+
+# --- switching modules between lives ------------------------------------------------------------
+
+
+def act_quantizers(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """Unique activation quantizers inside ``modules`` (in module order)."""
+    seen: dict[int, nn.Module] = {}
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, ACT_QUANTIZERS):
+                seen.setdefault(id(m), m)
+    return list(seen.values())
+
+
+def quant_layers(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    seen: dict[int, nn.Module] = {}
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, QUANT_LAYERS):
+                seen.setdefault(id(m), m)
+    return list(seen.values())
+
+
+@contextmanager
+def quantization_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in full precision (targets of reconstruction), restoring modes after."""
+    acts = act_quantizers([model])
+    weights = [m.weight_quantizer for m in quant_layers([model])]
+    saved = [(q.enabled, q.observing) for q in acts], [w.mode for w in weights]
+    for q in acts:
+        q.enabled, q.observing = False, False
+    for w in weights:
+        if w.float_available:
+            w.mode = "fp"
+    try:
+        yield
+    finally:
+        for q, (enabled, observing) in zip(acts, saved[0], strict=True):
+            q.enabled, q.observing = enabled, observing
+        for w, mode in zip(weights, saved[1], strict=True):
+            w.mode = mode

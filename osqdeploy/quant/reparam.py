@@ -1,0 +1,45 @@
+"""RepQ-ViT scale reparameterisation of post-LayerNorm activations (Li et al., 2023).
+
+LayerNorm outputs have a few channels with far larger ranges than the rest (the outliers the
+paper attacks). Quantizing them per channel is accurate but not deployable as one
+``QuantizeLinear``; RepQ-ViT shows the per-channel grid can be folded into the LayerNorm affine
+and the next Linear so that a per-tensor grid produces *exactly* the same codes:
+
+    y' = y / r − b          (LayerNorm: γ' = γ/r, β' = β/r − b)
+    W' = W · diag(r),  c' = c + W (r ⊙ b)
+
+with r = Δ_c / mean(Δ) and b = min_c / r − target_min. The float network is unchanged up to
+rounding, and the quantized network equals the per-channel-quantized one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import primitives as P
+from .modules import ActQuantizer, QuantLinear
+
+
+@torch.no_grad()
+def reparameterize_norm(norm: nn.LayerNorm, quantizer: ActQuantizer, linears: list[QuantLinear]) -> None:
+    """Fold the per-channel ranges observed by ``quantizer`` into ``norm`` and ``linears``."""
+    if quantizer.obs_min is None or quantizer.obs_min.dim() != 1:
+        raise RuntimeError("reparameterisation needs per-channel observed ranges")
+    if norm.weight is None or norm.bias is None:
+        raise ValueError("reparameterisation needs a LayerNorm with an affine transform")
+    delta_c, zp_c = P.qparams_from_range(quantizer.obs_min, quantizer.obs_max, quantizer.bits)
+    target_delta = delta_c.mean()
+    target_zp = zp_c.mean().round()
+    act_min = -zp_c * delta_c
+    target_min = -target_zp * target_delta
+    r = delta_c / target_delta
+    b = act_min / r - target_min
+
+    norm.weight.copy_(norm.weight / r)
+    norm.bias.copy_(norm.bias / r - b)
+    for lin in linears:
+        lin.bias.add_(lin.weight @ (r * b))
+        lin.weight.mul_(r)
+    quantizer.scale.copy_(target_delta)
+    quantizer.zero_point.copy_(target_zp)

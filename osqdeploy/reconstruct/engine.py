@@ -1,0 +1,311 @@
+"""Granularity-aware reconstruction (AdaRound + QDrop + learned activation steps).
+
+The flow for one calibration:
+
+1. ``initialize`` — observe activation ranges on full-precision data (EMA of per-batch
+   MSE-optimal ranges), fold per-channel LayerNorm-output ranges into the network (RepQ-ViT),
+   set min-max per-channel weight grids, and round the 8-bit edge layers to nearest.
+2. ``reconstruct`` — walk the plan's groups in order. A group's quantized input is the output of
+   the already-quantized network before it; its target is the full-precision output of the
+   group on full-precision input. Both are computed once per group and cached (on the compute
+   device), then the group's rounding variables and activation steps are optimised, the rounding
+   is hardened into integers, and the cached inputs advance by one group.
+
+The engine knows nothing of model families (the adapter does) nor of terminals and files
+(callbacks do): the CLI draws progress bars, the run store writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter, State, Unit
+from ..config import CalibrationConfig, QuantConfig
+from ..plan import Plan
+from ..quant.modules import act_quantizers, quant_layers, quantization_disabled
+from ..quant.reparam import reparameterize_norm
+from .objective import Objective, make_objective
+
+
+class NumericalError(RuntimeError):
+    """A reconstruction loss became NaN or infinite."""
+
+
+@dataclass
+class GroupResult:
+    index: int
+    units: list[str]
+    iters: int
+    mse_before: float  # group-output MSE with round-to-nearest weights and initial steps
+    mse_after: float  # after reconstruction, with the hardened rounding
+    seconds: float
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (iteration, training loss)
+    flipped: float = 0.0  # fraction of weights whose rounding differs from round-to-nearest
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["loss_curve"] = [list(p) for p in self.loss_curve]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GroupResult:
+        d = dict(d)
+        d["loss_curve"] = [tuple(p) for p in d.get("loss_curve", [])]
+        return cls(**d)
+
+
+class Callbacks:
+    """Hooks for whoever drives the engine; the defaults do nothing."""
+
+    def on_group_start(self, index: int, units: list[str], iters: int) -> None: ...
+
+    def on_iter(self, index: int, it: int, loss: float | None) -> None: ...
+
+    def on_group_end(self, result: GroupResult) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but CUDA is not available on this machine")
+    return dev
+
+
+def prepare_model(model: nn.Module, qcfg: QuantConfig, adapter_for: Callable[[nn.Module], Adapter]) -> Adapter:
+    """Swap fake-quant modules into ``model`` (in place) and return its adapter."""
+    qcfg.validate()
+    adapter = adapter_for(model)
+    adapter.quantize_structure(model, qcfg)
+    model.eval()
+    return adapter
+
+
+def _slice(state: State, idx: torch.Tensor | slice) -> State:
+    return tuple(t[idx] for t in state)
+
+
+def _to(state: State, device: torch.device) -> State:
+    return tuple(t.to(device, non_blocking=True) for t in state)
+
+
+class Reconstructor:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        plan: Plan,
+        ccfg: CalibrationConfig,
+        device: torch.device,
+        callbacks: Callbacks | None = None,
+        objective: Objective | None = None,
+    ):
+        ccfg.validate()
+        self.model = model.to(device)
+        self.adapter = adapter
+        self.plan = plan
+        self.cfg = ccfg
+        self.device = device
+        self.callbacks = callbacks or Callbacks()
+        self.objective = objective or make_objective(ccfg.loss)
+        units = {u.name: u for u in adapter.units(self.model)}
+        missing = [n for g in plan.groups for n in g if n not in units]
+        if missing:
+            raise ValueError(f"plan names units the model does not have: {missing[:5]}")
+        self.groups: list[list[Unit]] = [[units[n] for n in g] for g in plan.groups]
+        if device.type == "cuda" and ccfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    # -- batching helpers --------------------------------------------------------------------
+
+    def _batches(self, n: int):
+        bs = self.cfg.batch_size
+        for i in range(0, n, bs):
+            yield slice(i, min(i + bs, n))
+
+    @torch.no_grad()
+    def _propagate(self, fn: Callable[[State], State], state: State) -> State:
+        outs = [fn(_to(_slice(state, sl), self.device)) for sl in self._batches(state[0].shape[0])]
+        return tuple(torch.cat([o[k] for o in outs]) for k in range(len(outs[0])))
+
+    def _run_group(self, group: list[Unit], state: State) -> State:
+        for unit in group:
+            state = unit(state)
+        return state
+
+    # -- stage 1: initialisation --------------------------------------------------------------
+
+    @torch.no_grad()
+    def initialize(self, images: torch.Tensor) -> None:
+        """Observe ranges on full-precision data, reparameterise, set weight grids."""
+        acts = act_quantizers([self.model])
+        layers = quant_layers([self.model])
+        for q in acts:
+            q.enabled, q.observing = False, True
+        for layer in layers:
+            layer.weight_quantizer.mode = "fp"
+        n_obs = min(images.shape[0], self.cfg.extra.get("init_samples", 256))
+        for sl in self._batches(n_obs):
+            self.model(images[sl].to(self.device))
+        for q in acts:
+            q.finish_observation()
+        for site in self.adapter.reparam_sites(self.model):
+            reparameterize_norm(site.norm, site.quantizer, site.linears)
+        for layer in layers:
+            layer.weight_quantizer.init_minmax(layer.weight)
+        for layer in self.adapter.edge_layers(self.model):
+            layer.weight_quantizer.finalize(layer.weight)
+        for q in acts:
+            q.enabled = True
+
+    # -- stage 2: reconstruction --------------------------------------------------------------
+
+    def initial_states(self, images: torch.Tensor, done_groups: int = 0) -> tuple[State, State]:
+        """Quantized and full-precision inputs of group ``done_groups`` for all images."""
+        images = images.to(self.device)
+        q_state = self._propagate(lambda s: self.adapter.stem(self.model, s[0]), (images,))
+        with quantization_disabled(self.model):
+            fp_state = self._propagate(lambda s: self.adapter.stem(self.model, s[0]), (images,))
+        for group in self.groups[:done_groups]:
+            q_state = self._propagate(lambda s, g=group: self._run_group(g, s), q_state)
+            with quantization_disabled(self.model):
+                fp_state = self._propagate(lambda s, g=group: self._run_group(g, s), fp_state)
+        return q_state, fp_state
+
+    def reconstruct(self, images: torch.Tensor, done_groups: int = 0) -> list[GroupResult]:
+        q_state, fp_state = self.initial_states(images, done_groups)
+        results = []
+        for index in range(done_groups, len(self.groups)):
+            result, q_state, fp_state = self.reconstruct_group(index, q_state, fp_state)
+            results.append(result)
+            self.callbacks.on_group_end(result)
+        return results
+
+    def _group_mse(self, group: list[Unit], q_in: State, target: torch.Tensor) -> float:
+        out = self._propagate(lambda s: self._run_group(group, s), q_in)[-1]
+        return float((out.float() - target.float()).pow(2).mean())
+
+    def reconstruct_group(self, index: int, q_in: State, fp_in: State) -> tuple[GroupResult, State, State]:
+        cfg = self.cfg
+        group = self.groups[index]
+        names = [u.name for u in group]
+        roots = [m for u in group for m in u.modules]
+        layers = quant_layers(roots)
+        acts = act_quantizers(roots)
+        t0 = time.perf_counter()
+        # Reseeding per group makes a resumed run draw the same batches and drop masks.
+        torch.manual_seed(cfg.seed * 100_003 + index)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + index)
+
+        with quantization_disabled(self.model):
+            fp_out = self._propagate(lambda s: self._run_group(group, s), fp_in)
+        target = fp_out[-1]
+        mse_before = self._group_mse(group, q_in, target)
+        self.callbacks.on_group_start(index, names, cfg.iters)
+
+        curve: list[tuple[int, float]] = []
+        if cfg.iters > 0:
+            curve = self._optimize(index, group, layers, acts, q_in, fp_in, target, gen)
+
+        nearest = [self._nearest(layer) for layer in layers]
+        for layer in layers:
+            layer.weight_quantizer.finalize(layer.weight)
+        flipped = sum(
+            int((nr != layer.weight_quantizer.w_int.float()).sum()) for nr, layer in zip(nearest, layers, strict=True)
+        )
+        total = sum(layer.weight.numel() for layer in layers)
+        mse_after = self._group_mse(group, q_in, target)
+        if not torch.isfinite(torch.tensor(mse_after)):
+            raise NumericalError(f"group {index} ({' + '.join(names)}): output MSE is {mse_after}")
+        q_out = self._propagate(lambda s: self._run_group(group, s), q_in)
+        result = GroupResult(
+            index=index,
+            units=names,
+            iters=cfg.iters,
+            mse_before=mse_before,
+            mse_after=mse_after,
+            seconds=time.perf_counter() - t0,
+            loss_curve=curve,
+            flipped=flipped / max(total, 1),
+        )
+        return result, q_out, fp_out
+
+    @staticmethod
+    def _nearest(layer: nn.Module) -> torch.Tensor:
+        wq = layer.weight_quantizer
+        return torch.clamp(
+            torch.round(layer.weight / wq._view(wq.scale)) + wq._view(wq.zero_point), 0, 2**wq.bits - 1
+        )
+
+    def _optimize(self, index, group, layers, acts, q_in, fp_in, target, gen) -> list[tuple[int, float]]:
+        cfg = self.cfg
+        for layer in layers:
+            layer.weight_quantizer.init_adaround(layer.weight)
+        round_params = [layer.weight_quantizer.alpha for layer in layers]
+        step_params = [q.scale for q in acts if hasattr(q, "scale") and isinstance(q.scale, nn.Parameter)]
+        for p in step_params:
+            p.requires_grad_(True)
+        opt_round = torch.optim.Adam(round_params, lr=cfg.lr_round)
+        opt_step = torch.optim.Adam(step_params, lr=cfg.lr_act) if step_params else None
+        for q in acts:
+            q.drop_prob = cfg.drop_prob
+            q.train()
+
+        n = q_in[0].shape[0]
+        bs = min(cfg.batch_size, n)
+        warmup_iters = int(cfg.warmup * cfg.iters)
+        curve: list[tuple[int, float]] = []
+        log_every = max(1, cfg.iters // 100)
+        for it in range(cfg.iters):
+            idx = torch.randperm(n, generator=gen)[:bs]
+            xq, xf = _to(_slice(q_in, idx), self.device), _to(_slice(fp_in, idx), self.device)
+            if cfg.drop_prob > 0:  # QDrop: mix quantized and full-precision inputs elementwise
+                inp = tuple(torch.where(torch.rand_like(a) < cfg.drop_prob, a, b) for a, b in zip(xq, xf, strict=True))
+            else:
+                inp = xq
+            out = self._run_group(group, inp)[-1]
+            loss = self.objective(out, target[idx.to(target.device)].to(self.device))
+            if it >= warmup_iters:
+                progress = (it - warmup_iters) / max(1, cfg.iters - warmup_iters)
+                beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - progress)
+                loss = loss + cfg.round_weight * sum(layer.weight_quantizer.regularizer(beta) for layer in layers)
+            opt_round.zero_grad(set_to_none=True)
+            if opt_step:
+                opt_step.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_round.step()
+            if opt_step:
+                opt_step.step()
+                with torch.no_grad():
+                    for p in step_params:
+                        p.clamp_(min=1e-8)
+            if it % log_every == 0 or it == cfg.iters - 1:
+                value = float(loss.detach())  # the only host sync, once per log interval
+                if value != value or value in (float("inf"), float("-inf")):
+                    raise NumericalError(
+                        f"group {index} ({' + '.join(u.name for u in group)}): loss became {value} at iteration {it}"
+                    )
+                curve.append((it, value))
+                self.callbacks.on_iter(index, it, value)
+
+        for q in acts:
+            q.drop_prob = 0.0
+            q.eval()
+        for p in step_params:
+            p.requires_grad_(False)
+        for layer in layers:
+            layer.weight_quantizer.mode = "hard"
+        return curve
+
+
+@torch.no_grad()
+def logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    out = [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out)

@@ -1,0 +1,293 @@
+"""The run directory: the artifact that joins calibration to export and evaluation.
+
+Layout (format version ``RUN_FORMAT_VERSION``)::
+
+    <run>/run.json             manifest: versions, model spec and weight source, quant and
+                               calibration configs, plan, seed, per-group losses, outlier
+                               statistics, status, sha256 of the state file
+    <run>/state.safetensors    deployed quantized state: integer weights (uint8 codes), their
+                               per-channel scales and zero points, activation steps and zero
+                               points, log-quantizer deltas, and every float tensor the model
+                               keeps (LayerNorms after reparameterisation, biases, embeddings)
+    <run>/checkpoint/          while calibrating: full state after the last finished group
+    <run>/.lock                while a process writes the run
+
+``run.json`` is written last, atomically; a run is complete only when it says so and the state's
+checksum matches. Tensors are stored with safetensors, so loading a run never executes code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from .. import __version__
+from ..quant.modules import QUANT_LAYERS, act_quantizers
+
+RUN_FORMAT = "osqdeploy-run"
+RUN_FORMAT_VERSION = 1
+MANIFEST = "run.json"
+STATE = "state.safetensors"
+CHECKPOINT = "checkpoint"
+LOCK = ".lock"
+
+
+class RunError(ValueError):
+    """A run directory that cannot be used (missing, corrupt, unfinished, other version)."""
+
+
+class RunLockedError(RunError):
+    """Another live process is writing this run."""
+
+
+# --- atomic file writes -------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Atomically write a safetensors file; returns its sha256."""
+    data = safetensors.torch.save(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata or {}
+    )
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path))
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise RunError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
+
+
+# --- lock ----------------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive writer lock; a lock left by a dead process on this host is taken over."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if isinstance(pid, int) and host == me["host"] and not _pid_alive(pid):
+                lock.unlink(missing_ok=True)
+                continue
+            raise RunLockedError(
+                f"{run_dir} is being written by process {pid} on {host}; wait for it or remove {lock} "
+                "if that process is gone"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+# --- manifest -----------------------------------------------------------------------------------
+
+
+def read_manifest(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    path = run_dir / MANIFEST
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise RunError(f"{run_dir}: not a run directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RunError(f"{path}: corrupt manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT:
+        raise RunError(f"{path}: not an osqdeploy run manifest")
+    version = manifest.get("format_version")
+    if version != RUN_FORMAT_VERSION:
+        raise RunError(
+            f"{run_dir}: run format version {version} (osq {manifest.get('osq_version', '?')}); this osq "
+            f"({__version__}) reads version {RUN_FORMAT_VERSION} — re-run `osq calibrate`"
+        )
+    return manifest
+
+
+def new_manifest(**fields: object) -> dict:
+    return {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "osq_version": __version__, **fields}
+
+
+# --- state --------------------------------------------------------------------------------------
+
+
+def deployed_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state without the float weights that integer codes replace."""
+    drop = {
+        f"{name}.weight"
+        for name, m in model.named_modules()
+        if isinstance(m, QUANT_LAYERS) and m.weight_quantizer.mode == "int"
+    }
+    state = {k: v for k, v in model.state_dict().items() if k not in drop}
+    return _dedupe(state)
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory: give each entry its own copy."""
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def save_deployed(run_dir: Path, model: nn.Module) -> str:
+    """Write the deployed state; returns its sha256 for the manifest."""
+    return save_tensors(Path(run_dir) / STATE, deployed_state(model), {"format": RUN_FORMAT})
+
+
+def load_deployed(run_dir: Path, model: nn.Module, manifest: dict) -> None:
+    """Load a deployed state into a model prepared with the run's quant config."""
+    path = Path(run_dir) / STATE
+    if not path.is_file():
+        raise RunError(f"{run_dir}: missing {STATE}")
+    digest = sha256_file(path)
+    if digest != manifest.get("state_sha256"):
+        raise RunError(f"{path}: checksum mismatch (file changed or damaged since calibration)")
+    state = load_tensors(path)
+    for m in model.modules():
+        if isinstance(m, QUANT_LAYERS):
+            m.weight_quantizer.make_deployable_structure()
+    result = model.load_state_dict(state, strict=False)
+    allowed_missing = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
+    missing = [k for k in result.missing_keys if k not in allowed_missing]
+    if missing or result.unexpected_keys:
+        raise RunError(
+            f"{path}: state does not match the model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+    for q in act_quantizers([model]):
+        q.enabled = True
+
+
+@dataclass
+class Checkpoint:
+    done_groups: int
+    groups: list[dict]
+    modes: dict[str, str]
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, done_groups: int, groups: list[dict], fingerprint: str) -> None:
+    """Full state (float weights included) after ``done_groups`` groups, for ``--resume``."""
+    ck = Path(run_dir) / CHECKPOINT
+    modes = {n: m.weight_quantizer.mode for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
+    digest = save_tensors(ck / "state.safetensors", _dedupe(dict(model.state_dict())))
+    atomic_write_json(
+        ck / "progress.json",
+        {"done_groups": done_groups, "groups": groups, "modes": modes, "fingerprint": fingerprint, "sha256": digest},
+    )
+
+
+def read_checkpoint(run_dir: Path, fingerprint: str) -> Checkpoint | None:
+    """The checkpoint to resume from, or None if there is none; refuses one from other settings."""
+    ck = Path(run_dir) / CHECKPOINT
+    progress = ck / "progress.json"
+    if not progress.is_file():
+        return None
+    try:
+        info = json.loads(progress.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{progress}: corrupt checkpoint ({e}); delete {ck} to start over") from None
+    if info.get("fingerprint") != fingerprint:
+        raise RunError(
+            f"{run_dir} holds a checkpoint of a calibration with other settings; use another --run-dir "
+            f"or delete {ck} to start over"
+        )
+    if sha256_file(ck / "state.safetensors") != info.get("sha256"):
+        raise RunError(f"{ck}: checkpoint state damaged; delete {ck} to start over")
+    return Checkpoint(info["done_groups"], info["groups"], info["modes"])
+
+
+def load_checkpoint_state(run_dir: Path, model: nn.Module, ck: Checkpoint) -> None:
+    state = load_tensors(Path(run_dir) / CHECKPOINT / "state.safetensors")
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_LAYERS):
+            mode = ck.modes.get(name, "nearest")
+            if mode == "int":
+                m.weight_quantizer.make_deployable_structure()
+                m.weight_quantizer.float_available = True
+            m.weight_quantizer.mode = mode
+    model.load_state_dict(state, strict=True)
+    for q in act_quantizers([model]):
+        q.enabled = True
+
+
+def clear_checkpoint(run_dir: Path) -> None:
+    ck = Path(run_dir) / CHECKPOINT
+    for p in (ck / "progress.json", ck / "state.safetensors"):
+        p.unlink(missing_ok=True)
+    if ck.is_dir() and not any(ck.iterdir()):
+        ck.rmdir()
