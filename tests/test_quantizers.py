@@ -1,0 +1,119 @@
+"""Quantizer arithmetic against its formulas (Eq. 1, RepQ-ViT's log√2 grid, AdaRound)."""
+
+import math
+
+import pytest
+import torch
+
+from osqdeploy.quant import primitives as P
+from osqdeploy.quant.modules import ActQuantizer, LogQuantizer, WeightQuantizer
+
+
+def test_uniform_fake_quant_matches_eq1():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=g) * 3
+    scale, zp, bits = torch.tensor(0.17), torch.tensor(7.0), 4
+    expected = (torch.clamp(torch.round(x / scale) + zp, 0, 15) - zp) * scale
+    assert torch.equal(P.fake_quantize_uniform(x, scale, zp, bits), expected)
+    # every output is on the grid and inside its range
+    q = P.quantize_uniform(x, scale, zp, bits)
+    assert q.min() >= 0 and q.max() <= 15 and torch.equal(q, q.round())
+
+
+def test_fake_quant_gradients_are_straight_through_inside_the_range():
+    x = torch.tensor([0.3, 0.5, 100.0], requires_grad=True)
+    scale = torch.tensor(0.2, requires_grad=True)
+    P.fake_quantize_uniform(x, scale, torch.tensor(0.0), 4).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0]  # clipped value gets no gradient
+    assert scale.grad is not None and scale.grad != 0  # LSQ-style step gradient
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_qparams_span_the_range_and_represent_zero(bits):
+    lo, hi = torch.tensor(-1.3), torch.tensor(4.2)
+    scale, zp = P.qparams_from_range(lo, hi, bits)
+    assert torch.allclose(scale, (hi - lo) / (2**bits - 1))
+    assert zp == zp.round() and 0 <= zp <= 2**bits - 1
+    zero = P.fake_quantize_uniform(torch.tensor(0.0), scale, zp, bits)
+    assert zero == 0
+
+
+def test_bits_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="2..8"):
+        P.qrange(1)
+    with pytest.raises(ValueError, match="2..8"):
+        ActQuantizer(9)
+
+
+def test_mse_range_beats_minmax_on_outlier_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, generator=g)
+    x[:5] = 40.0  # a few outliers
+    lo, hi = P.mse_optimal_range(x, 4)
+    def err(a, b):
+        s, z = P.qparams_from_range(a, b, 4)
+        return (P.fake_quantize_uniform(x, s, z, 4) - x).pow(2).mean()
+    assert err(lo[0], hi[0]) < err(x.min(), x.max())
+
+
+def test_per_channel_mse_range_is_per_channel():
+    x = torch.randn(64, 8)
+    x[:, 3] *= 10
+    lo, hi = P.mse_optimal_range(x, 4, channel_dim=1)
+    assert lo.shape == (8,) and hi[3] > 3 * hi[[0, 1, 2, 4]].max()
+
+
+def test_log_sqrt2_quantizer_formula():
+    # RepQ-ViT: code c = round(-2 log2(x/δ)); value = 2^(-ceil(c/2)) · (√2 if c odd... ) δ
+    delta = torch.tensor(1.0)
+    x = torch.tensor([1.0, 2**-0.5, 0.5, 2**-1.5, 0.25, 1e-9])
+    got = P.fake_quantize_log(x, delta, bits=4, base="sqrt2")
+    expected = torch.tensor([1.0, 2**-1 * math.sqrt(2), 0.5, 2**-2 * math.sqrt(2), 0.25, 0.0])
+    assert torch.allclose(got, expected)
+    assert P.fake_quantize_log(torch.tensor([0.0]), delta, 4)[0] == 0  # zero stays zero
+
+
+def test_log2_quantizer_formula():
+    x = torch.tensor([0.9, 0.3, 0.1])
+    got = P.fake_quantize_log(x, torch.tensor(1.0), bits=3, base="2")
+    assert torch.allclose(got, 2.0 ** -torch.round(-torch.log2(x)))
+
+
+def test_log_quantizer_module_passes_gradient():
+    lq = LogQuantizer(4)
+    lq.enabled = True
+    x = torch.rand(10, requires_grad=True)
+    lq(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones(10))
+
+
+def test_adaround_init_reproduces_float_weight_and_hardens_to_floor_or_ceil():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=g)
+    wq = WeightQuantizer(w, bits=4)
+    wq.init_minmax(w)
+    wq.init_adaround(w)
+    soft = wq(w)
+    # h(V) equals the fractional part, so the soft weight is the float weight wherever the
+    # integer zero point does not push it off the grid's ends
+    s = wq.scale.view(-1, 1)
+    codes = torch.floor(w / s) + wq.zero_point.view(-1, 1)
+    inside = (codes >= 0) & (codes <= 14)
+    assert inside.float().mean() > 0.9
+    assert torch.allclose(soft[inside], w[inside], atol=1e-3 * w.abs().max())
+    wq.mode = "hard"
+    hard_codes = wq.integer_weight(w)
+    floor = torch.floor(w / s) + wq.zero_point.view(-1, 1)
+    assert torch.all((hard_codes == floor.clamp(0, 15)) | (hard_codes == (floor + 1).clamp(0, 15)))
+    wq.finalize(w)
+    assert wq.w_int.dtype == torch.uint8 and wq.alpha is None
+    assert torch.equal(wq(w), (wq.w_int.float() - wq.zero_point.view(-1, 1)) * s)
+
+
+def test_adaround_regularizer_vanishes_at_binary_h_and_peaks_at_half():
+    big = torch.full((4,), 50.0)
+    assert P.adaround_regularizer(big, beta=2.0) < 1e-6
+    assert P.adaround_regularizer(-big, beta=2.0) < 1e-6
+    mid = torch.full((4,), math.log((0.5 - P.GAMMA) / (P.ZETA - 0.5)))  # h(V) = 0.5
+    assert torch.allclose(P.rectified_sigmoid(mid), torch.full((4,), 0.5), atol=1e-6)
+    assert torch.isclose(P.adaround_regularizer(mid, beta=2.0), torch.tensor(4.0))

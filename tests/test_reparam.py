@@ -1,0 +1,62 @@
+"""RepQ-ViT reparameterisation: float function unchanged, quantized output = per-channel quantization."""
+
+import copy
+
+import torch
+
+from conftest import images, tiny_vit
+from osqdeploy.adapters import adapter_for
+from osqdeploy.config import QuantConfig
+from osqdeploy.quant import primitives as P
+from osqdeploy.quant.modules import act_quantizers
+from osqdeploy.quant.reparam import reparameterize_norm
+from osqdeploy.reconstruct import prepare_model
+
+
+def _observed(model):
+    x = images(32, 32)
+    adapter = prepare_model(model, QuantConfig(4, 4), adapter_for)
+    for q in act_quantizers([model]):
+        q.observing = True
+    with torch.no_grad():
+        model(x)
+    for q in act_quantizers([model]):
+        q.finish_observation()
+    return adapter
+
+
+def test_reparameterisation_keeps_the_float_model():
+    model = tiny_vit()
+    adapter = _observed(model)
+    x = images(8, 32, seed=5)
+    with torch.no_grad():
+        before = model(x)
+        for site in adapter.reparam_sites(model):
+            reparameterize_norm(site.norm, site.quantizer, site.linears)
+        after = model(x)  # quantizers are still disabled: this is the float network
+    assert (after - before).norm() / before.norm() < 1e-5
+
+
+def test_reparameterised_per_tensor_quantization_equals_per_channel_quantization():
+    model = tiny_vit()
+    adapter = _observed(model)
+    site = adapter.reparam_sites(model)[0]  # norm1 → qkv of block 0
+    q = site.quantizer
+    delta_c, zp_c = P.qparams_from_range(q.obs_min, q.obs_max, q.bits)
+    x = torch.randn(4, 17, 64) * 2
+    with torch.no_grad():
+        y = site.norm(x)
+        per_channel = P.fake_quantize_uniform(y, delta_c, zp_c, q.bits)
+        reference = torch.nn.functional.linear(per_channel, site.linears[0].weight, site.linears[0].bias)
+        original = copy.deepcopy(site.norm)
+        reparameterize_norm(site.norm, q, site.linears)
+        y2 = site.norm(x)
+        per_tensor = P.fake_quantize_uniform(y2, q.scale, q.zero_point, q.bits)
+        got = torch.nn.functional.linear(per_tensor, site.linears[0].weight, site.linears[0].bias)
+    assert q.scale.dim() == 0 and q.zero_point.dim() == 0  # deployable as one QuantizeLinear
+    # identical integer codes, hence the same function up to float rounding
+    codes_a = P.quantize_uniform(y, delta_c, zp_c, q.bits)
+    codes_b = P.quantize_uniform(y2, q.scale, q.zero_point, q.bits)
+    assert (codes_a != codes_b).float().mean() < 1e-3
+    assert (got - reference).norm() / reference.norm() < 1e-3
+    assert not torch.allclose(original.weight, site.norm.weight)
