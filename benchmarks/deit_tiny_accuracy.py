@@ -1,0 +1,114 @@
+"""Real-model accuracy (issue 9): DeiT-Tiny at W4A4/W6A6/W8A8 on real ImageNet images.
+
+The 500 sample images are split once (seeded) into a calibration part and an evaluation part
+that never overlap; every number printed is top-1 on the evaluation part. For each
+configuration it calibrates through the library the CLI uses, reloads the saved run (so the
+fake-quant numbers are those of the artifact), exports QDQ ONNX and evaluates it in ONNX
+Runtime (CPU, and CUDA when the provider is present).
+
+    python benchmarks/deit_tiny_accuracy.py --images ../shared/data/imagenet-sample \
+        --checkpoint ../shared/data/weights/deit_tiny_patch16_224.pth --iters 20000 \
+        --configs 4,4,auto 4,4,blocks:1 6,6,auto 8,8,auto --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from osqdeploy.config import CalibrationConfig, QuantConfig  # noqa: E402
+from osqdeploy.evaluate import OnnxRuntime, TorchRuntime, evaluate, parity  # noqa: E402
+from osqdeploy.export.onnx_qdq import export_run  # noqa: E402
+from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform  # noqa: E402
+from osqdeploy.load.models import load_model  # noqa: E402
+from osqdeploy.pipeline import calibrate, load_run  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--model", default="deit_t")
+    ap.add_argument("--configs", nargs="+", default=["4,4,auto", "4,4,blocks:1", "6,6,auto", "8,8,auto"])
+    ap.add_argument("--iters", type=int, default=20000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--eval-fraction", type=float, default=0.5)
+    ap.add_argument("--calib-samples", type=int, default=1024, help="capped by the calibration part's size")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--out", default="results/deit_tiny")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+
+    fp = load_model(args.model, checkpoint=args.checkpoint)
+    transform = eval_transform(fp.model)
+    data = ImageFiles(args.images, transform=transform)
+    calib_set, eval_set = data.split(args.eval_fraction, seed=args.seed)
+    print(f"images: {len(data)} → calibration {len(calib_set)}, evaluation {len(eval_set)} (disjoint)")
+    calib = calibration_tensor(calib_set, min(args.calib_samples, len(calib_set)), seed=args.seed)
+
+    rows: list[dict] = []
+    fp_res = evaluate(TorchRuntime(fp.model, device=device, name="torch-fp32"), eval_set, progress=False)
+    print(f"fp32 top-1 {fp_res.top1:.2f}  top-5 {fp_res.top5:.2f}")
+    providers = ort.get_available_providers()
+    for cfg in args.configs:
+        w, a, plan = cfg.split(",", 2)
+        name = f"w{w}a{a}-{plan.replace(':', '')}-{args.iters}"
+        loaded = load_model(args.model, checkpoint=args.checkpoint)
+        ccfg = CalibrationConfig(
+            samples=calib.shape[0], batch_size=args.batch_size, iters=args.iters, granularity=plan,
+            seed=args.seed, device=device,
+        )
+        t0 = time.perf_counter()
+        manifest = calibrate(loaded, calib, QuantConfig(int(w), int(a)), ccfg, out / "runs" / name,
+                             data_info={"calib_files": len(calib_set), "eval_files": len(eval_set)})
+        calib_s = time.perf_counter() - t0
+        run = load_run(out / "runs" / name, device=device)
+        q_res = evaluate(TorchRuntime(run.model, device=device, name="torch-quant"), eval_set, progress=False)
+        row = {
+            "model": args.model, "bits": f"W{w}A{a}", "plan": manifest["plan"]["spec"], "iters": args.iters,
+            "fp32": fp_res.top1, "fake_quant": q_res.top1, "calib_seconds": round(calib_s, 1),
+            "groups": [(g["mse_before"], g["mse_after"]) for g in manifest["groups"]],
+            "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        }
+        if not args.no_ort:
+            info = export_run(out / "runs" / name, out / f"{name}.onnx")
+            row["onnx_bytes"] = info.bytes
+            for prov in ["cpu", "cuda"]:
+                if prov == "cuda" and "CUDAExecutionProvider" not in providers:
+                    continue
+                o_res = evaluate(OnnxRuntime(out / f"{name}.onnx", provider=prov), eval_set, progress=False)
+                p = parity(q_res, o_res)
+                row[f"ort_{prov}"] = o_res.top1
+                row[f"ort_{prov}_agreement"] = p.top1_agreement
+                row[f"ort_{prov}_max_logit_diff"] = p.max_abs_logit_diff
+                row[f"ort_{prov}_images_per_s"] = round(o_res.images_per_s, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (out / "results.json").write_text(json.dumps(rows, indent=2))
+
+    print("\n| model | bits | plan | iters | fp32 | fake-quant | ORT CPU | ORT CUDA | calib s | device |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['bits']} | {r['plan']} | {r['iters']} | {r['fp32']:.1f} | {r['fake_quant']:.1f} | "
+            f"{r.get('ort_cpu', float('nan')):.1f} | {r.get('ort_cuda', float('nan')):.1f} | {r['calib_seconds']} | "
+            f"{r['device']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
