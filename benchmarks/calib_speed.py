@@ -129,7 +129,8 @@ def main() -> None:
     print("\n| model | mode | groups | s / 1k iters / group | projected total (min) | group TFLOP/s | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {'fast' if r['fast'] else 'plain fp32'} | {r['groups']} | {r['s_per_1k_iters_per_group']} | "
+        mode = "fast" if r["fast"] else "plain fp32"
+        print(f"| {r['model']} | {mode} | {r['groups']} | {r['s_per_1k_iters_per_group']} | "
               f"{r['projected_total_s'] / 60:.1f} | {r['group0_tflops']} | {r['peak_mem_gib']} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"ceilings": ceil, "rows": rows}, indent=2))

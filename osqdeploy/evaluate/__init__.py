@@ -1,0 +1,17 @@
+"""Evaluate: accuracy, throughput and logit parity of runtimes (PyTorch, ONNX Runtime)."""
+
+from osqdeploy.evaluate.evaluator import EvalResult, ParityReport, evaluate, format_table, parity, write_report
+from osqdeploy.evaluate.runtimes import OnnxRuntime, Runtime, RuntimeLoadError, TorchRuntime
+
+__all__ = [
+    "EvalResult",
+    "OnnxRuntime",
+    "ParityReport",
+    "Runtime",
+    "RuntimeLoadError",
+    "TorchRuntime",
+    "evaluate",
+    "format_table",
+    "parity",
+    "write_report",
+]
