@@ -62,3 +62,25 @@ def vit_model():
 @pytest.fixture
 def swin_model():
     return tiny_swin()
+
+
+TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, depth=6, embed_dim=64, num_heads=2, num_classes=10)
+TINY_SWIN_KWARGS = dict(
+    img_size=56, patch_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=7, num_classes=10
+)
+
+
+def loaded_tiny(kind: str = "vit", seed: int = 0, **overrides):
+    """A LoadedModel (as ``load_model`` returns it) of a tiny timm model with planted outliers."""
+    from osqdeploy.load.models import load_model
+
+    torch.manual_seed(seed)
+    if kind == "vit":
+        loaded = load_model("vit_tiny_patch16_224", pretrained=False, model_kwargs={**TINY_VIT_KWARGS, **overrides})
+    else:
+        loaded = load_model(
+            "swin_tiny_patch4_window7_224", pretrained=False, model_kwargs={**TINY_SWIN_KWARGS, **overrides}
+        )
+    plant_outliers(loaded.model)
+    loaded.source = {"random_init": True, "seed": seed, "planted_outliers": list(OUTLIER_CHANNELS)}
+    return loaded

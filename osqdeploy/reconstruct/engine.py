@@ -44,7 +44,7 @@ class GroupResult:
     mse_before: float  # group-output MSE with round-to-nearest weights and initial steps
     mse_after: float  # after reconstruction, with the hardened rounding
     seconds: float
-    loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (iteration, training loss)
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (iteration, reconstruction loss)
     flipped: float = 0.0  # fraction of weights whose rounding differs from round-to-nearest
 
     def to_dict(self) -> dict:
@@ -271,7 +271,8 @@ class Reconstructor:
             else:
                 inp = xq
             out = self._run_group(group, inp)[-1]
-            loss = self.objective(out, target[idx.to(target.device)].to(self.device))
+            rec = self.objective(out, target[idx.to(target.device)].to(self.device))
+            loss = rec
             if it >= warmup_iters:
                 progress = (it - warmup_iters) / max(1, cfg.iters - warmup_iters)
                 beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - progress)
@@ -287,7 +288,7 @@ class Reconstructor:
                     for p in step_params:
                         p.clamp_(min=1e-8)
             if it % log_every == 0 or it == cfg.iters - 1:
-                value = float(loss.detach())  # the only host sync, once per log interval
+                value = float(rec.detach())  # the only host sync, once per log interval
                 if value != value or value in (float("inf"), float("-inf")):
                     raise NumericalError(
                         f"group {index} ({' + '.join(u.name for u in group)}): loss became {value} at iteration {it}"

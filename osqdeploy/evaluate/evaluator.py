@@ -1,0 +1,231 @@
+"""Accuracy, throughput and parity of runtimes on a dataset, and the report they end up in.
+
+``evaluate`` keeps every logit so that two runtimes (PyTorch fake-quant vs the exported ONNX, FP32
+vs INT) can be compared input by input with ``parity``, not just by their accuracies, which can
+agree while the predictions behind them differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from osqdeploy.evaluate.runtimes import Runtime
+from osqdeploy.load.data import spread_indices
+
+__all__ = ["EvalResult", "ParityReport", "evaluate", "format_table", "parity", "write_report"]
+
+
+@dataclass
+class EvalResult:
+    """One runtime on one dataset.  Accuracies are percentages; None when the data is unlabeled."""
+
+    runtime: str
+    n: int
+    top1: float | None
+    top5: float | None
+    images_per_s: float
+    logits: torch.Tensor = field(repr=False)
+    labels: torch.Tensor = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary (no logits), for JSON."""
+        return {
+            "runtime": self.runtime,
+            "n": self.n,
+            "top1": self.top1,
+            "top5": self.top5,
+            "images_per_s": self.images_per_s,
+        }
+
+
+@dataclass
+class ParityReport:
+    """How closely runtime ``b`` reproduces runtime ``a`` on the same inputs."""
+
+    a: str
+    b: str
+    n: int
+    top1_agreement: float  # % of inputs whose arg-max class agrees
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    top1_a: float | None
+    top1_b: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate(
+    runtime: Runtime,
+    dataset: Dataset,
+    batch_size: int = 64,
+    progress: bool = True,
+    limit: int | None = None,
+    num_workers: int = 0,
+) -> EvalResult:
+    """Run ``dataset`` through ``runtime``; keep logits, measure top-1/top-5 and throughput.
+
+    Throughput counts only the runtime calls (not decoding or transforms), after one untimed
+    warm-up call on the first batch, which absorbs lazy initialisation and autotuning.
+    ``limit`` evaluates that many images spread evenly over the dataset.
+    """
+    if limit is not None and limit < len(dataset):
+        dataset = Subset(dataset, spread_indices(len(dataset), limit))
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    all_logits: list[torch.Tensor] = []
+    all_labels: list[torch.Tensor] = []
+    seconds = 0.0
+    with _progress_bar(progress) as bar:
+        task = bar.add_task(f"eval {runtime.name}", total=len(dataset))
+        for step, batch in enumerate(loader):
+            images, labels = _split_batch(batch)
+            if step == 0:
+                runtime(images)  # warm-up, untimed
+            start = time.perf_counter()
+            logits = runtime(images)
+            seconds += time.perf_counter() - start
+            if logits.ndim != 2 or len(logits) != len(images):
+                shape = tuple(logits.shape)
+                raise ValueError(f"{runtime.name} returned logits of shape {shape} for {len(images)} images")
+            all_logits.append(logits.detach().float().cpu())
+            all_labels.append(labels)
+            bar.update(task, advance=len(images))
+    logits = torch.cat(all_logits)
+    labels = torch.cat(all_labels)
+    top1, top5 = _accuracy(logits, labels, runtime.name)
+    return EvalResult(
+        runtime=runtime.name,
+        n=len(logits),
+        top1=top1,
+        top5=top5,
+        images_per_s=len(logits) / max(seconds, 1e-9),
+        logits=logits,
+        labels=labels,
+    )
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) from whatever the dataset yields; unlabeled items get label -1."""
+    if isinstance(batch, (tuple, list)):
+        images = batch[0]
+        labels = torch.as_tensor(batch[1]) if len(batch) > 1 else None
+    else:
+        images, labels = batch, None
+    if labels is None:
+        labels = torch.full((len(images),), -1, dtype=torch.long)
+    return images, labels.long()
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor, name: str) -> tuple[float | None, float | None]:
+    if labels.numel() == 0 or bool((labels < 0).any()):
+        return None, None
+    if int(labels.max()) >= logits.shape[1]:
+        warnings.warn(
+            f"{name}: labels go up to {int(labels.max())} but the model has {logits.shape[1]} classes; "
+            "accuracy is meaningless (wrong dataset for this model?)",
+            stacklevel=3,
+        )
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    top1 = 100.0 * int((topk[:, 0] == labels).sum()) / len(labels)
+    top5 = 100.0 * int((topk == labels[:, None]).any(dim=1).sum()) / len(labels)
+    return top1, top5
+
+
+def parity(a: EvalResult, b: EvalResult) -> ParityReport:
+    """Compare two results on the same inputs, in the same order."""
+    if a.logits.shape != b.logits.shape:
+        raise ValueError(
+            f"cannot compare {a.runtime} and {b.runtime}: logits {tuple(a.logits.shape)} vs {tuple(b.logits.shape)}"
+        )
+    if not torch.equal(a.labels, b.labels):
+        raise ValueError(f"cannot compare {a.runtime} and {b.runtime}: they were evaluated on different data")
+    diff = (a.logits - b.logits).abs()
+    agree = 100.0 * int((a.logits.argmax(dim=1) == b.logits.argmax(dim=1)).sum()) / len(a.logits)
+    return ParityReport(
+        a=a.runtime,
+        b=b.runtime,
+        n=a.n,
+        top1_agreement=agree,
+        max_abs_logit_diff=diff.max().item(),
+        mean_abs_logit_diff=diff.mean().item(),
+        top1_a=a.top1,
+        top1_b=b.top1,
+    )
+
+
+def write_report(
+    path: str | Path,
+    results: Sequence[EvalResult],
+    parity: ParityReport | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the evaluation summary as JSON, atomically (a reader never sees half a report).
+
+    ``extra`` adds top-level fields (model, run directory, ...) next to "results" and "parity".
+    """
+    extra = dict(extra or {})
+    clash = {"results", "parity"} & set(extra)
+    if clash:
+        raise ValueError(f"extra may not override report fields {sorted(clash)}")
+    report = {**extra, "results": [r.to_dict() for r in results], "parity": parity.to_dict() if parity else None}
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def format_table(
+    results: Sequence[EvalResult], parity: ParityReport | None = None, title: str | None = "Evaluation"
+) -> Table:
+    """A rich table of the results; the parity summary goes in its caption."""
+    table = Table(title=title)
+    table.add_column("runtime")
+    table.add_column("images", justify="right")
+    table.add_column("top-1 %", justify="right")
+    table.add_column("top-5 %", justify="right")
+    table.add_column("images/s", justify="right")
+    for r in results:
+        table.add_row(r.runtime, str(r.n), _pct(r.top1), _pct(r.top5), f"{r.images_per_s:,.1f}")
+    if parity is not None:
+        table.caption = (
+            f"{parity.b} vs {parity.a}: top-1 agreement {parity.top1_agreement:.2f}%, "
+            f"max |Δlogit| {parity.max_abs_logit_diff:.3g}, mean |Δlogit| {parity.mean_abs_logit_diff:.3g}"
+        )
+    return table
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=True,
+    )

@@ -1,0 +1,135 @@
+"""Runtimes: one calling convention for everything that can run the model.
+
+A runtime is any object with a ``name`` and ``__call__(batch) -> logits`` (float32, CPU).  The
+evaluator only sees that, so the FP32 PyTorch model, a fake-quantized PyTorch model and the
+exported ONNX file are measured by the same loop and compared logit for logit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+__all__ = ["OnnxRuntime", "Runtime", "RuntimeLoadError", "TorchRuntime"]
+
+_CUDA_EP = "CUDAExecutionProvider"
+_CPU_EP = "CPUExecutionProvider"
+_ORT_INPUT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class RuntimeLoadError(ValueError):
+    """A model file or execution provider that cannot be used."""
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    name: str
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchRuntime:
+    """A PyTorch module in eval mode (moved to ``device``) under ``torch.no_grad``."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", name: str = "torch-fp32") -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.name = name
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.model(batch.to(self.device))
+        return logits.float().cpu()  # .cpu() also waits for the GPU, so timing is honest
+
+
+class OnnxRuntime:
+    """An ONNX file run by ONNX Runtime.
+
+    ``provider``: "auto" takes CUDA when this onnxruntime build has it, else CPU; "cuda" insists
+    (an error, not a silent CPU run, when unavailable); "cpu" forces CPU.  ``provider`` on the
+    instance is the execution provider actually used.  Inputs with a fixed batch dimension are fed
+    in chunks of that size (the last one zero-padded), so any batch size works.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        provider: str = "auto",
+        graph_optimization_level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        name: str | None = None,
+        intra_op_num_threads: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise RuntimeLoadError(f"ONNX model not found: {self.path}")
+        providers = _providers(provider)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = graph_optimization_level
+        if intra_op_num_threads:
+            options.intra_op_num_threads = intra_op_num_threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        except Exception as e:
+            raise RuntimeLoadError(
+                f"cannot load ONNX model {self.path} (corrupt, truncated or not ONNX?): {_first_line(e)}"
+            ) from e
+        self.provider = self.session.get_providers()[0]
+        if provider == "cuda" and self.provider != _CUDA_EP:
+            raise RuntimeLoadError(f"onnxruntime could not start CUDA for {self.path} (fell back to {self.provider})")
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].type not in _ORT_INPUT_TYPES:
+            found = [(i.name, i.type) for i in inputs]
+            raise RuntimeLoadError(f"{self.path}: expected one float image input, found {found}")
+        self.input_name = inputs[0].name
+        self.input_dtype = _ORT_INPUT_TYPES[inputs[0].type]
+        batch_dim = inputs[0].shape[0] if inputs[0].shape else None
+        self.fixed_batch: int | None = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+        self.output_name = self.session.get_outputs()[0].name
+        self.name = name or ("onnx-cuda" if self.provider == _CUDA_EP else "onnx-cpu")
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.detach().cpu().numpy().astype(self.input_dtype, copy=False)
+        if self.fixed_batch is None or len(x) == self.fixed_batch:
+            return self._run(x)
+        size = self.fixed_batch
+        pieces = []
+        for begin in range(0, len(x), size):
+            chunk = x[begin : begin + size]
+            n = len(chunk)
+            if n < size:
+                chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), dtype=chunk.dtype)])
+            pieces.append(self._run(chunk)[:n])
+        return torch.cat(pieces)
+
+    def _run(self, x: np.ndarray) -> torch.Tensor:
+        (out,) = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x)})
+        return torch.from_numpy(np.asarray(out)).float()
+
+
+def _providers(provider: str) -> list[str]:
+    available = ort.get_available_providers()
+    if provider == "auto":
+        return [_CUDA_EP, _CPU_EP] if _CUDA_EP in available else [_CPU_EP]
+    if provider == "cuda":
+        if _CUDA_EP not in available:
+            raise RuntimeLoadError(
+                f"provider 'cuda' requested but this onnxruntime has no {_CUDA_EP} "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu or use provider='cpu'"
+            )
+        return [_CUDA_EP, _CPU_EP]
+    if provider == "cpu":
+        return [_CPU_EP]
+    raise ValueError(f"provider must be 'auto', 'cuda' or 'cpu', got {provider!r}")
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

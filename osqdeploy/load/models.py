@@ -1,0 +1,397 @@
+"""Model recipes and model loading.
+
+A recipe is one TOML file in the top-level ``models/`` package: the short name users type, the timm
+architecture it stands for, the family (which adapter knows its blocks) and the default
+quantization settings.  Keeping these declarative means adding a model is adding a file, and the
+engine never string-matches model names.
+
+Models are always built by timm (``timm.create_model``), never re-implemented.  What a saved run
+needs to rebuild the architecture without weights is a :class:`ModelSpec` (timm name + kwargs);
+where the weights came from is recorded in :attr:`LoadedModel.source`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import json
+import os
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "CheckpointError",
+    "LoadedModel",
+    "ModelRecipe",
+    "ModelSpec",
+    "RecipeError",
+    "UnknownModelError",
+    "WeightsUnavailableError",
+    "list_recipes",
+    "load_model",
+    "read_state_dict",
+    "resolve_recipe",
+]
+
+FAMILIES = ("vit", "swin")
+DEMO_RECIPE = "demo"
+# Checkpoint containers seen in the wild (timm train scripts, DeiT, Swin releases), in the order
+# they are tried: the first key holding a mapping wins.
+_WRAPPER_KEYS = ("model", "state_dict", "state_dict_ema")
+_RECIPE_KEYS = {"name", "aliases", "timm_name", "family", "granularity", "bits", "model_kwargs"}
+
+
+class RecipeError(ValueError):
+    """A recipe file in ``models/`` is malformed."""
+
+
+class UnknownModelError(ValueError):
+    """The name is neither a recipe, an alias, nor a timm model name."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or does not fit the model's architecture."""
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were requested but are not in any local cache (no network here)."""
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild an architecture without its weights.
+
+    A saved run stores ``to_dict()``; ``create()`` gives the same module (random init), into which
+    the run's own weights are then loaded.  ``kwargs`` go to ``timm.create_model`` unchanged, so
+    they may include ``pretrained_cfg_overlay`` to carry the data config (mean, std, input size).
+    """
+
+    timm_name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        try:
+            kwargs = json.loads(json.dumps(self.kwargs))  # tuples -> lists: equal after a round trip
+        except TypeError as e:
+            raise ValueError(f"model kwargs of {self.timm_name} are not JSON-serialisable: {e}") from e
+        return {"timm_name": self.timm_name, "kwargs": kwargs}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        if not isinstance(data, dict) or not isinstance(data.get("timm_name"), str):
+            raise ValueError(f"not a model spec (need a 'timm_name' string): {data!r}")
+        return cls(timm_name=data["timm_name"], kwargs=dict(data.get("kwargs") or {}))
+
+    def create(self) -> nn.Module:
+        """Build the architecture with random weights, in eval mode."""
+        return timm.create_model(self.timm_name, pretrained=False, **_as_timm_kwargs(self.kwargs)).eval()
+
+
+@dataclass
+class ModelRecipe:
+    """One model as users name it, with its defaults for quantization."""
+
+    name: str
+    aliases: list[str]
+    timm_name: str
+    family: str | None  # "vit" | "swin"; None for a bare timm name the recipes don't know
+    granularity: str = "auto"
+    w_bits: int = 4
+    a_bits: int = 4
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def spec(self, model_kwargs: dict[str, Any] | None = None) -> ModelSpec:
+        """The recipe's architecture, with ``model_kwargs`` overriding the recipe's own kwargs."""
+        return ModelSpec(self.timm_name, {**copy.deepcopy(self.model_kwargs), **(model_kwargs or {})})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "timm_name": self.timm_name,
+            "family": self.family,
+            "granularity": self.granularity,
+            "bits": [self.w_bits, self.a_bits],
+            "model_kwargs": json.loads(json.dumps(self.model_kwargs)),
+        }
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for calibration, with what is needed to describe and rebuild it."""
+
+    model: nn.Module
+    recipe: ModelRecipe
+    spec: ModelSpec
+    source: dict[str, Any]  # JSON-able: {"checkpoint": path} | {"pretrained": "timm"} | {"demo": path} | ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.to_dict(), "spec": self.spec.to_dict(), "source": dict(self.source)}
+
+
+# --------------------------------------------------------------------------------------- recipes
+
+
+def _parse_recipe(data: dict[str, Any], origin: str) -> ModelRecipe:
+    unknown = sorted(set(data) - _RECIPE_KEYS)
+    if unknown:
+        raise RecipeError(f"{origin}: unknown keys {unknown} (allowed: {sorted(_RECIPE_KEYS)})")
+    for key in ("name", "timm_name", "family"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise RecipeError(f"{origin}: '{key}' must be a non-empty string")
+    if data["family"] not in FAMILIES:
+        raise RecipeError(f"{origin}: family must be one of {FAMILIES}, got {data['family']!r}")
+    aliases = data.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        raise RecipeError(f"{origin}: 'aliases' must be a list of strings")
+    bits = data.get("bits", [4, 4])
+    if not (isinstance(bits, list) and len(bits) == 2 and all(isinstance(b, int) and 2 <= b <= 16 for b in bits)):
+        raise RecipeError(f"{origin}: 'bits' must be [w_bits, a_bits] with integers in 2..16, got {bits!r}")
+    granularity = data.get("granularity", "auto")
+    if not isinstance(granularity, str) or not granularity:
+        raise RecipeError(f"{origin}: 'granularity' must be a non-empty string")
+    model_kwargs = data.get("model_kwargs", {})
+    if not isinstance(model_kwargs, dict):
+        raise RecipeError(f"{origin}: [model_kwargs] must be a table")
+    return ModelRecipe(
+        name=data["name"],
+        aliases=list(aliases),
+        timm_name=data["timm_name"],
+        family=data["family"],
+        granularity=granularity,
+        w_bits=bits[0],
+        a_bits=bits[1],
+        model_kwargs=model_kwargs,
+    )
+
+
+@lru_cache(maxsize=1)
+def _recipes() -> tuple[ModelRecipe, ...]:
+    recipes = []
+    for entry in sorted(files("models").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            try:
+                data = tomllib.loads(entry.read_text(encoding="utf-8"))
+            except tomllib.TOMLDecodeError as e:
+                raise RecipeError(f"models/{entry.name}: invalid TOML: {e}") from e
+            recipes.append(_parse_recipe(data, f"models/{entry.name}"))
+    seen: dict[str, str] = {}
+    for r in recipes:
+        for key in (r.name, *r.aliases):
+            if key.lower() in seen:
+                raise RecipeError(f"recipe name/alias {key!r} is used by both {seen[key.lower()]} and {r.name}")
+            seen[key.lower()] = r.name
+    return tuple(recipes)
+
+
+def list_recipes() -> list[ModelRecipe]:
+    """All recipes shipped in ``models/``, sorted by name (copies: callers may mutate them)."""
+    return copy.deepcopy(list(_recipes()))
+
+
+def resolve_recipe(name: str) -> ModelRecipe:
+    """Find the recipe for a recipe name, an alias or a timm name (optionally with a ``.tag``).
+
+    A valid timm name no recipe covers gets an ad-hoc recipe with ``family=None``: which adapter
+    applies is then for the caller to decide from the built model, not guessed from the name.
+    """
+    key = name.strip()
+    lowered = key.lower()
+    arch, _, tag = lowered.partition(".")
+    for r in list_recipes():
+        if lowered in (r.name.lower(), r.timm_name.lower(), *(a.lower() for a in r.aliases)):
+            return r
+        if tag and arch == r.timm_name.lower():
+            return replace(r, timm_name=key)  # keep the pretrained tag for timm
+    if key and timm.is_model(key):
+        return ModelRecipe(name=key, aliases=[], timm_name=key, family=None)
+    known = sorted({k for r in _recipes() for k in (r.name, *r.aliases)})
+    close = difflib.get_close_matches(lowered, known, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise UnknownModelError(
+        f"unknown model {name!r}: {hint}Recipes: {', '.join(r.name for r in _recipes())}; "
+        "any timm model name (timm.list_models()) also works."
+    )
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a ``.pth``/``.pt``/``.bin``/``.safetensors`` file, never unpickling code.
+
+    Accepts a bare state dict or one wrapped under "model"/"state_dict"/"state_dict_ema", and strips
+    the "module." prefix DataParallel/DDP checkpoints carry.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path), device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated?): {_first_line(e)}") from e
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "weights only load failed" in str(e).lower():
+                raise CheckpointError(
+                    f"checkpoint {path} holds Python objects besides tensors; refusing to unpickle code "
+                    "(torch.load weights_only=True). Re-save it as a plain state dict."
+                ) from e
+            raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated?): {_first_line(e)}") from e
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated?): {_first_line(e)}") from e
+    return _unwrap_state_dict(obj, path)
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"checkpoint {path} is not a state dict (expected parameter names mapped to tensors, "
+            f"optionally under one of {list(_WRAPPER_KEYS)})"
+        )
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, timm_name: str) -> None:
+    """Load all-or-nothing, with an error that says *how* the architecture differs."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)):
+            if keys:
+                more = f", ... (+{len(keys) - 3})" if len(keys) > 3 else ""
+                parts.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{more})")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit model {timm_name}: {'; '.join(parts)}. Wrong model name?"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Let timm look only in the local Hugging Face cache.
+
+    huggingface_hub reads HF_HUB_OFFLINE once at import, so the env var alone is not enough once
+    it is imported; without this, an offline machine spends ~45 s in retries before failing.
+    """
+    old_env = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hf_constants
+    except ImportError:
+        hf_constants = None
+    old_flag = getattr(hf_constants, "HF_HUB_OFFLINE", None)
+    if hf_constants is not None:
+        hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if hf_constants is not None:
+            hf_constants.HF_HUB_OFFLINE = old_flag
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def _create_pretrained_offline(spec: ModelSpec, name: str) -> nn.Module:
+    try:
+        with _hub_offline():
+            model = timm.create_model(spec.timm_name, pretrained=True, **_as_timm_kwargs(spec.kwargs))
+    except Exception as e:
+        raise WeightsUnavailableError(
+            f"pretrained weights for {spec.timm_name} are not available offline (not in the local timm/"
+            f"Hugging Face cache: {_first_line(e)}). Pass a local file instead, e.g. "
+            f"`osq calibrate {name} --checkpoint FILE` (load_model(..., checkpoint=FILE))."
+        ) from e
+    return model.eval()
+
+
+def load_model(
+    name: str,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Build a model by recipe/alias/timm name and load its weights.
+
+    Weights come from ``checkpoint`` if given, else from timm's local cache when ``pretrained``
+    (there is no network), else the model stays randomly initialised.  ``"demo"`` without a
+    checkpoint or kwargs is the embedded digits ViT, trained on first use.
+    """
+    recipe = resolve_recipe(name)
+    if recipe.name == DEMO_RECIPE and checkpoint is None and pretrained and not model_kwargs:
+        from osqdeploy.load.demo import ensure_demo_model  # demo builds on this module
+
+        return ensure_demo_model()
+    spec = recipe.spec(model_kwargs)
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser().resolve()
+        state = read_state_dict(path)  # before building the model: a bad file fails fast
+        model = spec.create()
+        _load_strict(model, state, path, spec.timm_name)
+        source: dict[str, Any] = {"checkpoint": str(path)}
+    elif pretrained:
+        model = _create_pretrained_offline(spec, recipe.name)
+        source = {"pretrained": "timm"}
+    else:
+        model = spec.create()
+        source = {"random_init": True}
+    return LoadedModel(model=model.eval(), recipe=recipe, spec=spec, source=source)
+
+
+def _as_timm_kwargs(value: Any) -> Any:
+    """JSON/TOML give lists where timm expects tuples (input_size, mean, depths, ...)."""
+    if isinstance(value, dict):
+        return {k: _as_timm_kwargs(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_as_timm_kwargs(v) for v in value)
+    return value
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, shortened: errors here are one line for the terminal."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -1,0 +1,232 @@
+"""Runtimes, evaluation, parity and reports (osqdeploy.evaluate)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+from PIL import Image
+from rich.console import Console
+from torch.utils.data import TensorDataset
+
+from osqdeploy.evaluate import (
+    EvalResult,
+    OnnxRuntime,
+    RuntimeLoadError,
+    TorchRuntime,
+    evaluate,
+    format_table,
+    parity,
+    write_report,
+)
+from osqdeploy.load.data import ImageFiles, eval_transform
+
+IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+TINY = dict(
+    img_size=32,
+    patch_size=8,
+    depth=2,
+    embed_dim=64,
+    num_heads=2,
+    num_classes=10,
+    pretrained_cfg_overlay=dict(input_size=(3, 32, 32), crop_pct=1.0, interpolation="bilinear"),
+)
+N_CLASSES, PER_CLASS = 10, 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", **TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c in range(N_CLASSES):
+        (root / f"class_{c}").mkdir()
+        for i in range(PER_CLASS):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(model, folder):
+    return ImageFiles(folder, transform=eval_transform(model))
+
+
+def _export(model: torch.nn.Module, path: Path, batch: int, dynamic: bool) -> Path:
+    x = torch.randn(batch, 3, 32, 32)
+    shapes = {"x": {0: torch.export.Dim("batch")}} if dynamic else None
+    torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=21, dynamic_shapes=shapes)
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_dynamic(model, tmp_path_factory):
+    return _export(model, tmp_path_factory.mktemp("onnx") / "dynamic.onnx", batch=2, dynamic=True)
+
+
+@pytest.fixture(scope="module")
+def onnx_fixed(model, tmp_path_factory):
+    return _export(model, tmp_path_factory.mktemp("onnx") / "fixed.onnx", batch=4, dynamic=False)
+
+
+# ----------------------------------------------------------------------------------------- torch
+
+
+def test_torch_runtime_keeps_logits_and_labels_in_order(model, dataset):
+    result = evaluate(TorchRuntime(model), dataset, batch_size=8, progress=False)
+    assert result.runtime == "torch-fp32" and result.n == N_CLASSES * PER_CLASS
+    assert result.logits.shape == (result.n, N_CLASSES) and result.logits.dtype == torch.float32
+    assert result.labels.tolist() == dataset.labels
+    x = torch.stack([dataset[i][0] for i in range(result.n)])
+    with torch.no_grad():
+        assert torch.allclose(result.logits, model(x), atol=1e-5)
+    assert 0.0 <= result.top1 <= result.top5 <= 100.0 and result.images_per_s > 0
+
+
+class _Oracle:
+    """Reads the label hidden in pixel (0, 0, 0); ranks ``label + shift`` first, the class after it second."""
+
+    name = "oracle"
+
+    def __init__(self, shift: int = 0) -> None:
+        self.shift = shift
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        label = batch[:, 0, 0, 0].long()
+        first = (label + self.shift) % N_CLASSES
+        logits = torch.full((len(batch), N_CLASSES), -1.0)
+        logits[torch.arange(len(batch)), label] = -5.0  # last, unless placed first or second below
+        logits[torch.arange(len(batch)), first] = 2.0
+        logits[torch.arange(len(batch)), (first + 1) % N_CLASSES] = 1.0
+        return logits
+
+
+def test_accuracy_arithmetic():
+    labels = torch.arange(30) % N_CLASSES
+    images = torch.zeros(30, 3, 4, 4)
+    images[:, 0, 0, 0] = labels.float()
+    data = TensorDataset(images, labels)  # any (image, label) dataset works, not just ImageFiles
+    perfect = evaluate(_Oracle(), data, batch_size=8, progress=False)
+    assert (perfect.top1, perfect.top5) == (100.0, 100.0)
+    second = evaluate(_Oracle(shift=-1), data, batch_size=8, progress=False)
+    assert (second.top1, second.top5) == (0.0, 100.0)
+    wrong = evaluate(_Oracle(shift=3), data, batch_size=8, progress=False)
+    assert (wrong.top1, wrong.top5) == (0.0, 0.0)
+    assert torch.equal(wrong.labels, labels)
+
+
+def test_limit_spreads_over_the_dataset(model, dataset):
+    result = evaluate(TorchRuntime(model), dataset, batch_size=4, progress=False, limit=5)
+    assert result.n == 5 and len(set(result.labels.tolist())) == 5
+
+
+def test_unlabeled_data_has_no_accuracy(model, folder, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(folder.glob("*/*.png"))[:6]:
+        (flat / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+    data = ImageFiles(flat, transform=eval_transform(model))
+    result = evaluate(TorchRuntime(model), data, batch_size=4, progress=False)
+    assert result.n == 6 and result.top1 is None and result.top5 is None
+
+
+# ------------------------------------------------------------------------------------------ onnx
+
+
+def test_onnx_matches_torch(model, dataset, onnx_dynamic):
+    runtime = OnnxRuntime(onnx_dynamic, provider="cpu")
+    assert runtime.provider == "CPUExecutionProvider" and runtime.fixed_batch is None
+    reference = evaluate(TorchRuntime(model), dataset, batch_size=8, progress=False)
+    result = evaluate(runtime, dataset, batch_size=8, progress=False)
+    report = parity(reference, result)
+    assert report.top1_agreement == 100.0
+    assert report.max_abs_logit_diff < 1e-4
+    assert report.top1_a == report.top1_b == reference.top1
+
+
+def test_onnx_fixed_batch_is_chunked_and_padded(model, dataset, onnx_fixed):
+    runtime = OnnxRuntime(onnx_fixed, provider="auto")
+    assert runtime.fixed_batch == 4
+    reference = evaluate(TorchRuntime(model), dataset, batch_size=7, progress=False)  # 7,7,6: never 4
+    result = evaluate(runtime, dataset, batch_size=7, progress=False)
+    assert parity(reference, result).max_abs_logit_diff < 1e-4
+
+
+def test_auto_provider_picks_what_is_available(onnx_dynamic):
+    runtime = OnnxRuntime(onnx_dynamic)
+    expected = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else None
+    assert runtime.provider == (expected or "CPUExecutionProvider")
+    assert runtime.name == ("onnx-cuda" if expected else "onnx-cpu")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA provider is available here")
+def test_cuda_provider_unavailable_is_a_clear_error(onnx_dynamic):
+    with pytest.raises(RuntimeLoadError, match="onnxruntime-gpu"):
+        OnnxRuntime(onnx_dynamic, provider="cuda")
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage", "truncated", "empty"])
+def test_bad_onnx_files_raise_runtime_load_error(tmp_path, onnx_dynamic, kind):
+    path = tmp_path / "model.onnx"
+    if kind == "garbage":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes())
+    elif kind == "truncated":
+        data = onnx_dynamic.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    with pytest.raises(RuntimeLoadError) as info:
+        OnnxRuntime(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+# ---------------------------------------------------------------------------------------- reports
+
+
+def test_parity_refuses_different_inputs(model, dataset):
+    full = evaluate(TorchRuntime(model), dataset, batch_size=8, progress=False)
+    part = evaluate(TorchRuntime(model), dataset, batch_size=8, progress=False, limit=5)
+    with pytest.raises(ValueError, match="cannot compare"):
+        parity(full, part)
+
+
+def test_report_json_and_table(model, dataset, tmp_path):
+    a = evaluate(TorchRuntime(model), dataset, batch_size=8, progress=False)
+    noisy = a.logits + 0.01
+    b = EvalResult("noisy", a.n, a.top1, a.top5, 1.0, noisy, a.labels.clone())
+    report = parity(a, b)
+    assert report.top1_agreement == 100.0
+    assert report.max_abs_logit_diff == pytest.approx(0.01, abs=1e-6)
+    assert report.mean_abs_logit_diff == pytest.approx(0.01, abs=1e-6)
+    path = write_report(tmp_path / "out" / "eval.json", [a, b], report, {"model": "tiny", "seed": 0})
+    data = json.loads(path.read_text())
+    assert data["model"] == "tiny" and [r["runtime"] for r in data["results"]] == ["torch-fp32", "noisy"]
+    assert data["results"][0]["top1"] == a.top1 and data["parity"]["top1_agreement"] == 100.0
+    assert [p.name for p in path.parent.iterdir()] == ["eval.json"]  # no temporary file left
+    with pytest.raises(ValueError, match="results"):
+        write_report(path, [a], None, {"results": []})
+    console = Console(record=True, width=140)
+    console.print(format_table([a, b], report))
+    text = console.export_text()
+    assert "torch-fp32" in text and "noisy" in text and "agreement 100.00%" in text
+
+
+@pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir(), reason=f"ImageNet sample not found at {IMAGENET_SAMPLE}")
+def test_flat_imagenet_folder_evaluates_with_imagenet_labels(tmp_path):
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, depth=1, num_classes=1000)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 64, 64)}
+    data = ImageFiles(IMAGENET_SAMPLE, transform=eval_transform(model), max_files=8)
+    result = evaluate(TorchRuntime(model), data, batch_size=4, progress=False)
+    assert result.n == 8 and result.labels.tolist() == data.labels
+    assert all(label % 2 == 0 for label in data.labels) and result.top1 is not None
