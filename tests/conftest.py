@@ -8,7 +8,8 @@ import pytest
 import timm
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread per xdist worker (the suite runs one worker per core), else all cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 OUTLIER_CHANNELS = (3, 17)
 

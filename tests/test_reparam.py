@@ -3,8 +3,8 @@
 import copy
 
 import torch
-
 from conftest import images, tiny_vit
+
 from osqdeploy.adapters import adapter_for
 from osqdeploy.config import QuantConfig
 from osqdeploy.quant import primitives as P
