@@ -5,13 +5,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import images, loaded_tiny
 from onnx import TensorProto
 
 from osqdeploy.config import CalibrationConfig, QuantConfig
 from osqdeploy.export.onnx_qdq import export_run, float_export
 from osqdeploy.pipeline import calibrate, load_run
 from osqdeploy.quant.modules import ActQuantizer
+
+from conftest import images, loaded_tiny
 
 SIZES = {"vit": 32, "swin": 56}
 

@@ -4,13 +4,14 @@ import copy
 
 import pytest
 import torch
-from conftest import images, tiny_swin, tiny_vit
 
 from osqdeploy.adapters import adapter_for
 from osqdeploy.config import CalibrationConfig, QuantConfig
 from osqdeploy.plan import build_plan
 from osqdeploy.quant.modules import quant_layers
 from osqdeploy.reconstruct import Callbacks, Reconstructor, logits, prepare_model
+
+from conftest import images, tiny_swin, tiny_vit
 
 CPU = torch.device("cpu")
 

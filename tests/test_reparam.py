@@ -3,7 +3,6 @@
 import copy
 
 import torch
-from conftest import images, tiny_vit
 
 from osqdeploy.adapters import adapter_for
 from osqdeploy.config import QuantConfig
@@ -11,6 +10,8 @@ from osqdeploy.quant import primitives as P
 from osqdeploy.quant.modules import act_quantizers
 from osqdeploy.quant.reparam import reparameterize_norm
 from osqdeploy.reconstruct import prepare_model
+
+from conftest import images, tiny_vit
 
 
 def _observed(model):

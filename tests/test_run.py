@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import images, loaded_tiny
 
 from osqdeploy.config import CalibrationConfig, QuantConfig
 from osqdeploy.pipeline import calibrate, load_run
 from osqdeploy.reconstruct import Callbacks
 from osqdeploy.run import store
+
+from conftest import images, loaded_tiny
 
 QCFG = QuantConfig(4, 4)
 CCFG = dict(samples=32, batch_size=16, iters=12, granularity="blocks:2", seed=3)

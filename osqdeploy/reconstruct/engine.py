@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, State, Unit
-from ..config import CalibrationConfig, QuantConfig
+from ..config import CalibrationConfig, ConfigError, QuantConfig
 from ..plan import Plan
 from ..quant.modules import act_quantizers, quant_layers, quantization_disabled
 from ..quant.reparam import reparameterize_norm
@@ -74,7 +74,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but CUDA is not available on this machine")
+        raise ConfigError(f"device {name!r} was asked for but CUDA is not available on this machine")
     return dev
 
 

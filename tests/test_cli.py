@@ -1,0 +1,307 @@
+"""The ``osq`` command line, end to end, through the real ``demo`` recipe.
+
+The demo model is trained for one epoch into a temporary ``OSQ_CACHE`` (full training takes
+minutes) and calibration runs for a couple of iterations: these tests check that the commands
+chain, report and fail as promised, not how well the model quantizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner, Result
+
+from cli import main as cli_main
+from cli.main import app
+from osqdeploy.load import demo
+from osqdeploy.reconstruct import Reconstructor
+from osqdeploy.run import store
+
+QUICK = ["--iters", "2", "--samples", "16", "--batch-size", "8"]
+runner = CliRunner()
+
+
+@dataclass(frozen=True)
+class OneEpoch(demo.DemoTrainConfig):
+    """The demo's training settings with one epoch, so ``osq calibrate demo`` finds the short model."""
+
+    epochs: int = 1
+
+
+def osq(*args: object) -> Result:
+    """Invoke the CLI; whatever the exit code, a library error must never surface as a traceback."""
+    result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo_env(tmp_path_factory: pytest.TempPathFactory):
+    """A demo cache with a one-epoch model, active for this module's tests only."""
+    cache = tmp_path_factory.mktemp("osq_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OSQ_CACHE", str(cache))
+        mp.setattr(demo, "DemoTrainConfig", OneEpoch)
+        # No real weights may be found, whatever this machine's Hugging Face cache holds.
+        mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        demo.ensure_demo_model(progress=False)
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def chain(demo_env: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``osq calibrate demo`` → ``osq export --out demo.onnx`` → ``osq eval``, no paths repeated."""
+    work = tmp_path_factory.mktemp("work")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        results = {
+            "calibrate": osq("calibrate", "demo", "--bits", "4", "4", *QUICK),
+            "export": osq("export", "--out", "demo.onnx"),
+            "eval": osq("eval", "--runtime", "onnxruntime"),
+        }
+    return work, results
+
+
+@pytest.fixture
+def in_chain(chain, monkeypatch: pytest.MonkeyPatch) -> Path:
+    work, _ = chain
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.fixture
+def fresh(demo_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory (no workspace yet)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _workspace(work: Path) -> dict:
+    return json.loads((work / ".osq" / "workspace.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ chain
+
+
+def test_chain_exit_codes_and_printed_stages(chain):
+    _, r = chain
+    for stage, result in r.items():
+        assert result.exit_code == 0, f"{stage}: {result.output}"
+    cal = r["calibrate"].stdout
+    assert "Plan: blocks:3" in cal and "blocks 0-2" in cal and "blocks 3-5" in cal
+    assert "Reconstruction" in cal and "MSE before" in cal and "top-1 agreement" in cal
+    exp = r["export"].stdout
+    assert "UINT4" in exp and "QDQ pairs" in exp and "larger" in exp  # float export size ratio
+    ev = r["eval"].stdout
+    for runtime in ("torch-fp32", "torch-quant", "onnxruntime"):
+        assert runtime in ev
+    assert "top-1 agreement" in ev and "Report: demo.eval.json" in ev
+
+
+def test_workspace_records_the_chain(chain):
+    work, _ = chain
+    ws = _workspace(work)
+    run = ws["latest_run"]
+    assert run.startswith(".osq/runs/demo-w4a4-")
+    assert store.read_manifest(work / run)["status"] == "complete"
+    assert ws["latest_export"] == "demo.onnx"
+    assert ws["exports"]["demo.onnx"]["run"] == run
+    assert (work / "demo.onnx").is_file()
+    data = store.read_manifest(work / run)["data"]
+    assert data["eval_dir"].endswith(os.path.join("demo", "data", "val"))
+    assert data["calib_dir"].endswith(os.path.join("demo", "data", "train"))
+
+
+def test_eval_report_has_accuracy_and_parity(chain):
+    work, _ = chain
+    report = json.loads((work / "demo.eval.json").read_text())
+    names = [r["runtime"] for r in report["results"]]
+    assert names == ["torch-fp32", "torch-quant", "onnxruntime"]
+    assert all(r["n"] == 360 and r["top1"] is not None for r in report["results"])
+    parity = report["parity"]
+    assert {"top1_agreement", "max_abs_logit_diff", "mean_abs_logit_diff"} <= set(parity)
+    assert (parity["a"], parity["b"]) == ("torch-quant", "onnxruntime")
+    assert parity["top1_agreement"] >= 95.0
+    assert report["bits"] == [4, 4] and report["sizes"]["onnx_bytes"] > 0
+
+
+def test_eval_of_a_run_with_torch_quant_and_limit(in_chain):
+    run = _workspace(in_chain)["latest_run"]
+    result = osq("eval", run, "--runtime", "torch-quant", "--limit", "12", "--batch-size", "5")
+    assert result.exit_code == 0, result.output
+    assert "12 images" in result.stdout and "torch-quant *" in result.stdout
+
+
+def test_inspect_and_list(in_chain):
+    result = osq("inspect")
+    assert result.exit_code == 0, result.output
+    for text in ("complete", "W4A4", "Outlier channels", "blocks 0-2", "eval_dir", "osqdeploy-run v1"):
+        assert text in result.stdout
+    listing = osq("list")
+    assert listing.exit_code == 0
+    for text in ("demo", "deit_s", "swin_t", "slices:A-B-C", "blocks:N", "--cross-stage"):
+        assert text in listing.stdout
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def folders(fresh: Path) -> dict[str, Path]:
+    empty = fresh / "empty"
+    empty.mkdir()
+    text = fresh / "text"
+    text.mkdir()
+    (text / "notes.txt").write_text("not an image")
+    images = fresh / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i * 60, 90, 200)).save(images / f"{i}.png")
+    garbage = fresh / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf at all")
+    return {"empty": empty, "text": text, "images": images, "garbage": garbage}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["calibrate", "deitt"], "did you mean deit_t"),
+        (["calibrate", "demo", "--bits", "9", "4"], "weight bits must be an integer bit-width in 2..8"),
+        (["calibrate", "demo", "--bits", "4", "1"], "activation bits must be an integer bit-width in 2..8"),
+        (["calibrate", "demo", "--granularity", "rows:2"], "unknown granularity"),
+        (["calibrate", "demo", "--samples", "0"], "samples must be"),
+        (["calibrate", "deit_t"], "needs calibration images: pass --data DIR"),
+        (["calibrate", "deit_t", "--data", "{missing}"], "data folder not found"),
+        (["calibrate", "deit_t", "--data", "{empty}"], "data folder is empty"),
+        (["calibrate", "deit_t", "--data", "{text}"], "no readable image"),
+        (["calibrate", "deit_t", "--data", "{images}"], "--checkpoint FILE"),
+        (["calibrate", "deit_t", "--data", "{images}", "--checkpoint", "{missing}"], "checkpoint not found"),
+        (["export"], "no finished calibration"),
+        (["export", "{missing}"], "no such run directory"),
+        (["eval"], "nothing to evaluate"),
+        (["eval", "{missing}"], "no such ONNX file or run directory"),
+        (["eval", "{garbage}"], "cannot load ONNX model"),
+        (["inspect"], "no run in this workspace"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(folders, fresh, args, message):
+    paths = {**{k: str(v) for k, v in folders.items()}, "missing": str(fresh / "missing")}
+    result = osq(*(a.format(**paths) for a in args))
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert result.stderr.strip().count("\n") == 0  # one line
+    assert result.stderr.startswith("error: ")
+
+
+@pytest.fixture
+def finished_run(chain, fresh: Path) -> Path:
+    """A copy of the chain's finished run inside a fresh directory."""
+    work, _ = chain
+    src = work / _workspace(work)["latest_run"]
+    dst = fresh / "run"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_manifest(run: Path, **changes) -> None:
+    manifest = json.loads((run / store.MANIFEST).read_text())
+    manifest.update(changes)
+    (run / store.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_corrupt_run_is_refused(finished_run):
+    (finished_run / store.MANIFEST).write_text("{not json")
+    result = osq("export", finished_run, "--out", "x.onnx")
+    assert result.exit_code == 2 and "corrupt manifest" in result.stderr
+
+
+def test_run_from_another_format_version_is_refused(finished_run):
+    _edit_manifest(finished_run, format_version=store.RUN_FORMAT_VERSION + 1)
+    result = osq("inspect", finished_run)
+    assert result.exit_code == 2 and "run format version" in result.stderr
+
+
+def test_damaged_state_is_refused(finished_run):
+    with open(finished_run / store.STATE, "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\0" * 8)
+    result = osq("export", finished_run, "--out", "x.onnx")
+    assert result.exit_code == 2 and "checksum mismatch" in result.stderr
+
+
+def test_locked_run_is_refused(finished_run):
+    (finished_run / store.LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    _edit_manifest(finished_run, status="in_progress")
+    result = osq("calibrate", "demo", "--bits", "4", "4", *QUICK, "--run-dir", finished_run)
+    assert result.exit_code == 2 and "is being written by process" in result.stderr
+
+
+def test_finished_run_dir_is_not_overwritten(finished_run):
+    result = osq("calibrate", "demo", *QUICK, "--run-dir", finished_run)
+    assert result.exit_code == 2 and "already holds a finished run" in result.stderr
+
+
+def test_eval_without_recorded_data_asks_for_data(finished_run):
+    _edit_manifest(finished_run, data={})
+    result = osq("eval", finished_run, "--runtime", "torch-quant")
+    assert result.exit_code == 2 and "pass --data DIR" in result.stderr
+
+
+def test_eval_needs_an_export_for_onnxruntime(finished_run):
+    result = osq("eval", finished_run, "--runtime", "onnxruntime")
+    assert result.exit_code == 2 and "osq export" in result.stderr
+
+
+def test_out_of_memory_names_the_batch_size(finished_run, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli_main, "evaluate", oom)
+    result = osq("eval", finished_run, "--runtime", "torch-quant", "--batch-size", "48")
+    assert result.exit_code == 1
+    assert "batch size 48" in result.stderr and "--batch-size 24" in result.stderr
+
+
+# ----------------------------------------------------------------------------- interrupt, resume
+
+
+def test_interrupted_calibration_is_not_exportable_and_resumes(fresh, monkeypatch):
+    original = Reconstructor.reconstruct_group
+
+    def interrupt_after_first(self, index, q_in, fp_in):
+        if index >= 1:
+            raise KeyboardInterrupt
+        return original(self, index, q_in, fp_in)
+
+    monkeypatch.setattr(Reconstructor, "reconstruct_group", interrupt_after_first)
+    command = ["calibrate", "demo", "--bits", "4", "4", *QUICK, "--run-dir", "r1"]
+    result = osq(*command)
+    assert result.exit_code == 130
+    last = result.stderr.strip().splitlines()[-1]  # after the lines of the finished groups
+    assert last.startswith("error: interrupted") and "resume with the same command" in last
+    assert store.read_manifest(fresh / "r1")["status"] == "in_progress"
+
+    for args in (["export", "r1"], ["export"]):
+        refused = osq(*args)
+        assert refused.exit_code == 2 and "did not finish" in refused.stderr
+    assert not list(fresh.rglob("*.onnx"))
+
+    monkeypatch.setattr(Reconstructor, "reconstruct_group", original)
+    resumed = osq(*command)
+    assert resumed.exit_code == 0, resumed.output
+    assert "Resuming: 1 of 2 groups" in resumed.stdout
+    manifest = store.read_manifest(fresh / "r1")
+    assert manifest["status"] == "complete" and manifest["resumed_from_group"] == 1
+    assert [g["index"] for g in manifest["groups"]] == [0, 1]
+    assert osq("export", "--out", "r1.onnx").exit_code == 0
