@@ -8,9 +8,7 @@ agree while the predictions behind them differ.
 from __future__ import annotations
 
 import json
-import os
 import time
-import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from osqdeploy.evaluate.runtimes import Runtime
 from osqdeploy.load.data import spread_indices
+from osqdeploy.run.store import atomic_write_bytes
 
 __all__ = ["EvalResult", "ParityReport", "evaluate", "format_table", "parity", "write_report"]
 
@@ -184,15 +183,8 @@ def write_report(
     if clash:
         raise ValueError(f"extra may not override report fields {sorted(clash)}")
     report = {**extra, "results": [r.to_dict() for r in results], "parity": parity.to_dict() if parity else None}
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
     return path
 
 

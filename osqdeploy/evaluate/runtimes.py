@@ -15,6 +15,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from osqdeploy.load.models import _first_line
+
 __all__ = ["OnnxRuntime", "Runtime", "RuntimeLoadError", "TorchRuntime"]
 
 _CUDA_EP = "CUDAExecutionProvider"
@@ -126,10 +128,3 @@ def _providers(provider: str) -> list[str]:
         return [_CPU_EP]
     raise ValueError(f"provider must be 'auto', 'cuda' or 'cpu', got {provider!r}")
 
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    lines = str(e).strip().splitlines()
-    text = lines[0] if lines else ""
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
