@@ -339,23 +339,23 @@ ACT_QUANTIZERS = (ActQuantizer, LogQuantizer)
 # --- switching modules between lives ------------------------------------------------------------
 
 
-def act_quantizers(modules: Iterable[nn.Module]) -> list[nn.Module]:
-    """Unique activation quantizers inside ``modules`` (in module order)."""
+def _unique(modules: Iterable[nn.Module], types: tuple[type, ...]) -> list[nn.Module]:
     seen: dict[int, nn.Module] = {}
     for root in modules:
         for m in root.modules():
-            if isinstance(m, ACT_QUANTIZERS):
+            if isinstance(m, types):
                 seen.setdefault(id(m), m)
     return list(seen.values())
+
+
+def act_quantizers(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """Unique activation quantizers inside ``modules`` (in module order)."""
+    return _unique(modules, ACT_QUANTIZERS)
 
 
 def quant_layers(modules: Iterable[nn.Module]) -> list[nn.Module]:
-    seen: dict[int, nn.Module] = {}
-    for root in modules:
-        for m in root.modules():
-            if isinstance(m, QUANT_LAYERS):
-                seen.setdefault(id(m), m)
-    return list(seen.values())
+    """Unique quantized Linear/Conv layers inside ``modules`` (in module order)."""
+    return _unique(modules, QUANT_LAYERS)
 
 
 @contextmanager
