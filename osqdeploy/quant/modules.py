@@ -241,14 +241,18 @@ class WeightQuantizer(nn.Module):
     def regularizer(self, beta: float) -> torch.Tensor:
         return P.adaround_regularizer(self.alpha, beta)
 
+    def nearest_codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """Integer codes (float tensor) of round-to-nearest on this grid."""
+        return P.quantize_uniform(weight, self._view(self.scale), self._view(self.zero_point), self.bits)
+
     def integer_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes (float tensor) of the current rounding decision."""
-        s, zp = self._view(self.scale), self._view(self.zero_point)
-        qmin, qmax = P.qrange(self.bits)
         if self.mode in ("soft", "hard"):
+            s, zp = self._view(self.scale), self._view(self.zero_point)
+            qmin, qmax = P.qrange(self.bits)
             h = (self.alpha >= 0).to(weight.dtype)
             return torch.clamp(torch.floor(weight / s) + h + zp, qmin, qmax)
-        return P.quantize_uniform(weight, s, zp, self.bits)
+        return self.nearest_codes(weight)
 
     def finalize(self, weight: torch.Tensor) -> None:
         """Freeze the rounding into integer codes; drop the rounding variables."""

@@ -214,7 +214,7 @@ class Reconstructor:
         if cfg.iters > 0:
             curve = self._optimize(index, group, layers, acts, q_in, fp_in, target, gen)
 
-        nearest = [self._nearest(layer) for layer in layers]
+        nearest = [layer.weight_quantizer.nearest_codes(layer.weight) for layer in layers]
         for layer in layers:
             layer.weight_quantizer.finalize(layer.weight)
         flipped = sum(
@@ -236,13 +236,6 @@ class Reconstructor:
             flipped=flipped / max(total, 1),
         )
         return result, q_out, fp_out
-
-    @staticmethod
-    def _nearest(layer: nn.Module) -> torch.Tensor:
-        wq = layer.weight_quantizer
-        return torch.clamp(
-            torch.round(layer.weight / wq._view(wq.scale)) + wq._view(wq.zero_point), 0, 2**wq.bits - 1
-        )
 
     def _optimize(self, index, group, layers, acts, q_in, fp_in, target, gen) -> list[tuple[int, float]]:
         cfg = self.cfg
