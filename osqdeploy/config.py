@@ -62,9 +62,12 @@ class CalibrationConfig:
     # (BRECQ/QDrop's lp_loss sums over the feature dimension), so round_weight keeps the
     # balance those methods tuned.
     loss: str = "mse"
-    # Speed features (issue 5): TF32 matmuls on CUDA. They do not change what is computed
-    # beyond float rounding.
+    # Speed features (issue 5), used on CUDA devices only. TF32 matmuls change float rounding;
+    # replaying each group's training step as a CUDA graph changes nothing that is computed
+    # (reconstruct/step.py); compiled quantizer kernels fuse the same arithmetic (quant/modules.py).
     tf32: bool = True
+    cuda_graph: bool = True
+    compile: bool = True
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

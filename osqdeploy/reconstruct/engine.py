@@ -27,9 +27,10 @@ from torch import nn
 from ..adapters import Adapter, State, Unit
 from ..config import CalibrationConfig, ConfigError, QuantConfig
 from ..plan import Plan
-from ..quant.modules import act_quantizers, quant_layers, quantization_disabled
+from ..quant.modules import act_quantizers, fused_quantizers, quant_layers, quantization_disabled
 from ..quant.reparam import reparameterize_norm
 from .objective import Objective, make_objective
+from .step import GroupStep, Schedule, run_steps
 
 
 class NumericalError(RuntimeError):
@@ -241,59 +242,38 @@ class Reconstructor:
         cfg = self.cfg
         for layer in layers:
             layer.weight_quantizer.init_adaround(layer.weight)
-        round_params = [layer.weight_quantizer.alpha for layer in layers]
         step_params = [q.scale for q in acts if hasattr(q, "scale") and isinstance(q.scale, nn.Parameter)]
         for p in step_params:
             p.requires_grad_(True)
-        opt_round = torch.optim.Adam(round_params, lr=cfg.lr_round)
-        opt_step = torch.optim.Adam(step_params, lr=cfg.lr_act) if step_params else None
         for q in acts:
             q.drop_prob = cfg.drop_prob
             q.train()
-
-        n = q_in[0].shape[0]
-        bs = min(cfg.batch_size, n)
-        warmup_iters = int(cfg.warmup * cfg.iters)
+        schedule = Schedule.build(cfg, q_in[0].shape[0], gen, self.device)
+        step = GroupStep(
+            lambda s: self._run_group(group, s), layers, step_params, q_in, fp_in, target,
+            self.objective, schedule, cfg, self.device,
+        )
         curve: list[tuple[int, float]] = []
-        log_every = max(1, cfg.iters // 100)
-        for it in range(cfg.iters):
-            idx = torch.randperm(n, generator=gen)[:bs]
-            xq, xf = _to(_slice(q_in, idx), self.device), _to(_slice(fp_in, idx), self.device)
-            if cfg.drop_prob > 0:  # QDrop: mix quantized and full-precision inputs elementwise
-                inp = tuple(torch.where(torch.rand_like(a) < cfg.drop_prob, a, b) for a, b in zip(xq, xf, strict=True))
-            else:
-                inp = xq
-            out = self._run_group(group, inp)[-1]
-            rec = self.objective(out, target[idx.to(target.device)].to(self.device))
-            loss = rec
-            if it >= warmup_iters:
-                progress = (it - warmup_iters) / max(1, cfg.iters - warmup_iters)
-                beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - progress)
-                loss = loss + cfg.round_weight * sum(layer.weight_quantizer.regularizer(beta) for layer in layers)
-            opt_round.zero_grad(set_to_none=True)
-            if opt_step:
-                opt_step.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_round.step()
-            if opt_step:
-                opt_step.step()
-                with torch.no_grad():
-                    for p in step_params:
-                        p.clamp_(min=1e-8)
-            if it % log_every == 0 or it == cfg.iters - 1:
-                value = float(rec.detach())  # the only host sync, once per log interval
-                if value != value or value in (float("inf"), float("-inf")):
-                    raise NumericalError(
-                        f"group {index} ({' + '.join(u.name for u in group)}): loss became {value} at iteration {it}"
-                    )
-                curve.append((it, value))
-                self.callbacks.on_iter(index, it, value)
+
+        def on_log(it: int) -> None:
+            value = float(step.rec)  # the only host sync, once per log interval
+            if value != value or value in (float("inf"), float("-inf")):
+                raise NumericalError(
+                    f"group {index} ({' + '.join(u.name for u in group)}): loss became {value} at iteration {it}"
+                )
+            curve.append((it, value))
+            self.callbacks.on_iter(index, it, value)
+
+        cuda = self.device.type == "cuda"
+        with fused_quantizers(cfg.compile and cuda):
+            run_steps(step, cfg.iters, cfg.cuda_graph and cuda, on_log, log_every=max(1, cfg.iters // 100))
 
         for q in acts:
             q.drop_prob = 0.0
             q.eval()
         for p in step_params:
             p.requires_grad_(False)
+            p.grad = None
         for layer in layers:
             layer.weight_quantizer.mode = "hard"
         return curve

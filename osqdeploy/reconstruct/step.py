@@ -1,0 +1,151 @@
+"""One optimisation step of a reconstruction group, run eagerly or replayed as a CUDA graph.
+
+Why a graph: a group step of a ViT is thousands of small kernels (each fake-quant is a handful
+of elementwise ops, forward and backward) on tensors of a few megabytes. On an H100 the step is
+bound by launching them, not by the arithmetic (issue 5 measured 7 TFLOP/s against a 400
+TFLOP/s ceiling). Replaying the whole step — batch gather, QDrop mix, forward, loss, backward,
+both Adam updates — as one CUDA graph removes the launches and changes no operation.
+
+To be capturable, the step reads everything that changes between iterations from device tensors
+indexed by a device-side counter: the batch indices (drawn up front from the group's seeded
+generator, in the order the iterations use them), β, and the regulariser weight (0 during the
+warm-up; adding 0·R changes neither the loss nor any gradient). The eager path runs the very
+same step, so the two paths issue the same operations in the same order on the same data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapters import State
+from ..config import CalibrationConfig
+
+
+@dataclass
+class Schedule:
+    """Per-iteration inputs of the step, precomputed so the step never asks the host."""
+
+    batches: torch.Tensor  # [iters, batch] int64 indices into the cached group inputs
+    beta: torch.Tensor  # [iters] AdaRound's annealed exponent
+    reg_weight: torch.Tensor  # [iters] round_weight after the warm-up, 0 before
+
+    @classmethod
+    def build(cls, cfg: CalibrationConfig, n: int, gen: torch.Generator, device: torch.device) -> Schedule:
+        bs = min(cfg.batch_size, n)
+        batches = torch.stack([torch.randperm(n, generator=gen)[:bs] for _ in range(cfg.iters)])
+        warmup = int(cfg.warmup * cfg.iters)
+        beta, weight = [], []
+        for it in range(cfg.iters):
+            progress = (it - warmup) / max(1, cfg.iters - warmup)
+            beta.append(cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - progress) if it >= warmup else 0.0)
+            weight.append(cfg.round_weight if it >= warmup else 0.0)
+        # β only matters where the weight is not 0; keep it at β_start there so pow stays tame
+        beta = [b if w else cfg.beta_start for b, w in zip(beta, weight, strict=True)]
+        return cls(
+            batches.to(device),
+            torch.tensor(beta, dtype=torch.float32, device=device),
+            torch.tensor(weight, dtype=torch.float32, device=device),
+        )
+
+
+class GroupStep:
+    """The group's training step over cached inputs; ``rec`` holds the last reconstruction loss."""
+
+    def __init__(
+        self,
+        run_group: Callable[[State], State],
+        layers: list[nn.Module],
+        step_params: list[nn.Parameter],
+        q_in: State,
+        fp_in: State,
+        target: torch.Tensor,
+        objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        schedule: Schedule,
+        cfg: CalibrationConfig,
+        device: torch.device,
+    ):
+        self.run_group, self.layers, self.step_params = run_group, layers, step_params
+        self.q_in, self.fp_in, self.target = q_in, fp_in, target
+        self.objective, self.schedule, self.drop_prob = objective, schedule, cfg.drop_prob
+        # capturable keeps Adam's step count on the device; used on CUDA by both paths so that
+        # eager and graphed runs compute the same bias corrections.
+        capturable = device.type == "cuda"
+        round_params = [layer.weight_quantizer.alpha for layer in layers]
+        self.optimizers = [torch.optim.Adam(round_params, lr=cfg.lr_round, capturable=capturable)]
+        if step_params:
+            self.optimizers.append(torch.optim.Adam(step_params, lr=cfg.lr_act, capturable=capturable))
+        self.counter = torch.zeros(1, dtype=torch.long, device=device)
+        self.rec = torch.zeros((), device=device)
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def body(self) -> None:
+        """One iteration, without host synchronisation (so it can be captured)."""
+        it = self.counter
+        idx = self.schedule.batches.index_select(0, it).squeeze(0)
+        xq = tuple(t.index_select(0, idx) for t in self.q_in)
+        if self.drop_prob > 0:  # QDrop: mix quantized and full-precision inputs elementwise
+            xf = tuple(t.index_select(0, idx) for t in self.fp_in)
+            inp = tuple(torch.where(torch.rand_like(a) < self.drop_prob, a, b) for a, b in zip(xq, xf, strict=True))
+        else:
+            inp = xq
+        out = self.run_group(inp)[-1]
+        rec = self.objective(out, self.target.index_select(0, idx))
+        beta = self.schedule.beta.index_select(0, it).squeeze(0)
+        weight = self.schedule.reg_weight.index_select(0, it).squeeze(0)
+        reg = sum(layer.weight_quantizer.regularizer(beta) for layer in self.layers)
+        (rec + weight * reg).backward()
+        for opt in self.optimizers:
+            opt.step()
+        with torch.no_grad():
+            for p in self.step_params:
+                p.clamp_(min=1e-8)
+            self.counter += 1
+            self.rec.copy_(rec.detach())
+
+    def eager(self) -> None:
+        self.zero_grad()
+        self.body()
+
+
+def run_steps(step: GroupStep, iters: int, graph: bool, on_log: Callable[[int], None], log_every: int) -> bool:
+    """Run ``iters`` iterations; ``on_log(it)`` after logged ones. Returns whether a graph was used.
+
+    With ``graph`` (CUDA only) the first iterations run eagerly on a side stream — they build
+    Adam's state and let the allocator settle, as capture requires — and the rest replay one
+    captured iteration. The warm-up iterations are real iterations, not discarded ones.
+    """
+
+    def log(it: int) -> None:
+        if it % log_every == 0 or it == iters - 1:
+            on_log(it)
+
+    warm = 3
+    if not graph or iters <= warm:
+        for it in range(iters):
+            step.eager()
+            log(it)
+        return False
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for it in range(warm):
+            step.eager()
+            log(it)
+    torch.cuda.current_stream().wait_stream(side)
+    step.zero_grad()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step.body()
+    for it in range(warm, iters):
+        g.replay()
+        log(it)
+    torch.cuda.synchronize()
+    del g
+    return True
