@@ -67,7 +67,7 @@ def matmul_ceiling(dtype: torch.dtype, tf32: bool, n: int = 8192, reps: int = 20
 def group_flops(rec: Reconstructor, index: int, q_in) -> float:
     """Matmul FLOPs of one training iteration (forward + backward) of a group at the batch size."""
     group = rec.groups[index]
-    state = tuple(t[: rec.cfg.batch_size] for t in q_in)
+    state = tuple(t[: rec.cfg.batch_size].detach() for t in q_in)
     layers = quant_layers([m for u in group for m in u.modules])
     for layer in layers:
         layer.weight_quantizer.init_adaround(layer.weight)
@@ -110,7 +110,13 @@ def measure(model_name: str, mode: str, measure_iters: int, samples: int, batch:
     q_state, fp_state = rec.initial_states(images)
     torch.cuda.synchronize()
     fixed = time.perf_counter() - t0
-    flops = [group_flops(rec, i, q_state) for i in range(len(rec.groups))] if mode == "plain" else None
+    flops = None
+    if mode == "plain":  # each group's FLOPs on its own input (Swin's slices change the state's shape)
+        flops, state = [], q_state
+        for i in range(len(rec.groups)):
+            flops.append(group_flops(rec, i, state))
+            with torch.no_grad():
+                state = rec._run_group(rec.groups[i], tuple(t[:batch] for t in state))
     per_iter, overhead, group0 = [], [], {}
     for index in range(len(rec.groups)):
         torch.cuda.synchronize()

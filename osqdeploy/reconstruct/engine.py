@@ -18,7 +18,8 @@ The engine knows nothing of model families (the adapter does) nor of terminals a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -96,6 +97,18 @@ def _to(state: State, device: torch.device) -> State:
     return tuple(t.to(device, non_blocking=True) for t in state)
 
 
+@contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """TF32 matmuls for reconstruction only: evaluation after it stays in full fp32, as deployed."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 class Reconstructor:
     def __init__(
         self,
@@ -120,9 +133,6 @@ class Reconstructor:
         if missing:
             raise ValueError(f"plan names units the model does not have: {missing[:5]}")
         self.groups: list[list[Unit]] = [[units[n] for n in g] for g in plan.groups]
-        if device.type == "cuda" and ccfg.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
 
     # -- batching helpers --------------------------------------------------------------------
 
@@ -194,6 +204,10 @@ class Reconstructor:
         return float((out.float() - target.float()).pow(2).mean())
 
     def reconstruct_group(self, index: int, q_in: State, fp_in: State) -> tuple[GroupResult, State, State]:
+        with _tf32(self.cfg.tf32 and self.device.type == "cuda"):
+            return self._reconstruct_group(index, q_in, fp_in)
+
+    def _reconstruct_group(self, index: int, q_in: State, fp_in: State) -> tuple[GroupResult, State, State]:
         cfg = self.cfg
         group = self.groups[index]
         names = [u.name for u in group]
