@@ -27,7 +27,7 @@ from rich.table import Table
 from torch import nn
 
 from osqdeploy import __version__
-from osqdeploy.config import CalibrationConfig, ConfigError, QuantConfig
+from osqdeploy.config import FAST_ITERS, CalibrationConfig, ConfigError, QuantConfig
 from osqdeploy.evaluate import EvalResult, OnnxRuntime, RuntimeLoadError, TorchRuntime, evaluate, parity, write_report
 from osqdeploy.export import onnx_qdq
 from osqdeploy.export.onnx_qdq import ExportError, export_model
@@ -280,6 +280,14 @@ def calibrate(
     iters: Annotated[
         int | None, typer.Option(help="Optimisation steps per group. \\[default: 20000; demo 100]")
     ] = None,
+    fast: Annotated[
+        bool,
+        typer.Option(
+            "--fast",
+            help=f"Quick preset: {FAST_ITERS} iterations per group instead of 20000, for quick iterations on a "
+            "setup. An explicit --iters wins.",
+        ),
+    ] = False,
     samples: Annotated[int | None, typer.Option(help="Calibration images. \\[default: 1024; demo 256]")] = None,
     batch_size: Annotated[
         int | None, typer.Option(help=f"Images per optimisation step. \\[default: {CalibrationConfig.batch_size}]")
@@ -316,6 +324,8 @@ def calibrate(
             seed=seed,
             device=device.value,
         )
+        if fast and iters is None:  # the preset shortens a schedule, never lengthens one (the demo's)
+            ccfg.iters = min(ccfg.iters, FAST_ITERS)
         ccfg.validate()
         build_plan(ccfg.granularity, [])  # syntax check now, not after loading the model
         dev = _check_device(ccfg.device)

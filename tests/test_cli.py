@@ -305,3 +305,13 @@ def test_interrupted_calibration_is_not_exportable_and_resumes(fresh, monkeypatc
     assert manifest["status"] == "complete" and manifest["resumed_from_group"] == 1
     assert [g["index"] for g in manifest["groups"]] == [0, 1]
     assert osq("export", "--out", "r1.onnx").exit_code == 0
+
+
+def test_fast_preset_shortens_the_schedule_and_explicit_iters_win(demo_env: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    small = ["--samples", "16", "--batch-size", "8"]
+    assert osq("calibrate", "demo", "--fast", "--iters", "2", *small, "--run-dir", "a").exit_code == 0
+    assert store.read_manifest(tmp_path / "a")["calibration"]["iters"] == 2
+    # the demo's own schedule (100) is already shorter than the preset: --fast never lengthens one
+    assert osq("calibrate", "demo", "--fast", *small, "--run-dir", "b").exit_code == 0
+    assert store.read_manifest(tmp_path / "b")["calibration"]["iters"] == min(100, cli_main.FAST_ITERS)

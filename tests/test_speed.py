@@ -97,3 +97,16 @@ def test_cuda_graph_replay_computes_exactly_what_the_eager_step_computes():
     # fused kernels reorder the step-size gradient's reduction: nearly all decisions agree
     assert float((fused_codes == plain_codes).float().mean()) > 0.99
     assert fused.mse_after == pytest.approx(plain.mse_after, rel=0.1)
+
+
+def test_tf32_is_switched_on_for_reconstruction_only():
+    from osqdeploy.reconstruct.engine import _tf32
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with _tf32(True):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32  # evaluation afterwards is full fp32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
