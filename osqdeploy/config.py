@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+WEIGHT_INITS = ("minmax", "mse")
+
 
 class ConfigError(ValueError):
     """A configuration value outside what the method supports."""
@@ -31,6 +33,11 @@ class QuantConfig:
     attn_log_base: str = "sqrt2"
     # RepQ-ViT scale reparameterisation of post-LayerNorm activations.
     reparam: bool = True
+    # Per-output-channel weight grid: "minmax" spans each channel's min..max (the paper's and
+    # AdaRound's choice); "mse" shrinks each channel's range to the clipping that minimises
+    # ||W − Q(W)||² (BRECQ/QDrop's scale_method='mse'), which at 4 bits trades a few clipped
+    # extreme weights for a finer step on all the others.
+    weight_init: str = "minmax"
 
     def validate(self) -> None:
         _check_bits("weight bits", self.w_bits)
@@ -38,6 +45,8 @@ class QuantConfig:
         _check_bits("edge bits", self.edge_bits)
         if self.attn_log_base not in ("sqrt2", "2"):
             raise ConfigError(f"attn_log_base must be 'sqrt2' or '2', got {self.attn_log_base!r}")
+        if self.weight_init not in WEIGHT_INITS:
+            raise ConfigError(f"weight_init must be one of {', '.join(WEIGHT_INITS)}, got {self.weight_init!r}")
 
 
 @dataclass
