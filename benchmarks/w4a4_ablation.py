@@ -13,13 +13,15 @@ A configuration is a comma-separated list of ``key=value`` (``base`` alone: the 
 * ``fp=FAM[+FAM...]`` keep these quantizer families in float (all 12 blocks): weights
   ``w_qkv w_proj w_fc1 w_fc2`` (``w_all``), input activations ``a_qkv a_proj a_fc1 a_fc2``,
   attention operands ``a_q a_k a_v``, post-softmax ``a_attn`` (``a_all``: every block activation).
-* ``winit=minmax|mse`` ``QuantConfig.weight_init``; ``log=sqrt2|2`` ``QuantConfig.attn_log_base``.
+* ``winit=minmax|mse`` ``QuantConfig.weight_init``; ``log=sqrt2|2`` ``QuantConfig.attn_log_base``;
+  ``gelu=mse|mse_max`` ``QuantConfig.post_gelu_range``.
 * ``arange=FAM:METHOD`` re-initialise the per-tensor activation quantizers of one family from
   full-precision activations of all calibration images (a ~1M-value sample per quantizer):
   ``mse`` (MSE-optimal, min and max shrunk together, as the library's observer but on all data
   at once), ``msemax`` (min kept, max shrunk), ``pctP`` (max at the P-th percentile, e.g. pct99.9),
   ``minmax``, ``outmse`` (the range minimising the next Linear's output error
   ||(Q(x) − x)·Wᵀ||², min at the data minimum or 0, max shrunk in 1% steps).
+* ``bc=1`` empirical bias correction of every block Linear after initialisation (RTN only).
 * ``iters=N`` AdaRound/QDrop reconstruction iterations per group (``blocks:3``), default ``--iters``.
 
     OMP_NUM_THREADS=1 python benchmarks/w4a4_ablation.py --images ../shared/data/imagenet-sample \
@@ -78,7 +80,8 @@ ALIASES = {
 
 
 def parse_config(text: str, default_iters: int) -> dict:
-    cfg = {"name": text, "fp": [], "winit": "minmax", "log": "sqrt2", "arange": [], "iters": default_iters}
+    cfg = {"name": text, "fp": [], "winit": "minmax", "log": "sqrt2", "gelu": "mse", "arange": [],
+           "iters": default_iters, "bc": False}
     if text == "base":
         return cfg
     for item in text.split(","):
@@ -89,10 +92,12 @@ def parse_config(text: str, default_iters: int) -> dict:
         elif key == "arange":
             fam, _, method = value.partition(":")
             cfg["arange"].append((fam, method))
-        elif key in ("winit", "log"):
+        elif key in ("winit", "log", "gelu"):
             cfg[key] = value
         elif key == "iters":
             cfg["iters"] = int(value)
+        elif key == "bc":
+            cfg["bc"] = value in ("1", "true", "yes")
         else:
             raise SystemExit(f"unknown config key {key!r} in {text!r}")
     unknown = [f for f in cfg["fp"] + [f for f, _ in cfg["arange"]] if f not in FAMILIES]
@@ -150,6 +155,44 @@ def collect(model: nn.Module, quantizers: list[nn.Module], images: torch.Tensor,
     return {k: torch.cat(v) for k, v in samples.items()}
 
 
+@torch.no_grad()
+def bias_correct(model: nn.Module, images: torch.Tensor, bs: int) -> None:
+    """Empirical bias correction (Nagel et al., 2019, DFQ): subtract from each block Linear's bias the
+    mean output shift its quantization causes on calibration data, E[Q(x)]·Q(W)ᵀ − E[x]·Wᵀ.
+
+    Means are over full-precision inputs. RTN only: the corrected bias would also shift the
+    full-precision targets of a later reconstruction (``quantization_disabled`` leaves biases alone).
+    """
+    layers = [m for b in model.blocks for m in (b.attn.qkv, b.proj, b.mlp.fc1, b.mlp.fc2)]
+    sums = {id(m): [0.0, 0.0, 0] for m in layers}
+    enabled = {id(m): m.input_quantizer.enabled for m in layers}
+
+    def hook(m):
+        def fn(_m, inp):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1])
+            iq = m.input_quantizer
+            qx = P.fake_quantize_uniform(x, iq.scale, iq.zero_point, iq.bits) if enabled[id(m)] else x
+            acc = sums[id(m)]
+            acc[0] += x.sum(0)
+            acc[1] += qx.sum(0)
+            acc[2] += x.shape[0]
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(m)) for m in layers]
+    try:
+        with quantization_disabled(model):
+            for i in range(0, images.shape[0], bs):
+                model(images[i : i + bs])
+    finally:
+        for h in handles:
+            h.remove()
+    for m in layers:
+        sx, sqx, n = sums[id(m)]
+        wq = m.weight_quantizer(m.weight)
+        m.bias.sub_(wq @ (sqx / n) - m.weight @ (sx / n))
+
+
 def act_range(x: torch.Tensor, bits: int, method: str, weight: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor range of the rows ``x`` by ``method`` (``weight``: the next Linear's, for ``outmse``)."""
@@ -193,13 +236,15 @@ _INITIALIZED: dict[tuple, nn.Module] = {}
 def initialized_model(cfg: dict, args, calib: torch.Tensor) -> nn.Module:
     """The model after the library's initialisation for this config's QuantConfig (cached: the
     fp/arange ablations only change quantizers afterwards, so they share one initialisation)."""
-    key = (cfg["winit"], cfg["log"])
+    key = (cfg["winit"], cfg["log"], cfg["gelu"])
     if key not in _INITIALIZED:
         torch.manual_seed(args.seed)
         model = load_model("deit_t", checkpoint=args.checkpoint).model.eval()
         qkw = {"attn_log_base": cfg["log"]}
         if cfg["winit"] != "minmax":
             qkw["weight_init"] = cfg["winit"]
+        if cfg["gelu"] != "mse":
+            qkw["post_gelu_range"] = cfg["gelu"]
         qcfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, **qkw)
         adapter = prepare_model(model, qcfg, adapter_for)
         rec = Reconstructor(model, adapter, build_plan("blocks:3", adapter.units(model)),
@@ -235,6 +280,10 @@ def run_config(cfg: dict, args, calib: torch.Tensor, images: torch.Tensor, label
                 q.mode = "fp"
             else:
                 q.enabled = False
+    if cfg["bc"]:
+        if cfg["iters"] > 0:
+            raise SystemExit("bc=1 is for RTN only (iters=0)")
+        bias_correct(model, calib, args.batch_size)
     if cfg["iters"] > 0:
         adapter = adapter_for(model)
         ccfg = calib_config(args, cfg["iters"], calib)

@@ -148,3 +148,35 @@ def test_weight_init_reaches_the_quantizers_and_is_validated():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, num_classes=10)
     prepare_model(model, QuantConfig(weight_init="mse"), adapter_for)
     assert {layer.weight_quantizer.init_method for layer in quant_layers([model])} == {"mse"}
+
+
+def test_keep_min_range_keeps_gelus_negative_lobe_and_its_mean():
+    # post-GELU-like data: a dense mass in [-0.17, 0] plus a sparse long positive tail
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.gelu(torch.randn(200_000, generator=g) - 1.0)
+    x[:100] = x[:100].abs() * 6 + 3
+
+    def mean_shift(lo, hi):
+        s, z = P.qparams_from_range(lo[0], hi[0], 4)
+        return (P.fake_quantize_uniform(x, s, z, 4) - x).mean().abs()
+
+    joint = P.mse_optimal_range(x, 4)
+    kept = P.mse_optimal_range(x, 4, keep_min=True)
+    assert kept[0][0] == x.min() and kept[1][0] <= x.max()
+    assert joint[0][0] > 0.5 * x.min()  # the joint search clips most of the negative lobe ...
+    assert mean_shift(*kept) < 0.25 * mean_shift(*joint)  # ... which shifts the mean; keeping it does not
+
+
+def test_post_gelu_range_reaches_only_the_fc2_input_quantizers():
+    from osqdeploy.adapters import adapter_for
+    from osqdeploy.config import ConfigError, QuantConfig
+    from osqdeploy.quant.modules import act_quantizers
+    from osqdeploy.reconstruct import prepare_model
+
+    with pytest.raises(ConfigError, match="post_gelu_range"):
+        QuantConfig(post_gelu_range="percentile").validate()
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, num_classes=10)
+    prepare_model(model, QuantConfig(post_gelu_range="mse_max"), adapter_for)
+    kept = [q for q in act_quantizers([model]) if getattr(q, "range_keep_min", False)]
+    assert kept == [blk.mlp.fc2.input_quantizer for blk in model.blocks]

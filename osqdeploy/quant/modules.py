@@ -89,13 +89,16 @@ class ActQuantizer(nn.Module):
         self.drop_prob = 0.0
         self.obs_min: torch.Tensor | None = None
         self.obs_max: torch.Tensor | None = None
+        # MSE observer searches the max only (QuantConfig.post_gelu_range='mse_max'); see
+        # primitives.mse_optimal_range.
+        self.range_keep_min = False
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, enabled={self.enabled}"
 
     def observe(self, x: torch.Tensor) -> None:
         dim = x.dim() - 1 if self.per_channel_observe else None
-        lo, hi = P.mse_optimal_range(x, self.bits, channel_dim=dim)
+        lo, hi = P.mse_optimal_range(x, self.bits, channel_dim=dim, keep_min=self.range_keep_min)
         if dim is None:
             lo, hi = lo[0], hi[0]
         self.obs_min = _ema(self.obs_min, lo, self.ema_decay)
