@@ -234,9 +234,13 @@ _INITIALIZED: dict[tuple, nn.Module] = {}
 
 
 def initialized_model(cfg: dict, args, calib: torch.Tensor) -> nn.Module:
-    """The model after the library's initialisation for this config's QuantConfig (cached: the
-    fp/arange ablations only change quantizers afterwards, so they share one initialisation)."""
+    """The model after the library's initialisation for this config's QuantConfig (cached in memory
+    and in ``--cache``: the fp/arange/bc/iters variants only change the model afterwards, so they
+    share one initialisation; delete the cache after changing the library's initialisation)."""
     key = (cfg["winit"], cfg["log"], cfg["gelu"])
+    disk = Path(args.cache) / f"init_w{args.w_bits}a{args.a_bits}_{'_'.join(key)}_{args.calib}_{args.batch_size}.pt"
+    if key not in _INITIALIZED and disk.is_file():
+        _INITIALIZED[key] = torch.load(disk, weights_only=False)
     if key not in _INITIALIZED:
         torch.manual_seed(args.seed)
         model = load_model("deit_t", checkpoint=args.checkpoint).model.eval()
@@ -251,11 +255,12 @@ def initialized_model(cfg: dict, args, calib: torch.Tensor) -> nn.Module:
                             calib_config(args, 0, calib), torch.device("cpu"))
         rec.initialize(calib)
         _INITIALIZED[key] = model
+        torch.save(model, disk)
     return copy.deepcopy(_INITIALIZED[key])
 
 
-def calib_config(args, iters: int, calib: torch.Tensor) -> CalibrationConfig:
-    return CalibrationConfig(samples=calib.shape[0], batch_size=args.batch_size, iters=iters,
+def calib_config(args, iters: int, calib: torch.Tensor, batch_size: int | None = None) -> CalibrationConfig:
+    return CalibrationConfig(samples=calib.shape[0], batch_size=batch_size or args.batch_size, iters=iters,
                              granularity="blocks:3", seed=args.seed, device="cpu",
                              extra={"init_samples": calib.shape[0]})
 
@@ -280,21 +285,25 @@ def run_config(cfg: dict, args, calib: torch.Tensor, images: torch.Tensor, label
                 q.mode = "fp"
             else:
                 q.enabled = False
+    groups = []
     if cfg["bc"]:
         if cfg["iters"] > 0:
             raise SystemExit("bc=1 is for RTN only (iters=0)")
         bias_correct(model, calib, args.batch_size)
     if cfg["iters"] > 0:
         adapter = adapter_for(model)
-        ccfg = calib_config(args, cfg["iters"], calib)
+        ccfg = calib_config(args, cfg["iters"], calib, args.recon_batch_size)
         rec = Reconstructor(model, adapter, build_plan("blocks:3", adapter.units(model)), ccfg, torch.device("cpu"))
-        rec.reconstruct(calib)
+        groups = rec.reconstruct(calib)
     t_init = time.perf_counter() - t0
     q_logits = predict(model, images)
     top1 = float((q_logits.argmax(1) == labels).float().mean()) * 100
     agree = float((q_logits.argmax(1) == fp_logits.argmax(1)).float().mean()) * 100
     kl = float(F.kl_div(F.log_softmax(q_logits, 1), F.log_softmax(fp_logits, 1), log_target=True,
                         reduction="batchmean"))
+    if groups:
+        mses = ", ".join(f"{g.mse_before:.3f}->{g.mse_after:.3f}" for g in groups)
+        print(f"  {cfg['name']}: group output MSE before->after reconstruction {mses}", flush=True)
     return {"config": cfg["name"], "iters": cfg["iters"], "top1": round(top1, 1), "fp_agree": round(agree, 1),
             "kl": round(kl, 4), "seconds": round(time.perf_counter() - t0, 1), "init_seconds": round(t_init, 1)}
 
@@ -307,6 +316,8 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128, help="calibration images (from the calibration half)")
     ap.add_argument("--iters", type=int, default=0, help="reconstruction iterations per group (0: RTN)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--recon-batch-size", type=int, default=None,
+                    help="reconstruction batch (default --batch-size, which also batches the initialisation)")
     ap.add_argument("--w-bits", type=int, default=4)
     ap.add_argument("--a-bits", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
