@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+WEIGHT_INITS = ("minmax", "mse")
+POST_GELU_RANGES = ("mse", "mse_max")
+
 
 class ConfigError(ValueError):
     """A configuration value outside what the method supports."""
@@ -31,6 +34,18 @@ class QuantConfig:
     attn_log_base: str = "sqrt2"
     # RepQ-ViT scale reparameterisation of post-LayerNorm activations.
     reparam: bool = True
+    # Per-output-channel weight grid: "minmax" spans each channel's min..max (the paper's and
+    # AdaRound's choice); "mse" shrinks each channel's range to the clipping that minimises
+    # ||W − Q(W)||² (BRECQ/QDrop's scale_method='mse'), which at 4 bits trades a few clipped
+    # extreme weights for a finer step on all the others.
+    weight_init: str = "minmax"
+    # Input of the MLP's second Linear (post-GELU). "mse": the MSE observer shrinks min and max
+    # together, like every other activation; "mse_max": it keeps the observed min and searches
+    # the max only. At 4 bits the joint search often clips GELU's negative lobe (down to -0.17,
+    # where most values lie) to 0, a systematic shift that fc2 sums over 4·dim inputs; keeping
+    # the min took real DeiT-Tiny W4A4 round-to-nearest from 41.6% to 61.2% top-1
+    # (250 held-out images, 128 calibration images; benchmarks/w4a4_ablation.py).
+    post_gelu_range: str = "mse"
 
     def validate(self) -> None:
         _check_bits("weight bits", self.w_bits)
@@ -38,6 +53,12 @@ class QuantConfig:
         _check_bits("edge bits", self.edge_bits)
         if self.attn_log_base not in ("sqrt2", "2"):
             raise ConfigError(f"attn_log_base must be 'sqrt2' or '2', got {self.attn_log_base!r}")
+        if self.weight_init not in WEIGHT_INITS:
+            raise ConfigError(f"weight_init must be one of {', '.join(WEIGHT_INITS)}, got {self.weight_init!r}")
+        if self.post_gelu_range not in POST_GELU_RANGES:
+            raise ConfigError(
+                f"post_gelu_range must be one of {', '.join(POST_GELU_RANGES)}, got {self.post_gelu_range!r}"
+            )
 
 
 # ``osq calibrate --fast``: iterations per group of the quick preset, a tenth of the paper's

@@ -117,3 +117,66 @@ def test_adaround_regularizer_vanishes_at_binary_h_and_peaks_at_half():
     mid = torch.full((4,), math.log((0.5 - P.GAMMA) / (P.ZETA - 0.5)))  # h(V) = 0.5
     assert torch.allclose(P.rectified_sigmoid(mid), torch.full((4,), 0.5), atol=1e-6)
     assert torch.isclose(P.adaround_regularizer(mid, beta=2.0), torch.tensor(4.0))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_mse_weight_init_never_has_more_rounding_error_than_minmax(bits):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 96, generator=g)
+    w[::7, 3] *= 8  # heavy-tailed channels, where clipping pays
+    w[5] = 0.01 * torch.rand(96, generator=g)  # an all-positive channel (grid widened to include 0)
+    err = {}
+    for method in ("minmax", "mse"):
+        wq = WeightQuantizer(w, bits)
+        wq.init_method = method
+        wq.init_grid(w)
+        err[method] = (wq(w) - w).pow(2).sum(dim=1)  # per output channel
+    assert (err["mse"] <= err["minmax"]).all()
+    if bits <= 4:  # at low bit-widths clipping is a real gain, not a tie
+        assert err["mse"].sum() < 0.95 * err["minmax"].sum()
+
+
+def test_weight_init_reaches_the_quantizers_and_is_validated():
+    from osqdeploy.adapters import adapter_for
+    from osqdeploy.config import ConfigError, QuantConfig
+    from osqdeploy.quant.modules import quant_layers
+    from osqdeploy.reconstruct import prepare_model
+
+    with pytest.raises(ConfigError, match="weight_init"):
+        QuantConfig(weight_init="percentile").validate()
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, num_classes=10)
+    prepare_model(model, QuantConfig(weight_init="mse"), adapter_for)
+    assert {layer.weight_quantizer.init_method for layer in quant_layers([model])} == {"mse"}
+
+
+def test_keep_min_range_keeps_gelus_negative_lobe_and_its_mean():
+    # post-GELU-like data: a dense mass in [-0.17, 0] plus a sparse long positive tail
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.gelu(torch.randn(200_000, generator=g) - 1.0)
+    x[:100] = x[:100].abs() * 6 + 3
+
+    def mean_shift(lo, hi):
+        s, z = P.qparams_from_range(lo[0], hi[0], 4)
+        return (P.fake_quantize_uniform(x, s, z, 4) - x).mean().abs()
+
+    joint = P.mse_optimal_range(x, 4)
+    kept = P.mse_optimal_range(x, 4, keep_min=True)
+    assert kept[0][0] == x.min() and kept[1][0] <= x.max()
+    assert joint[0][0] > 0.5 * x.min()  # the joint search clips most of the negative lobe ...
+    assert mean_shift(*kept) < 0.25 * mean_shift(*joint)  # ... which shifts the mean; keeping it does not
+
+
+def test_post_gelu_range_reaches_only_the_fc2_input_quantizers():
+    from osqdeploy.adapters import adapter_for
+    from osqdeploy.config import ConfigError, QuantConfig
+    from osqdeploy.quant.modules import act_quantizers
+    from osqdeploy.reconstruct import prepare_model
+
+    with pytest.raises(ConfigError, match="post_gelu_range"):
+        QuantConfig(post_gelu_range="percentile").validate()
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, num_classes=10)
+    prepare_model(model, QuantConfig(post_gelu_range="mse_max"), adapter_for)
+    kept = [q for q in act_quantizers([model]) if getattr(q, "range_keep_min", False)]
+    assert kept == [blk.mlp.fc2.input_quantizer for blk in model.blocks]

@@ -29,6 +29,7 @@ class QuantSwinBlock(nn.Module):
         block.attn = QuantWindowAttention(block.attn, cfg)
         block.mlp.fc1 = QuantLinear(block.mlp.fc1, cfg.w_bits, cfg.a_bits, per_channel_observe=cfg.reparam)
         block.mlp.fc2 = QuantLinear(block.mlp.fc2, cfg.w_bits, cfg.a_bits)
+        block.mlp.fc2.input_quantizer.range_keep_min = cfg.post_gelu_range == "mse_max"
         self.block = block
 
     def part_a(self, x: torch.Tensor) -> torch.Tensor:

@@ -137,13 +137,16 @@ class ActQuantizer(nn.Module):
         self.drop_prob = 0.0
         self.obs_min: torch.Tensor | None = None
         self.obs_max: torch.Tensor | None = None
+        # MSE observer searches the max only (QuantConfig.post_gelu_range='mse_max'); see
+        # primitives.mse_optimal_range.
+        self.range_keep_min = False
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, enabled={self.enabled}"
 
     def observe(self, x: torch.Tensor) -> None:
         dim = x.dim() - 1 if self.per_channel_observe else None
-        lo, hi = P.mse_optimal_range(x, self.bits, channel_dim=dim)
+        lo, hi = P.mse_optimal_range(x, self.bits, channel_dim=dim, keep_min=self.range_keep_min)
         if dim is None:
             lo, hi = lo[0], hi[0]
         self.obs_min = _ema(self.obs_min, lo, self.ema_decay)
@@ -236,12 +239,14 @@ class LogQuantizer(nn.Module):
 
 
 class WeightQuantizer(nn.Module):
-    """Per-output-channel weight grid (min-max) with AdaRound learned rounding.
+    """Per-output-channel weight grid (min-max or MSE-clipped) with AdaRound learned rounding.
 
     Modes: ``fp`` (pass-through), ``nearest`` (round-to-nearest), ``soft`` (h(V) in [0,1],
     during reconstruction), ``hard`` (h(V) thresholded, for evaluation inside reconstruction),
     ``int`` (deployed: integer codes in ``w_int``; the float weight is no longer needed).
     """
+
+    mse_steps = 80  # clipping candidates of init_mse: 100%, 99%, ... of each channel's range
 
     def __init__(self, weight: torch.Tensor, bits: int):
         super().__init__()
@@ -260,6 +265,7 @@ class WeightQuantizer(nn.Module):
         self.mode = "fp"
         self.float_available = True  # False once rebuilt from a saved run (only integers there)
         self._shape = tuple(weight.shape)
+        self.init_method = "minmax"  # QuantConfig.weight_init, set by prepare_model
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, mode={self.mode}"
@@ -269,7 +275,28 @@ class WeightQuantizer(nn.Module):
 
     def init_minmax(self, weight: torch.Tensor) -> None:
         flat = weight.detach().reshape(weight.shape[0], -1)
-        scale, zp = P.qparams_from_range(flat.amin(1), flat.amax(1), self.bits)
+        self._set_grid(flat.amin(1), flat.amax(1))
+
+    def init_mse(self, weight: torch.Tensor) -> None:
+        """Per channel, the clipped range with the least ||W − Q(W)||² (BRECQ/QDrop ``scale_method='mse'``).
+
+        The unclipped (min-max) range is the first candidate, so no channel ends up with a larger
+        round-to-nearest error than :meth:`init_minmax` gives it.
+        """
+        lo, hi = P.mse_optimal_range(weight.detach(), self.bits, channel_dim=0, steps=self.mse_steps)
+        self._set_grid(lo, hi)
+
+    def init_grid(self, weight: torch.Tensor) -> None:
+        """Set the grid by ``init_method`` (``QuantConfig.weight_init``): ``minmax`` or ``mse``."""
+        if self.init_method == "minmax":
+            self.init_minmax(weight)
+        elif self.init_method == "mse":
+            self.init_mse(weight)
+        else:
+            raise ValueError(f"unknown weight grid initialisation {self.init_method!r}")
+
+    def _set_grid(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        scale, zp = P.qparams_from_range(lo, hi, self.bits)
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
         self.mode = "nearest"

@@ -82,12 +82,18 @@ def mse_optimal_range(
     channel_dim: int | None = None,
     steps: int = 80,
     max_values: int = 1 << 20,
+    keep_min: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipping range minimising the quantization MSE of ``x`` (QDrop's MSE observer).
 
     Candidates shrink the observed min and max together by 1% steps; the best candidate is
     chosen per channel when ``channel_dim`` is given. Large tensors are strided-subsampled to
     ``max_values`` values per channel, which changes the chosen range only marginally.
+
+    ``keep_min=True`` shrinks only the max and keeps the observed min. For one-sided,
+    long-tailed data (post-GELU: a dense mass in [-0.17, 0] and a sparse positive tail) the joint
+    search clips the small negative end to 0; that costs little MSE per element but shifts the
+    mean of most elements by the same sign, a bias the next Linear sums over all its inputs.
     """
     rows = _flatten_channels(x.detach().float(), channel_dim)
     if rows.shape[1] > max_values:
@@ -99,7 +105,7 @@ def mse_optimal_range(
     best_min, best_max = xmin.clone(), xmax.clone()
     for i in range(steps):
         ratio = 1.0 - 0.01 * i
-        cmin, cmax = xmin * ratio, xmax * ratio
+        cmin, cmax = (xmin if keep_min else xmin * ratio), xmax * ratio
         scale, zp = qparams_from_range(cmin, cmax, bits)
         xq = dequantize_uniform(quantize_uniform(rows, scale[:, None], zp[:, None], bits), scale[:, None], zp[:, None])
         err = (xq - rows).pow(2).mean(dim=1)

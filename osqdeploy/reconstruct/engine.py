@@ -4,7 +4,8 @@ The flow for one calibration:
 
 1. ``initialize`` — observe activation ranges on full-precision data (EMA of per-batch
    MSE-optimal ranges), fold per-channel LayerNorm-output ranges into the network (RepQ-ViT),
-   set min-max per-channel weight grids, and round the 8-bit edge layers to nearest.
+   set per-channel weight grids (min-max, or MSE-clipped with ``QuantConfig.weight_init='mse'``),
+   and round the 8-bit edge layers to nearest.
 2. ``reconstruct`` — walk the plan's groups in order. A group's quantized input is the output of
    the already-quantized network before it; its target is the full-precision output of the
    group on full-precision input. Both are computed once per group and cached (on the compute
@@ -85,6 +86,8 @@ def prepare_model(model: nn.Module, qcfg: QuantConfig, adapter_for: Callable[[nn
     qcfg.validate()
     adapter = adapter_for(model)
     adapter.quantize_structure(model, qcfg)
+    for layer in quant_layers([model]):
+        layer.weight_quantizer.init_method = qcfg.weight_init
     model.eval()
     return adapter
 
@@ -170,7 +173,7 @@ class Reconstructor:
         for site in self.adapter.reparam_sites(self.model):
             reparameterize_norm(site.norm, site.quantizer, site.linears)
         for layer in layers:
-            layer.weight_quantizer.init_minmax(layer.weight)
+            layer.weight_quantizer.init_grid(layer.weight)
         for layer in self.adapter.edge_layers(self.model):
             layer.weight_quantizer.finalize(layer.weight)
         for q in acts:
