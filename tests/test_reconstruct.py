@@ -50,12 +50,14 @@ def test_group_loss_drops_and_rounding_hardens_to_integers():
 
 
 def test_vit_w4a4_reconstruction_lowers_output_error_of_round_to_nearest():
-    # Measured on this model with the paper's 3-block plan: 1.43x lower at 400 iterations,
-    # 1.83x at 1,200 (the issue asks for 2x; see the README's results for where it stands).
+    # Measured on this model with the paper's 3-block plan at 400 iterations: round-to-nearest
+    # 0.192, reconstructed 0.158 (1.21x). Before the post-GELU observer kept GELU's negative lobe
+    # (QuantConfig.post_gelu_range) the same run gave 0.284 and 0.199 (1.43x): both got better,
+    # round-to-nearest most. The issue's 2x is not met at this budget (README, Results).
     model = tiny_vit(depth=6)
     rtn, _ = _calibrate(model, 32, "auto", iters=0)
     rec, _ = _calibrate(model, 32, "auto", iters=400)
-    assert _output_mse(model, rec, 32) * 1.3 <= _output_mse(model, rtn, 32)
+    assert _output_mse(model, rec, 32) * 1.15 <= _output_mse(model, rtn, 32)
 
 
 def test_swin_w4a4_reconstruction_halves_output_error_of_round_to_nearest():
