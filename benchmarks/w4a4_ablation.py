@@ -144,7 +144,14 @@ def collect(model: nn.Module, quantizers: list[nn.Module], images: torch.Tensor,
 
         return fn
 
-    handles = [q.register_forward_pre_hook(hook(q)) for q in quantizers]
+    _fp_pass_with_hooks(model, {q: hook(q) for q in quantizers}, images, bs)
+    return {k: torch.cat(v) for k, v in samples.items()}
+
+
+@torch.no_grad()
+def _fp_pass_with_hooks(model: nn.Module, hooks: dict, images: torch.Tensor, bs: int) -> None:
+    """One full-precision pass over ``images`` with forward-pre hooks on the given modules."""
+    handles = [m.register_forward_pre_hook(fn) for m, fn in hooks.items()]
     try:
         with quantization_disabled(model):
             for i in range(0, images.shape[0], bs):
@@ -152,7 +159,6 @@ def collect(model: nn.Module, quantizers: list[nn.Module], images: torch.Tensor,
     finally:
         for h in handles:
             h.remove()
-    return {k: torch.cat(v) for k, v in samples.items()}
 
 
 @torch.no_grad()
@@ -179,14 +185,7 @@ def bias_correct(model: nn.Module, images: torch.Tensor, bs: int) -> None:
 
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(m)) for m in layers]
-    try:
-        with quantization_disabled(model):
-            for i in range(0, images.shape[0], bs):
-                model(images[i : i + bs])
-    finally:
-        for h in handles:
-            h.remove()
+    _fp_pass_with_hooks(model, {m: hook(m) for m in layers}, images, bs)
     for m in layers:
         sx, sqx, n = sums[id(m)]
         wq = m.weight_quantizer(m.weight)
