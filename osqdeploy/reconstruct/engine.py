@@ -95,6 +95,20 @@ def _to(state: State, device: torch.device) -> State:
     return tuple(t.to(device, non_blocking=True) for t in state)
 
 
+def _round_norm(norm: str, group: list[Unit]) -> float:
+    """Divisor of the group's rounding regulariser for ``CalibrationConfig.round_weight_norm``.
+
+    The regulariser is a sum over every rounding variable of the group, balanced against one
+    output loss; "per_block" divides it by the number of blocks the group spans so that groups of
+    different sizes carry the same total rounding loss (a downsampling unit counts with its block).
+    """
+    if norm == "sum":
+        return 1.0
+    if norm == "per_block":
+        return float(len({(u.stage, u.block) for u in group}))
+    raise ConfigError(f"unknown round_weight_norm {norm!r}")
+
+
 class Reconstructor:
     def __init__(
         self,
@@ -254,6 +268,7 @@ class Reconstructor:
         n = q_in[0].shape[0]
         bs = min(cfg.batch_size, n)
         warmup_iters = int(cfg.warmup * cfg.iters)
+        round_weight = cfg.round_weight / _round_norm(cfg.round_weight_norm, group)
         curve: list[tuple[int, float]] = []
         log_every = max(1, cfg.iters // 100)
         for it in range(cfg.iters):
@@ -269,7 +284,7 @@ class Reconstructor:
             if it >= warmup_iters:
                 progress = (it - warmup_iters) / max(1, cfg.iters - warmup_iters)
                 beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - progress)
-                loss = loss + cfg.round_weight * sum(layer.weight_quantizer.regularizer(beta) for layer in layers)
+                loss = loss + round_weight * sum(layer.weight_quantizer.regularizer(beta) for layer in layers)
             opt_round.zero_grad(set_to_none=True)
             if opt_step:
                 opt_step.zero_grad(set_to_none=True)
