@@ -26,9 +26,23 @@ def _calibrate(model, size, spec, iters, n=128, **cfg):
     return q, rec.reconstruct(x)
 
 
-def _output_mse(model, quantized, size):
-    x = images(128, size, seed=7)  # held-out inputs
+def _output_mse(model, quantized, size, n=128, seed=7):
+    x = images(n, size, seed=seed)  # held-out inputs
     return float((logits(quantized, x, 64, CPU) - logits(model, x, 64, CPU)).pow(2).mean())
+
+
+# The tiny ViT's per-image output error is heavy-tailed (median ~10x below the mean), so on 128
+# held-out images the reconstruction/RTN ratio swung 1.2x-2.1x between calibration seeds and the
+# 3-block plan lost to 1-block in 3 of 5; on 1,024 images the spread is ~±0.01 (granularity_tiny.py).
+VIT_HELD_OUT = dict(n=1024, seed=11)
+
+
+@pytest.fixture(scope="module")
+def vit_auto_400():
+    model = tiny_vit(depth=6)
+    rtn, _ = _calibrate(model, 32, "auto", iters=0)
+    rec, _ = _calibrate(model, 32, "auto", iters=400)
+    return model, rtn, rec
 
 
 def test_group_loss_drops_and_rounding_hardens_to_integers():
@@ -49,15 +63,23 @@ def test_group_loss_drops_and_rounding_hardens_to_integers():
     assert 0 < r.flipped < 0.5  # some roundings left round-to-nearest, most did not
 
 
-def test_vit_w4a4_reconstruction_lowers_output_error_of_round_to_nearest():
-    # Measured on this model with the paper's 3-block plan at 400 iterations: round-to-nearest
-    # 0.192, reconstructed 0.158 (1.21x). Before the post-GELU observer kept GELU's negative lobe
-    # (QuantConfig.post_gelu_range) the same run gave 0.284 and 0.199 (1.43x): both got better,
-    # round-to-nearest most. The 2x is not met at this budget (README, Results).
-    model = tiny_vit(depth=6)
-    rtn, _ = _calibrate(model, 32, "auto", iters=0)
-    rec, _ = _calibrate(model, 32, "auto", iters=400)
-    assert _output_mse(model, rec, 32) * 1.15 <= _output_mse(model, rtn, 32)
+def test_vit_w4a4_reconstruction_lowers_output_error_of_round_to_nearest(vit_auto_400):
+    # Measured on 1,024 held-out images with the paper's 3-block plan at 400 iterations (one
+    # thread): round-to-nearest 0.272, reconstructed 0.197 (1.38x). Before the post-GELU observer
+    # kept GELU's negative lobe (QuantConfig.post_gelu_range): 1.49x-1.74x over calibration seeds
+    # 0-4, and 2.18x at 1,600 iterations (benchmarks/granularity_tiny.py). The 2x needs
+    # far more iterations per group than a unit test can afford on this model.
+    model, rtn, rec = vit_auto_400
+    assert _output_mse(model, rec, 32, **VIT_HELD_OUT) * 1.3 <= _output_mse(model, rtn, 32, **VIT_HELD_OUT)
+
+
+def test_vit_three_block_plan_beats_one_block(vit_auto_400):
+    # Measured 0.197 vs 0.202 at 400 iterations (one thread; before the post-GELU observer change
+    # 0.183 vs 0.204, 3-block lower for calibration seeds 0-4). On two other random tiny ViTs
+    # 1-block won at 400 iterations and 3-block at 1,600: the margin is small at this budget.
+    model, _, three = vit_auto_400
+    one, _ = _calibrate(model, 32, "blocks:1", iters=400)
+    assert _output_mse(model, three, 32, **VIT_HELD_OUT) < _output_mse(model, one, 32, **VIT_HELD_OUT)
 
 
 def test_swin_w4a4_reconstruction_halves_output_error_of_round_to_nearest():
