@@ -144,7 +144,7 @@ def test_weight_init_reaches_the_quantizers_and_is_validated():
 
     with pytest.raises(ConfigError, match="weight_init"):
         QuantConfig(weight_init="percentile").validate()
-    timm = pytest.importorskip("timm")
+    import timm
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, num_classes=10)
     prepare_model(model, QuantConfig(weight_init="mse"), adapter_for)
     assert {layer.weight_quantizer.init_method for layer in quant_layers([model])} == {"mse"}
@@ -175,7 +175,7 @@ def test_post_gelu_range_reaches_only_the_fc2_input_quantizers():
 
     with pytest.raises(ConfigError, match="post_gelu_range"):
         QuantConfig(post_gelu_range="percentile").validate()
-    timm = pytest.importorskip("timm")
+    import timm
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, num_classes=10)
     prepare_model(model, QuantConfig(post_gelu_range="mse_max"), adapter_for)
     kept = [q for q in act_quantizers([model]) if getattr(q, "range_keep_min", False)]
