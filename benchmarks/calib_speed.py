@@ -90,20 +90,28 @@ class _Clock(Callbacks):
         self.marks.setdefault(index, []).append((it, time.perf_counter()))
 
 
-def measure(model_name: str, mode: str, measure_iters: int, samples: int, batch: int, full_iters: int) -> dict:
-    torch._dynamo.reset()  # each mode compiles afresh (its compile time lands in its fixed costs)
+def _reconstructor(model_name: str, ccfg: CalibrationConfig, callbacks: Callbacks | None = None):
+    """A W4A4 ``auto`` Reconstructor of the model on random weights, and random images for it.
+
+    The compile cache is emptied first, so each mode compiles afresh (its compile time lands in
+    its fixed costs).
+    """
+    torch._dynamo.reset()
     M._COMPILED.clear()
     torch.manual_seed(0)
-    loaded = load_model(model_name, pretrained=False)
-    model = loaded.model
+    model = load_model(model_name, pretrained=False).model
     adapter = prepare_model(model, QuantConfig(4, 4), adapter_for)
     plan = build_plan("auto", adapter.units(model))
+    rec = Reconstructor(model, adapter, plan, ccfg, torch.device("cuda"), callbacks=callbacks)
+    return rec, torch.randn(ccfg.samples, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+def measure(model_name: str, mode: str, measure_iters: int, samples: int, batch: int, full_iters: int) -> dict:
     ccfg = CalibrationConfig(samples=samples, batch_size=batch, iters=measure_iters, device="cuda", **MODES[mode])
     torch.backends.cuda.matmul.allow_tf32 = ccfg.tf32
     torch.backends.cudnn.allow_tf32 = ccfg.tf32
     clock = _Clock()
-    rec = Reconstructor(model, adapter, plan, ccfg, torch.device("cuda"), callbacks=clock)
-    images = torch.randn(samples, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    rec, images = _reconstructor(model_name, ccfg, clock)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     rec.initialize(images)
@@ -152,15 +160,9 @@ def measure(model_name: str, mode: str, measure_iters: int, samples: int, batch:
 
 
 def profile_group(model_name: str, samples: int, batch: int, iters: int = 12) -> None:
-    """Top kernels of group 0's eager step (compiled quantizers, TF32): what a graph replay runs."""
-    M._COMPILED.clear()
-    torch._dynamo.reset()
-    loaded = load_model(model_name, pretrained=False)
-    model = loaded.model
-    adapter = prepare_model(model, QuantConfig(4, 4), adapter_for)
+    """Top kernels of group 1's eager step (compiled quantizers, TF32): what a graph replay runs."""
     ccfg = CalibrationConfig(samples=samples, batch_size=batch, iters=iters, device="cuda", cuda_graph=False)
-    rec = Reconstructor(model, adapter, build_plan("auto", adapter.units(model)), ccfg, torch.device("cuda"))
-    images = torch.randn(samples, 3, 224, 224)
+    rec, images = _reconstructor(model_name, ccfg)
     rec.initialize(images)
     q_state, fp_state = rec.initial_states(images)
     _, q_state, fp_state = rec.reconstruct_group(0, q_state, fp_state)  # compiles
