@@ -307,13 +307,6 @@ class WeightQuantizer(nn.Module):
         self.w_floor = torch.floor(w_over_s)
         self.mode = "soft"
 
-    def rounding_offsets(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.mode == "soft":
-            return P.rectified_sigmoid(self.alpha)
-        if self.mode == "hard":
-            return (self.alpha >= 0).to(weight.dtype)
-        raise RuntimeError(f"no rounding offsets in mode {self.mode}")
-
     def regularizer(self, beta: float | torch.Tensor) -> torch.Tensor:
         return _KERNELS["regularizer"](self.alpha, beta)
 
@@ -353,10 +346,9 @@ class WeightQuantizer(nn.Module):
             return P.dequantize_uniform(self.w_int.to(s.dtype), s, zp)
         if self.mode == "nearest":
             return P.dequantize_uniform(P.quantize_uniform(weight, s, zp, self.bits), s, zp)
-        w_floor = self.w_floor if self.w_floor is not None else torch.floor(weight / s)
-        if self.mode == "soft":
-            return _KERNELS["adaround"](w_floor, self.alpha, s, zp, self.bits)
-        return P.adaround_weight(w_floor, self.rounding_offsets(weight), s, zp, self.bits)
+        if self.mode == "soft":  # w_floor is set by init_adaround, the only way into this mode
+            return _KERNELS["adaround"](self.w_floor, self.alpha, s, zp, self.bits)
+        return P.dequantize_uniform(self.integer_weight(weight), s, zp)  # hard: h(V) thresholded
 
     def prepare_export(self, transpose: bool) -> None:
         if self.mode != "int":
