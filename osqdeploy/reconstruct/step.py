@@ -38,13 +38,12 @@ class Schedule:
         bs = min(cfg.batch_size, n)
         batches = torch.stack([torch.randperm(n, generator=gen)[:bs] for _ in range(cfg.iters)])
         warmup = int(cfg.warmup * cfg.iters)
+        # During the warm-up the weight is 0 and β only has to keep pow tame: β_start.
         beta, weight = [], []
         for it in range(cfg.iters):
-            progress = (it - warmup) / max(1, cfg.iters - warmup)
-            beta.append(cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - progress) if it >= warmup else 0.0)
+            progress = max(0, it - warmup) / max(1, cfg.iters - warmup)
+            beta.append(cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - progress))
             weight.append(cfg.round_weight if it >= warmup else 0.0)
-        # β only matters where the weight is not 0; keep it at β_start there so pow stays tame
-        beta = [b if w else cfg.beta_start for b, w in zip(beta, weight, strict=True)]
         return cls(
             batches.to(device),
             torch.tensor(beta, dtype=torch.float32, device=device),
