@@ -9,6 +9,10 @@ Runtime (CPU, and CUDA when the provider is present).
     python benchmarks/deit_tiny_accuracy.py --images ../shared/data/imagenet-sample \
         --checkpoint ../shared/data/weights/deit_tiny_patch16_224.pth --iters 20000 \
         --configs 4,4,auto 4,4,blocks:1 6,6,auto 8,8,auto --out results/
+
+A configuration whose run directory already holds a finished run is not calibrated again: it is
+reloaded and evaluated (its calibration time is the one its manifest recorded), so the ONNX
+Runtime CUDA figures can be added later, on the machine that has the provider, with ``--ort cuda``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=1024, help="capped by the calibration part's size")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--ort", nargs="*", default=["cpu", "cuda"], choices=["cpu", "cuda"],
+                    help="ONNX Runtime providers to evaluate (CUDA only where this onnxruntime has it)")
     ap.add_argument("--out", default="results/deit_tiny")
     args = ap.parse_args()
     out = Path(args.out)
@@ -72,11 +77,17 @@ def main() -> None:
             samples=calib.shape[0], batch_size=args.batch_size, iters=args.iters, granularity=plan,
             seed=args.seed, device=device,
         )
-        t0 = time.perf_counter()
-        manifest = calibrate(loaded, calib, QuantConfig(int(w), int(a)), ccfg, out / "runs" / name,
-                             data_info={"calib_files": len(calib_set), "eval_files": len(eval_set)})
-        calib_s = time.perf_counter() - t0
-        run = load_run(out / "runs" / name, device=device)
+        run_dir = out / "runs" / name
+        if _finished(run_dir):
+            print(f"{name}: reusing the finished run in {run_dir}")
+            calib_s = json.loads((run_dir / "run.json").read_text())["seconds"]
+        else:
+            t0 = time.perf_counter()
+            calibrate(loaded, calib, QuantConfig(int(w), int(a)), ccfg, run_dir,
+                      data_info={"calib_files": len(calib_set), "eval_files": len(eval_set)})
+            calib_s = time.perf_counter() - t0
+        run = load_run(run_dir, device=device)
+        manifest = run.manifest
         q_res = evaluate(TorchRuntime(run.model, device=device, name="torch-quant"), eval_set, progress=False)
         row = {
             "model": args.model, "bits": f"W{w}A{a}", "plan": manifest["plan"]["spec"], "iters": args.iters,
@@ -84,10 +95,10 @@ def main() -> None:
             "groups": [(g["mse_before"], g["mse_after"]) for g in manifest["groups"]],
             "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         }
-        if not args.no_ort:
-            info = export_run(out / "runs" / name, out / f"{name}.onnx")
+        if args.ort:
+            info = export_run(run_dir, out / f"{name}.onnx")
             row["onnx_bytes"] = info.bytes
-            for prov in ["cpu", "cuda"]:
+            for prov in args.ort:
                 if prov == "cuda" and "CUDAExecutionProvider" not in providers:
                     continue
                 o_res = evaluate(OnnxRuntime(out / f"{name}.onnx", provider=prov), eval_set, progress=False)
@@ -108,6 +119,13 @@ def main() -> None:
             f"{r.get('ort_cpu', float('nan')):.1f} | {r.get('ort_cuda', float('nan')):.1f} | {r['calib_seconds']} | "
             f"{r['device']} |"
         )
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

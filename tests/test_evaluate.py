@@ -169,6 +169,15 @@ def test_auto_provider_picks_what_is_available(onnx_dynamic):
     assert runtime.name == ("onnx-cuda" if expected else "onnx-cpu")
 
 
+def test_cuda_provider_is_asked_for_full_fp32_unless_tf32_is_wanted(monkeypatch):
+    from osqdeploy.evaluate import runtimes
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert runtimes._providers("cuda") == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    assert runtimes._providers("auto", tf32=True)[0] == ("CUDAExecutionProvider", {"use_tf32": "1"})
+    assert runtimes._providers("cpu") == ["CPUExecutionProvider"]
+
+
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA provider is available here")
 def test_cuda_provider_unavailable_is_a_clear_error(onnx_dynamic):
     with pytest.raises(RuntimeLoadError, match="onnxruntime-gpu"):

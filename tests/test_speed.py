@@ -100,13 +100,33 @@ def test_cuda_graph_replay_computes_exactly_what_the_eager_step_computes():
 
 
 def test_tf32_is_switched_on_for_reconstruction_only():
-    from osqdeploy.reconstruct.engine import _tf32
+    from osqdeploy.reconstruct.engine import tf32
 
-    saved = torch.backends.cuda.matmul.allow_tf32
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with _tf32(True):
+        with tf32(True):
             assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert not torch.backends.cuda.matmul.allow_tf32  # evaluation afterwards is full fp32
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_torch_runtime_evaluates_in_full_fp32_even_where_cudnn_defaults_to_tf32():
+    from osqdeploy.evaluate import TorchRuntime
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return x.flatten(1)
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        TorchRuntime(Probe())(torch.zeros(1, 3, 2, 2))
+        assert seen == [(False, False)]
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from osqdeploy.load.models import _first_line
+from osqdeploy.reconstruct.engine import tf32
 
 __all__ = ["OnnxRuntime", "Runtime", "RuntimeLoadError", "TorchRuntime"]
 
@@ -36,7 +37,11 @@ class Runtime(Protocol):
 
 
 class TorchRuntime:
-    """A PyTorch module in eval mode (moved to ``device``) under ``torch.no_grad``."""
+    """A PyTorch module in eval mode (moved to ``device``) under ``torch.no_grad``, in full fp32.
+
+    TF32 stays off for matmuls and convolutions alike, so the numbers are those of the model that
+    ONNX Runtime (CPU, or CUDA with ``tf32=False``) is compared against.
+    """
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", name: str = "torch-fp32") -> None:
         self.device = torch.device(device)
@@ -44,7 +49,7 @@ class TorchRuntime:
         self.name = name
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), tf32(False):
             logits = self.model(batch.to(self.device))
         return logits.float().cpu()  # .cpu() also waits for the GPU, so timing is honest
 
@@ -55,7 +60,9 @@ class OnnxRuntime:
     ``provider``: "auto" takes CUDA when this onnxruntime build has it, else CPU; "cuda" insists
     (an error, not a silent CPU run, when unavailable); "cpu" forces CPU.  ``provider`` on the
     instance is the execution provider actually used.  Inputs with a fixed batch dimension are fed
-    in chunks of that size (the last one zero-padded), so any batch size works.
+    in chunks of that size (the last one zero-padded), so any batch size works.  ``tf32``: the CUDA
+    provider's TF32 matmuls and convolutions, on by default in onnxruntime-gpu but off here, since
+    this class exists to measure the exported model against the PyTorch one in full fp32.
     """
 
     def __init__(
@@ -65,11 +72,12 @@ class OnnxRuntime:
         graph_optimization_level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         name: str | None = None,
         intra_op_num_threads: int | None = None,
+        tf32: bool = False,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise RuntimeLoadError(f"ONNX model not found: {self.path}")
-        providers = _providers(provider)
+        providers = _providers(provider, tf32)
         options = ort.SessionOptions()
         options.graph_optimization_level = graph_optimization_level
         if intra_op_num_threads:
@@ -113,17 +121,18 @@ class OnnxRuntime:
         return torch.from_numpy(np.asarray(out)).float()
 
 
-def _providers(provider: str) -> list[str]:
+def _providers(provider: str, tf32: bool = False) -> list:
     available = ort.get_available_providers()
+    cuda = (_CUDA_EP, {"use_tf32": str(int(tf32))})
     if provider == "auto":
-        return [_CUDA_EP, _CPU_EP] if _CUDA_EP in available else [_CPU_EP]
+        return [cuda, _CPU_EP] if _CUDA_EP in available else [_CPU_EP]
     if provider == "cuda":
         if _CUDA_EP not in available:
             raise RuntimeLoadError(
                 f"provider 'cuda' requested but this onnxruntime has no {_CUDA_EP} "
                 f"(available: {', '.join(available)}); install onnxruntime-gpu or use provider='cpu'"
             )
-        return [_CUDA_EP, _CPU_EP]
+        return [cuda, _CPU_EP]
     if provider == "cpu":
         return [_CPU_EP]
     raise ValueError(f"provider must be 'auto', 'cuda' or 'cpu', got {provider!r}")

@@ -101,11 +101,15 @@ def _to(state: State, device: torch.device) -> State:
 
 
 @contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
-    """TF32 matmuls for reconstruction only: evaluation after it stays in full fp32, as deployed."""
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 matmuls and convolutions on (reconstruction) or off (evaluation), restored on exit.
+
+    Off means off for cuDNN too, whose default is on: at 4 bits a TF32-rounded patch embedding
+    already moves activations across quantization thresholds, so a model evaluated that way is not
+    the model that was calibrated or the ONNX file that is deployed.
+    """
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if enabled:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
@@ -207,7 +211,7 @@ class Reconstructor:
         return float((out.float() - target.float()).pow(2).mean())
 
     def reconstruct_group(self, index: int, q_in: State, fp_in: State) -> tuple[GroupResult, State, State]:
-        with _tf32(self.cfg.tf32 and self.device.type == "cuda"):
+        with tf32(self.cfg.tf32 and self.device.type == "cuda"):
             return self._reconstruct_group(index, q_in, fp_in)
 
     def _reconstruct_group(self, index: int, q_in: State, fp_in: State) -> tuple[GroupResult, State, State]:
