@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from osqdeploy.config import CalibrationConfig, QuantConfig  # noqa: E402
-from osqdeploy.evaluate import OnnxRuntime, TorchRuntime, evaluate, parity  # noqa: E402
+from osqdeploy.evaluate import OnnxRuntime, TorchRuntime, UlpPerturbed, evaluate, parity  # noqa: E402
 from osqdeploy.export.onnx_qdq import export_run  # noqa: E402
 from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform  # noqa: E402
 from osqdeploy.load.models import load_model  # noqa: E402
@@ -51,6 +51,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ort", nargs="*", default=["cpu", "cuda"], choices=["cpu", "cuda"],
                     help="ONNX Runtime providers to evaluate (CUDA only where this onnxruntime has it)")
+    ap.add_argument("--dither", type=int, default=0, metavar="K",
+                    help="also evaluate each quantized runtime under K one-ulp input perturbations")
+    ap.add_argument("--only-finished", action="store_true",
+                    help="skip configurations whose run has not finished (never calibrate)")
     ap.add_argument("--out", default="results/deit_tiny")
     args = ap.parse_args()
     out = Path(args.out)
@@ -78,6 +82,9 @@ def main() -> None:
             seed=args.seed, device=device,
         )
         run_dir = out / "runs" / name
+        if args.only_finished and not _finished(run_dir):
+            print(f"{name}: no finished run in {run_dir}, skipped")
+            continue
         if _finished(run_dir):
             print(f"{name}: reusing the finished run in {run_dir}")
             calib_s = json.loads((run_dir / "run.json").read_text())["seconds"]
@@ -88,20 +95,26 @@ def main() -> None:
             calib_s = time.perf_counter() - t0
         run = load_run(run_dir, device=device)
         manifest = run.manifest
-        q_res = evaluate(TorchRuntime(run.model, device=device, name="torch-quant"), eval_set, progress=False)
+        q_rt = TorchRuntime(run.model, device=device, name="torch-quant")
+        q_res = evaluate(q_rt, eval_set, progress=False)
         row = {
             "model": args.model, "bits": f"W{w}A{a}", "plan": manifest["plan"]["spec"], "iters": args.iters,
             "fp32": fp_res.top1, "fake_quant": q_res.top1, "calib_seconds": round(calib_s, 1),
             "groups": [(g["mse_before"], g["mse_after"]) for g in manifest["groups"]],
             "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         }
+        if args.dither:
+            row["fake_quant_ulp"] = _dithered(q_rt, eval_set, args.dither)
         if args.ort:
             info = export_run(run_dir, out / f"{name}.onnx")
             row["onnx_bytes"] = info.bytes
             for prov in args.ort:
                 if prov == "cuda" and "CUDAExecutionProvider" not in providers:
                     continue
-                o_res = evaluate(OnnxRuntime(out / f"{name}.onnx", provider=prov), eval_set, progress=False)
+                o_rt = OnnxRuntime(out / f"{name}.onnx", provider=prov)
+                o_res = evaluate(o_rt, eval_set, progress=False)
+                if args.dither:
+                    row[f"ort_{prov}_ulp"] = _dithered(o_rt, eval_set, args.dither)
                 p = parity(q_res, o_res)
                 row[f"ort_{prov}"] = o_res.top1
                 row[f"ort_{prov}_agreement"] = p.top1_agreement
@@ -119,6 +132,11 @@ def main() -> None:
             f"{r.get('ort_cpu', float('nan')):.1f} | {r.get('ort_cuda', float('nan')):.1f} | {r['calib_seconds']} | "
             f"{r['device']} |"
         )
+
+
+def _dithered(runtime, dataset, k: int) -> list[float]:
+    """Top-1 under k different one-ulp input perturbations: the spread arithmetic alone causes."""
+    return [evaluate(UlpPerturbed(runtime, seed), dataset, progress=False).top1 for seed in range(k)]
 
 
 def _finished(run_dir: Path) -> bool:

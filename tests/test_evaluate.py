@@ -239,3 +239,19 @@ def test_flat_imagenet_folder_evaluates_with_imagenet_labels(tmp_path):
     result = evaluate(TorchRuntime(model), data, batch_size=4, progress=False)
     assert result.n == 8 and result.labels.tolist() == data.labels
     assert all(label % 2 == 0 for label in data.labels) and result.top1 is not None
+
+
+def test_ulp_perturbation_moves_each_input_by_at_most_one_ulp_and_is_seeded():
+    from osqdeploy.evaluate import UlpPerturbed
+
+    seen = []
+    identity = lambda x: seen.append(x) or x  # noqa: E731
+    identity.name = "id"
+    x = torch.randn(4, 3, 8, 8)
+    a = UlpPerturbed(identity, seed=3)(x)
+    b = UlpPerturbed(identity, seed=3)(x)
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    up, down = torch.nextafter(x, torch.full_like(x, torch.inf)), torch.nextafter(x, torch.full_like(x, -torch.inf))
+    assert bool(((a == x) | (a == up) | (a == down)).all())
+    moved = (a != x).float().mean().item()
+    assert 0.5 < moved < 0.8  # two thirds of the pixels move, one way or the other

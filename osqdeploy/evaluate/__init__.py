@@ -1,7 +1,7 @@
 """Evaluate: accuracy, throughput and logit parity of runtimes (PyTorch, ONNX Runtime)."""
 
 from osqdeploy.evaluate.evaluator import EvalResult, ParityReport, evaluate, format_table, parity, write_report
-from osqdeploy.evaluate.runtimes import OnnxRuntime, Runtime, RuntimeLoadError, TorchRuntime
+from osqdeploy.evaluate.runtimes import OnnxRuntime, Runtime, RuntimeLoadError, TorchRuntime, UlpPerturbed
 
 __all__ = [
     "EvalResult",
@@ -10,6 +10,7 @@ __all__ = [
     "Runtime",
     "RuntimeLoadError",
     "TorchRuntime",
+    "UlpPerturbed",
     "evaluate",
     "format_table",
     "parity",

@@ -18,7 +18,7 @@ from torch import nn
 from osqdeploy.load.models import _first_line
 from osqdeploy.reconstruct.engine import tf32
 
-__all__ = ["OnnxRuntime", "Runtime", "RuntimeLoadError", "TorchRuntime"]
+__all__ = ["OnnxRuntime", "Runtime", "RuntimeLoadError", "TorchRuntime", "UlpPerturbed"]
 
 _CUDA_EP = "CUDAExecutionProvider"
 _CPU_EP = "CPUExecutionProvider"
@@ -119,6 +119,29 @@ class OnnxRuntime:
     def _run(self, x: np.ndarray) -> torch.Tensor:
         (out,) = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x)})
         return torch.from_numpy(np.asarray(out)).float()
+
+
+class UlpPerturbed:
+    """``runtime`` fed inputs moved by at most one float32 ulp, each pixel independently (seeded).
+
+    Why: a 4-bit network is chaotic. Two correct implementations that differ only in float
+    summation order (PyTorch vs ONNX Runtime, or one batch size vs another) send a few activations
+    across a rounding threshold, each such flip moves a whole 1/15 of a range, and the difference
+    spreads through the following blocks. Their top-1 on a few hundred images then differs by
+    points, not by tenths. Evaluating a runtime under several one-ulp perturbations of its inputs
+    gives the spread that arithmetic alone produces, against which a parity gap can be judged.
+    """
+
+    def __init__(self, runtime: Runtime, seed: int) -> None:
+        self.runtime = runtime
+        self.name = f"{runtime.name}~ulp{seed}"
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.float().cpu()
+        step = torch.randint(-1, 2, x.shape, generator=self.generator)
+        moved = torch.nextafter(x, torch.where(step > 0, torch.inf, -torch.inf))
+        return self.runtime(torch.where(step == 0, x, moved))
 
 
 def _providers(provider: str, tf32: bool = False) -> list:
