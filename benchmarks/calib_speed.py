@@ -12,6 +12,8 @@ Modes, run side by side in one process on one GPU:
   graph  — the step replayed as a CUDA graph, fp32: must compute exactly what plain computes
   graph+compile — and the quantizer arithmetic as torch.compile'd fused kernels, fp32
   fast   — graph + compile + TF32 matmuls (the default engine)
+  fast+bf16 — and the group's forward/backward under bf16 autocast (opt-in: its group-0 loss
+           and MSE, computed in fp32, are printed next to the others')
 For each mode it prints the final reconstruction loss of group 0 and the fraction of group-0
 weight codes identical to plain's, so every speed-up is shown next to what it changed.
 
@@ -45,6 +47,7 @@ MODES = {
     "graph": dict(tf32=False, cuda_graph=True, compile=False),
     "graph+compile": dict(tf32=False, cuda_graph=True, compile=True),
     "fast": dict(tf32=True, cuda_graph=True, compile=True),
+    "fast+bf16": dict(tf32=True, cuda_graph=True, compile=True, bf16=True),
 }
 
 

@@ -130,3 +130,21 @@ def test_torch_runtime_evaluates_in_full_fp32_even_where_cudnn_defaults_to_tf32(
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_bf16_autocast_reconstructs_close_to_fp32_and_reports_fp32_mse():
+    def run(bf16: bool):
+        torch.manual_seed(0)
+        q = copy.deepcopy(tiny_vit(depth=2))
+        adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
+        ccfg = CalibrationConfig(samples=32, batch_size=8, iters=60, device="cpu", bf16=bf16)
+        rec = Reconstructor(q, adapter, build_plan("blocks:2", adapter.units(q)), ccfg, torch.device("cpu"))
+        x = images(32, 32)
+        rec.initialize(x)
+        (result,) = rec.reconstruct(x)
+        return result
+
+    fp32, bf16 = run(False), run(True)
+    assert bf16.mse_after < bf16.mse_before  # reconstruction still works under autocast
+    assert bf16.mse_before == fp32.mse_before  # the reported MSE is computed in fp32 either way
+    assert bf16.mse_after == pytest.approx(fp32.mse_after, rel=0.15)

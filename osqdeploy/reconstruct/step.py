@@ -70,6 +70,8 @@ class GroupStep:
         self.run_group, self.layers, self.step_params = run_group, layers, step_params
         self.q_in, self.fp_in, self.target = q_in, fp_in, target
         self.objective, self.schedule, self.drop_prob = objective, schedule, cfg.drop_prob
+        # the autocast weight cache must stay off: a captured graph would keep stale casts
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=False)
         # capturable keeps Adam's step count on the device; used on CUDA by both paths so that
         # eager and graphed runs compute the same bias corrections.
         capturable = device.type == "cuda"
@@ -94,8 +96,9 @@ class GroupStep:
             inp = tuple(torch.where(torch.rand_like(a) < self.drop_prob, a, b) for a, b in zip(xq, xf, strict=True))
         else:
             inp = xq
-        out = self.run_group(inp)[-1]
-        rec = self.objective(out, self.target.index_select(0, idx))
+        with self.autocast:
+            out = self.run_group(inp)[-1]
+        rec = self.objective(out.float(), self.target.index_select(0, idx))
         beta = self.schedule.beta.index_select(0, it).squeeze(0)
         weight = self.schedule.reg_weight.index_select(0, it).squeeze(0)
         reg = sum(layer.weight_quantizer.regularizer(beta) for layer in self.layers)
