@@ -241,17 +241,26 @@ def test_flat_imagenet_folder_evaluates_with_imagenet_labels(tmp_path):
     assert all(label % 2 == 0 for label in data.labels) and result.top1 is not None
 
 
-def test_ulp_perturbation_moves_each_input_by_at_most_one_ulp_and_is_seeded():
+def test_ulp_perturbation_moves_each_layer_output_by_at_most_one_ulp_and_is_seeded():
     from osqdeploy.evaluate import UlpPerturbed
 
-    seen = []
-    identity = lambda x: seen.append(x) or x  # noqa: E731
-    identity.name = "id"
-    x = torch.randn(4, 3, 8, 8)
-    a = UlpPerturbed(identity, seed=3)(x)
-    b = UlpPerturbed(identity, seed=3)(x)
-    assert torch.equal(a, b) and not torch.equal(a, x)
-    up, down = torch.nextafter(x, torch.full_like(x, torch.inf)), torch.nextafter(x, torch.full_like(x, -torch.inf))
-    assert bool(((a == x) | (a == up) | (a == down)).all())
-    moved = (a != x).float().mean().item()
-    assert 0.5 < moved < 0.8  # two thirds of the pixels move, one way or the other
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32))
+    x = torch.randn(8, 16)
+    exact = TorchRuntime(net)(x)
+    a = UlpPerturbed(TorchRuntime(net), seed=3)(x)
+    assert torch.equal(a, UlpPerturbed(TorchRuntime(net), seed=3)(x))
+    assert not torch.equal(a, UlpPerturbed(TorchRuntime(net), seed=4)(x))
+    up = torch.nextafter(exact, torch.full_like(exact, torch.inf))
+    down = torch.nextafter(exact, torch.full_like(exact, -torch.inf))
+    assert bool(((a == exact) | (a == up) | (a == down)).all())
+    assert 0.5 < (a != exact).float().mean().item() < 0.8  # two thirds move, one way or the other
+    assert not net[0]._forward_hooks  # the hooks are gone after the call
+    assert torch.equal(TorchRuntime(net)(x), exact)
+
+
+def test_ulp_perturbation_refuses_runtimes_it_cannot_reach(onnx_dynamic):
+    from osqdeploy.evaluate import UlpPerturbed
+
+    with pytest.raises(TypeError, match="TorchRuntime"):
+        UlpPerturbed(OnnxRuntime(onnx_dynamic, provider="cpu"), seed=0)

@@ -122,26 +122,54 @@ class OnnxRuntime:
 
 
 class UlpPerturbed:
-    """``runtime`` fed inputs moved by at most one float32 ulp, each pixel independently (seeded).
+    """A :class:`TorchRuntime` whose every Linear, convolution and LayerNorm output is moved by at
+    most one float32 ulp, elementwise, by a seeded draw: another, equally exact, implementation.
 
     Why: a 4-bit network is chaotic. Two correct implementations that differ only in float
-    summation order (PyTorch vs ONNX Runtime, or one batch size vs another) send a few activations
-    across a rounding threshold, each such flip moves a whole 1/15 of a range, and the difference
-    spreads through the following blocks. Their top-1 on a few hundred images then differs by
-    points, not by tenths. Evaluating a runtime under several one-ulp perturbations of its inputs
-    gives the spread that arithmetic alone produces, against which a parity gap can be judged.
+    summation order (PyTorch vs ONNX Runtime, one GEMM kernel vs another) send a few activations
+    across a rounding threshold; each such flip moves a value by a whole step (a fifteenth of its
+    range at 4 bits) and the difference spreads through the blocks after it. Their top-1 on a few
+    hundred images then differs by points, not tenths. Top-1 under several seeds of this
+    perturbation is the spread that arithmetic alone produces, against which a gap between
+    PyTorch and ONNX Runtime can be judged. (Perturbing the input image instead would show
+    nothing: the first quantizer absorbs it.)
     """
 
-    def __init__(self, runtime: Runtime, seed: int) -> None:
+    _kinds = (nn.Linear, nn.Conv2d, nn.LayerNorm)
+
+    def __init__(self, runtime: TorchRuntime, seed: int) -> None:
+        if not isinstance(runtime, TorchRuntime):
+            raise TypeError("UlpPerturbed perturbs a TorchRuntime's arithmetic; other runtimes cannot be reached")
         self.runtime = runtime
         self.name = f"{runtime.name}~ulp{seed}"
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _nudge(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(out) or not out.is_floating_point():
+            return out
+        gen = self._generators.get(str(out.device))
+        if gen is None:
+            gen = self._generators[str(out.device)] = torch.Generator(out.device).manual_seed(self.seed)
+        step = torch.randint(-1, 2, out.shape, generator=gen, device=out.device)
+        away = torch.where(step > 0, torch.full_like(out, torch.inf), torch.full_like(out, -torch.inf))
+        return torch.where(step == 0, out, torch.nextafter(out, away))
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.float().cpu()
-        step = torch.randint(-1, 2, x.shape, generator=self.generator)
-        moved = torch.nextafter(x, torch.where(step > 0, torch.inf, -torch.inf))
-        return self.runtime(torch.where(step == 0, x, moved))
+        model = self.runtime.model
+        targets = [m for m in model.modules() if isinstance(m, self._kinds) or _is_quant_layer(m)]
+        handles = [m.register_forward_hook(self._nudge) for m in targets]
+        try:
+            return self.runtime(batch)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _is_quant_layer(module: nn.Module) -> bool:
+    from osqdeploy.quant.modules import QuantConv2d, QuantLinear
+
+    return isinstance(module, (QuantLinear, QuantConv2d))
 
 
 def _providers(provider: str, tf32: bool = False) -> list:
