@@ -29,6 +29,7 @@ from torch import nn
 from osqdeploy import __version__
 from osqdeploy.config import FAST_ITERS, CalibrationConfig, ConfigError, QuantConfig
 from osqdeploy.evaluate import EvalResult, OnnxRuntime, RuntimeLoadError, TorchRuntime, evaluate, parity, write_report
+from osqdeploy.evaluate.sensitivity import sensitivity as sensitivity_rows
 from osqdeploy.export import onnx_qdq
 from osqdeploy.export.onnx_qdq import ExportError, export_model
 from osqdeploy.load import (
@@ -786,6 +787,20 @@ def inspect(
         Path | None,
         typer.Argument(metavar="[RUN]", help="Run directory. \\[default: the newest run in .osq/]"),
     ] = None,
+    sensitivity: Annotated[
+        bool,
+        typer.Option(
+            "--sensitivity",
+            help="Also measure which activation quantizers cost accuracy: each kind, and each block's, "
+            "switched back to float in turn (needs labelled images; one evaluation per row).",
+        ),
+    ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(metavar="DIR", help="Labelled images for --sensitivity. \\[default: the run's evaluation folder]"),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="--sensitivity on N images spread over the folder.", min=1)] = None,
+    device: Annotated[Device, typer.Option(help="Device for --sensitivity.")] = Device.auto,
 ) -> None:
     """What a run holds: settings, plan, per-group losses, outliers, data, versions."""
     ws = Workspace.here()
@@ -794,6 +809,16 @@ def inspect(
         if run_dir is None:
             raise UsageError("no run in this workspace (.osq/): pass RUN")
         m = store.read_manifest(run_dir)
+        if sensitivity:  # fail on bad input before printing anything
+            recorded = (m.get("data") or {}).get("eval_dir")
+            data_dir = data or (Path(recorded) if recorded else None)
+            if data_dir is None:
+                raise UsageError("--sensitivity needs labelled images: pass --data DIR (the run recorded none)")
+            dev = _check_device(device.value)
+            quant = load_run(run_dir, dev)
+            dataset = ImageFiles(data_dir, transform=eval_transform(quant.model), max_files=limit)
+            if not dataset.labelled:
+                raise UsageError(f"{ws.display(data_dir)} has no labels; --sensitivity needs top-1 and cross-entropy")
     q, c, model = m.get("quant", {}), m.get("calibration", {}), m.get("model", {})
     info = Table(title=f"Run {ws.display(run_dir)}", title_justify="left", show_header=False)
     info.add_column("what")
@@ -847,6 +872,24 @@ def inspect(
                 f"{s['ratio_to_median']:.1f}×",
             )
         out.print(ot)
+    if sensitivity:
+        with _boundary():
+            rows = sensitivity_rows(quant.model, dataset, dev, limit=limit, progress=out.is_terminal)
+        st = Table(
+            title=f"Activation quantizers switched back to float, one set at a time ({rows[0].n} images of "
+            f"{ws.display(data_dir)}); CE: cross-entropy, sorted by how much releasing the set lowers it",
+            title_justify="left",
+        )
+        for col in ("in float", "n", "top-1 %", "Δ top-1", "CE", "Δ CE"):
+            st.add_column(col, justify="left" if col == "in float" else "right", no_wrap=True)
+        for r in rows:
+            name = r.released.replace(".input_quantizer", " input").replace("_quantizer", "")
+            name = name if r.kind != "baseline" else "(none: the quantized model)"
+            st.add_row(
+                name, str(r.count), f"{r.top1:.1f}", f"{r.delta_top1:+.1f}",
+                f"{r.cross_entropy:.4f}", f"{r.delta_cross_entropy:+.4f}",
+            )
+        out.print(st)
 
 
 def _checkpoint_progress(run_dir: Path, n_groups: int) -> str:

@@ -154,6 +154,19 @@ def test_inspect_and_list(in_chain):
         assert text in listing.stdout
 
 
+def test_inspect_sensitivity_table(in_chain):
+    result = osq("inspect", "--sensitivity", "--limit", "8", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    for text in ("switched back to float", "(none: the quantized model)", "mlp.fc2 input", "blocks.0", "Δ CE"):
+        assert text in result.stdout, result.stdout
+
+
+def test_inspect_sensitivity_needs_labelled_images(in_chain, tmp_path):
+    Image.new("RGB", (40, 40)).save(tmp_path / "unlabelled.png")
+    result = osq("inspect", "--sensitivity", "--data", tmp_path)
+    assert result.exit_code == 2 and "no labels" in result.output
+
+
 # ------------------------------------------------------------------------------------- bad input
 
 

@@ -264,3 +264,54 @@ def test_ulp_perturbation_refuses_runtimes_it_cannot_reach(onnx_dynamic):
 
     with pytest.raises(TypeError, match="TorchRuntime"):
         UlpPerturbed(OnnxRuntime(onnx_dynamic, provider="cpu"), seed=0)
+
+
+def test_sensitivity_releases_each_role_and_block_and_restores_the_model():
+    import copy as _copy
+
+    from osqdeploy.adapters import adapter_for
+    from osqdeploy.config import CalibrationConfig, QuantConfig
+    from osqdeploy.evaluate.sensitivity import activation_sites, sensitivity
+    from osqdeploy.plan import build_plan
+    from osqdeploy.reconstruct import Reconstructor, prepare_model
+
+    from conftest import images as _images
+    from conftest import tiny_vit as _tiny_vit
+
+    fp = _tiny_vit(depth=2)
+    q = _copy.deepcopy(fp)
+    adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
+    x = _images(48, 32)
+    rec = Reconstructor(q, adapter, build_plan("auto", adapter.units(q)), CalibrationConfig(samples=48, iters=0),
+                        torch.device("cpu"))
+    rec.initialize(x)
+    rec.reconstruct(x)
+    q.eval()
+    with torch.no_grad():
+        labels = fp(x).argmax(1)  # the float model's answers: the quantized one loses some
+        before = q(x)
+    data = torch.utils.data.TensorDataset(x, labels)
+
+    sites = activation_sites(q)
+    assert {"attn.qkv.input_quantizer", "mlp.fc2.input_quantizer"} <= set(sites)
+    assert [b for b, _, _ in sites["mlp.fc2.input_quantizer"]] == ["blocks.0", "blocks.1"]
+    rows = sensitivity(q, data, progress=False)
+    base, rest = rows[0], rows[1:]
+    assert base.kind == "baseline" and base.n == 48
+    assert {r.released for r in rest if r.kind == "block"} == {"blocks.0", "blocks.1"}
+    assert {r.released for r in rest if r.kind == "role"} == set(sites)
+    assert [r.delta_cross_entropy for r in rest] == sorted((r.delta_cross_entropy for r in rest), reverse=True)
+
+    # a row is exactly the evaluation with those quantizers off
+    fc2 = next(r for r in rest if r.released == "mlp.fc2.input_quantizer")
+    for _, _, m in sites["mlp.fc2.input_quantizer"]:
+        m.enabled = False
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(q(x), labels).item()
+    for _, _, m in sites["mlp.fc2.input_quantizer"]:
+        m.enabled = True
+    assert fc2.cross_entropy == pytest.approx(ce, rel=1e-5)
+    assert fc2.delta_cross_entropy == pytest.approx(base.cross_entropy - ce, rel=1e-4, abs=1e-7)
+    assert any(abs(r.delta_cross_entropy) > 1e-4 for r in rest)  # releasing quantizers changes the answer
+    with torch.no_grad():
+        assert torch.equal(q(x), before)  # every quantizer is back on
