@@ -180,3 +180,31 @@ def test_post_gelu_range_reaches_only_the_fc2_input_quantizers():
     prepare_model(model, QuantConfig(post_gelu_range="mse_max"), adapter_for)
     kept = [q for q in act_quantizers([model]) if getattr(q, "range_keep_min", False)]
     assert kept == [blk.mlp.fc2.input_quantizer for blk in model.blocks]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_minmax_observer_keeps_the_running_extremes_of_all_batches(per_channel):
+    q = ActQuantizer(8, per_channel_observe=per_channel)
+    q.range_minmax, q.observing = True, True
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 5, 6, generator=g) * (i + 1) for i in range(3)]
+    for b in batches:
+        q(b)
+    every = torch.cat([b.reshape(-1, 6) for b in batches])
+    lo, hi = (every.amin(0), every.amax(0)) if per_channel else (every.min(), every.max())
+    assert torch.equal(q.obs_min, lo) and torch.equal(q.obs_max, hi)
+
+
+def test_edge_range_reaches_only_the_edge_layers_and_is_validated():
+    from osqdeploy.adapters import adapter_for
+    from osqdeploy.config import ConfigError, QuantConfig
+    from osqdeploy.quant.modules import act_quantizers
+    from osqdeploy.reconstruct import prepare_model
+
+    with pytest.raises(ConfigError, match="edge_range"):
+        QuantConfig(edge_range="percentile").validate()
+    import timm
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, num_classes=10)
+    prepare_model(model, QuantConfig(edge_range="minmax"), adapter_for)
+    minmax = [q for q in act_quantizers([model]) if getattr(q, "range_minmax", False)]
+    assert minmax == [model.patch_embed.proj.input_quantizer, model.head.input_quantizer]

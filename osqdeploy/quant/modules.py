@@ -140,11 +140,20 @@ class ActQuantizer(nn.Module):
         # MSE observer searches the max only (QuantConfig.post_gelu_range='mse_max'); see
         # primitives.mse_optimal_range.
         self.range_keep_min = False
+        # Min-max observer instead: the running extremes of all calibration data (no clipping);
+        # QuantConfig.edge_range='minmax' for the 8-bit patch-embedding and head inputs.
+        self.range_minmax = False
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, enabled={self.enabled}"
 
     def observe(self, x: torch.Tensor) -> None:
+        if self.range_minmax:
+            rows = x.detach().float().reshape(-1, x.shape[-1]) if self.per_channel_observe else x.detach().float()
+            lo, hi = (rows.amin(0), rows.amax(0)) if self.per_channel_observe else (rows.amin(), rows.amax())
+            self.obs_min = lo if self.obs_min is None else torch.minimum(self.obs_min, lo)
+            self.obs_max = hi if self.obs_max is None else torch.maximum(self.obs_max, hi)
+            return
         dim = x.dim() - 1 if self.per_channel_observe else None
         lo, hi = P.mse_optimal_range(x, self.bits, channel_dim=dim, keep_min=self.range_keep_min)
         if dim is None:

@@ -88,6 +88,8 @@ def prepare_model(model: nn.Module, qcfg: QuantConfig, adapter_for: Callable[[nn
     adapter.quantize_structure(model, qcfg)
     for layer in quant_layers([model]):
         layer.weight_quantizer.init_method = qcfg.weight_init
+    for layer in adapter.edge_layers(model):
+        layer.input_quantizer.range_minmax = qcfg.edge_range == "minmax"
     model.eval()
     return adapter
 
