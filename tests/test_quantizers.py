@@ -205,6 +205,6 @@ def test_edge_range_reaches_only_the_edge_layers_and_is_validated():
         QuantConfig(edge_range="percentile").validate()
     import timm
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, num_classes=10)
-    prepare_model(model, QuantConfig(edge_range="minmax"), adapter_for)
+    prepare_model(model, QuantConfig(edge_range="minmax"), adapter_for)  # opt-in
     minmax = [q for q in act_quantizers([model]) if getattr(q, "range_minmax", False)]
     assert minmax == [model.patch_embed.proj.input_quantizer, model.head.input_quantizer]
