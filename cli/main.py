@@ -638,8 +638,7 @@ def eval_(
         if runtime == RuntimeName.torch_fp32 and fp32 is None:
             raise UsageError(f"torch-fp32 is not available: {fp32_missing}")
 
-        recorded = (manifest or {}).get("data", {}).get("eval_dir")
-        data_dir = data or (Path(recorded) if recorded else None)
+        data_dir = data or _recorded_eval_dir(manifest)
         if data_dir is None:
             why = "the run recorded no evaluation folder" if manifest else "no run is known for this ONNX"
             raise UsageError(f"no evaluation images: pass --data DIR (labelled images; {why})")
@@ -810,8 +809,7 @@ def inspect(
             raise UsageError("no run in this workspace (.osq/): pass RUN")
         m = store.read_manifest(run_dir)
         if sensitivity:  # fail on bad input before printing anything
-            recorded = (m.get("data") or {}).get("eval_dir")
-            data_dir = data or (Path(recorded) if recorded else None)
+            data_dir = data or _recorded_eval_dir(m)
             if data_dir is None:
                 raise UsageError("--sensitivity needs labelled images: pass --data DIR (the run recorded none)")
             dev = _check_device(device.value)
@@ -890,6 +888,12 @@ def inspect(
                 f"{r.cross_entropy:.4f}", f"{r.delta_cross_entropy:+.4f}",
             )
         out.print(st)
+
+
+def _recorded_eval_dir(manifest: dict | None) -> Path | None:
+    """The labelled folder a run was told to report accuracy on (``--eval-data``), if any."""
+    recorded = ((manifest or {}).get("data") or {}).get("eval_dir")
+    return Path(recorded) if recorded else None
 
 
 def _checkpoint_progress(run_dir: Path, n_groups: int) -> str:
