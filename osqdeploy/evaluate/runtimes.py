@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from osqdeploy.load.models import _first_line
+from osqdeploy.quant.modules import QuantConv2d, QuantLinear
 from osqdeploy.reconstruct.engine import tf32
 
 __all__ = ["OnnxRuntime", "Runtime", "RuntimeLoadError", "TorchRuntime", "UlpPerturbed"]
@@ -135,7 +136,7 @@ class UlpPerturbed:
     nothing: the first quantizer absorbs it.)
     """
 
-    _kinds = (nn.Linear, nn.Conv2d, nn.LayerNorm)
+    _kinds = (nn.Linear, nn.Conv2d, nn.LayerNorm, QuantLinear, QuantConv2d)
 
     def __init__(self, runtime: TorchRuntime, seed: int) -> None:
         if not isinstance(runtime, TorchRuntime):
@@ -157,19 +158,13 @@ class UlpPerturbed:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         model = self.runtime.model
-        targets = [m for m in model.modules() if isinstance(m, self._kinds) or _is_quant_layer(m)]
+        targets = [m for m in model.modules() if isinstance(m, self._kinds)]
         handles = [m.register_forward_hook(self._nudge) for m in targets]
         try:
             return self.runtime(batch)
         finally:
             for h in handles:
                 h.remove()
-
-
-def _is_quant_layer(module: nn.Module) -> bool:
-    from osqdeploy.quant.modules import QuantConv2d, QuantLinear
-
-    return isinstance(module, (QuantLinear, QuantConv2d))
 
 
 def _providers(provider: str, tf32: bool = False) -> list:
