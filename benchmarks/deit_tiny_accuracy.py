@@ -35,6 +35,7 @@ from osqdeploy.export.onnx_qdq import export_run  # noqa: E402
 from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform  # noqa: E402
 from osqdeploy.load.models import load_model  # noqa: E402
 from osqdeploy.pipeline import calibrate, load_run  # noqa: E402
+from osqdeploy.run.store import MANIFEST  # noqa: E402
 
 
 def main() -> None:
@@ -76,22 +77,22 @@ def main() -> None:
     for cfg in args.configs:
         w, a, plan = cfg.split(",", 2)
         name = f"w{w}a{a}-{plan.replace(':', '')}-{args.iters}"
-        loaded = load_model(args.model, checkpoint=args.checkpoint)
-        ccfg = CalibrationConfig(
-            samples=calib.shape[0], batch_size=args.batch_size, iters=args.iters, granularity=plan,
-            seed=args.seed, device=device,
-        )
         run_dir = out / "runs" / name
-        if args.only_finished and not _finished(run_dir):
+        finished = _finished(run_dir)
+        if finished:
+            print(f"{name}: reusing the finished run in {run_dir}")
+            calib_s = json.loads((run_dir / MANIFEST).read_text())["seconds"]
+        elif args.only_finished:
             print(f"{name}: no finished run in {run_dir}, skipped")
             continue
-        if _finished(run_dir):
-            print(f"{name}: reusing the finished run in {run_dir}")
-            calib_s = json.loads((run_dir / "run.json").read_text())["seconds"]
         else:
+            ccfg = CalibrationConfig(
+                samples=calib.shape[0], batch_size=args.batch_size, iters=args.iters, granularity=plan,
+                seed=args.seed, device=device,
+            )
             t0 = time.perf_counter()
-            calibrate(loaded, calib, QuantConfig(int(w), int(a)), ccfg, run_dir,
-                      data_info={"calib_files": len(calib_set), "eval_files": len(eval_set)})
+            calibrate(load_model(args.model, checkpoint=args.checkpoint), calib, QuantConfig(int(w), int(a)), ccfg,
+                      run_dir, data_info={"calib_files": len(calib_set), "eval_files": len(eval_set)})
             calib_s = time.perf_counter() - t0
         run = load_run(run_dir, device=device)
         manifest = run.manifest
@@ -111,8 +112,7 @@ def main() -> None:
             for prov in args.ort:
                 if prov == "cuda" and "CUDAExecutionProvider" not in providers:
                     continue
-                o_rt = OnnxRuntime(out / f"{name}.onnx", provider=prov)
-                o_res = evaluate(o_rt, eval_set, progress=False)
+                o_res = evaluate(OnnxRuntime(out / f"{name}.onnx", provider=prov), eval_set, progress=False)
                 p = parity(q_res, o_res)
                 row[f"ort_{prov}"] = o_res.top1
                 row[f"ort_{prov}_agreement"] = p.top1_agreement
@@ -139,7 +139,7 @@ def _dithered(runtime, dataset, k: int) -> list[float]:
 
 def _finished(run_dir: Path) -> bool:
     try:
-        return json.loads((run_dir / "run.json").read_text()).get("status") == "complete"
+        return json.loads((run_dir / MANIFEST).read_text()).get("status") == "complete"
     except (OSError, ValueError):
         return False
 
