@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -67,9 +67,14 @@ def main() -> None:
     # longest first, so that side-by-side jobs finish together
     work = sorted(((n, i) for n in args.models for i in args.iters), key=lambda w: -w[1])
     threads = 1 if args.jobs > 1 else None
+    results = {}
     with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _Serial() as pool:
-        futures = {w: pool.submit(output_mse, w[0], w[1], device, threads) for w in work}
-        results = {w: f.result() for w, f in futures.items()}
+        futures = {pool.submit(output_mse, w[0], w[1], device, threads): w for w in work}
+        for future in as_completed(futures):  # each as it finishes: a stopped run keeps what is done
+            results[futures[future]] = future.result()
+            mse, seconds = results[futures[future]]
+            print(json.dumps({"model": futures[future][0], "iters": futures[future][1], "output_mse": mse,
+                              "seconds": seconds}), flush=True)
     rows = []
     for name in args.models:
         ref = results[(name, max(args.iters))][0]
@@ -96,8 +101,9 @@ class _Serial:
         return None
 
     def submit(self, fn, *args):
-        result = fn(*args)
-        return type("Done", (), {"result": lambda self: result})()
+        future = Future()
+        future.set_result(fn(*args))
+        return future
 
 
 if __name__ == "__main__":
