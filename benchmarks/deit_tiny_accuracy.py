@@ -10,6 +10,12 @@ Runtime (CPU, and CUDA when the provider is present).
         --checkpoint ../shared/data/weights/deit_tiny_patch16_224.pth --iters 20000 \
         --configs 4,4,auto 4,4,blocks:1 6,6,auto 8,8,auto --out results/
 
+A configuration is ``W,A,PLAN`` optionally followed by ``,key=value`` settings of QuantConfig or
+CalibrationConfig (``6,6,auto,edge_range=minmax``). ``--augment`` fills the calibration set up to
+``--calib-samples`` with random crops and flips of the calibration part (never of the evaluation
+part). Each row also gives the KL divergence of the fake-quant predictions from the fp32 ones on
+the evaluation part, which ranks runs more stably than top-1 on a few hundred images.
+
 A configuration whose run directory already holds a finished run is not calibrated again: it is
 reloaded and evaluated (its calibration time is the one its manifest recorded), so the ONNX
 Runtime CUDA figures can be added later, on the machine that has the provider, with ``--ort cuda``.
@@ -26,13 +32,14 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from osqdeploy.config import CalibrationConfig, QuantConfig  # noqa: E402
 from osqdeploy.evaluate import OnnxRuntime, TorchRuntime, UlpPerturbed, evaluate, parity  # noqa: E402
 from osqdeploy.export.onnx_qdq import export_run  # noqa: E402
-from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform  # noqa: E402
+from osqdeploy.load.data import ImageFiles, calibration_augment, calibration_tensor, eval_transform  # noqa: E402
 from osqdeploy.load.models import load_model  # noqa: E402
 from osqdeploy.pipeline import calibrate, load_run  # noqa: E402
 from osqdeploy.run.store import MANIFEST  # noqa: E402
@@ -47,7 +54,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--eval-fraction", type=float, default=0.5)
-    ap.add_argument("--calib-samples", type=int, default=1024, help="capped by the calibration part's size")
+    ap.add_argument("--calib-samples", type=int, default=1024,
+                    help="capped by the calibration part's size, unless --augment")
+    ap.add_argument("--augment", action="store_true",
+                    help="make up --calib-samples with random crops/flips of the calibration images")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ort", nargs="*", default=["cpu", "cuda"], choices=["cpu", "cuda"],
@@ -68,15 +78,20 @@ def main() -> None:
     data = ImageFiles(args.images, transform=transform)
     calib_set, eval_set = data.split(args.eval_fraction, seed=args.seed)
     print(f"images: {len(data)} → calibration {len(calib_set)}, evaluation {len(eval_set)} (disjoint)")
-    calib = calibration_tensor(calib_set, min(args.calib_samples, len(calib_set)), seed=args.seed)
+    if args.augment:
+        calib = calibration_tensor(calib_set, args.calib_samples, seed=args.seed, augment=calibration_augment(fp.model))
+    else:
+        calib = calibration_tensor(calib_set, min(args.calib_samples, len(calib_set)), seed=args.seed)
+    suffix = f"-aug{calib.shape[0]}" if calib.shape[0] > len(calib_set) else ""
 
     rows: list[dict] = []
     fp_res = evaluate(TorchRuntime(fp.model, device=device, name="torch-fp32"), eval_set, progress=False)
     print(f"fp32 top-1 {fp_res.top1:.2f}  top-5 {fp_res.top5:.2f}")
     providers = ort.get_available_providers()
     for cfg in args.configs:
-        w, a, plan = cfg.split(",", 2)
-        name = f"w{w}a{a}-{plan.replace(':', '')}-{args.iters}"
+        w, a, plan, *extra = cfg.split(",")
+        qcfg, settings = QuantConfig(int(w), int(a)), dict(kv.split("=", 1) for kv in extra)
+        name = f"w{w}a{a}-{plan.replace(':', '')}-{args.iters}{suffix}" + "".join(f"-{v}" for v in settings.values())
         run_dir = out / "runs" / name
         finished = _finished(run_dir)
         if finished:
@@ -90,9 +105,16 @@ def main() -> None:
                 samples=calib.shape[0], batch_size=args.batch_size, iters=args.iters, granularity=plan,
                 seed=args.seed, device=device,
             )
+            for key, value in settings.items():
+                target = qcfg if hasattr(qcfg, key) else ccfg
+                if not hasattr(target, key):
+                    raise SystemExit(f"{cfg}: {key} is a setting of neither QuantConfig nor CalibrationConfig")
+                default = getattr(target, key)
+                setattr(target, key, type(default)(value) if not isinstance(default, bool) else value == "true")
             t0 = time.perf_counter()
-            calibrate(load_model(args.model, checkpoint=args.checkpoint), calib, QuantConfig(int(w), int(a)), ccfg,
-                      run_dir, data_info={"calib_files": len(calib_set), "eval_files": len(eval_set)})
+            calibrate(load_model(args.model, checkpoint=args.checkpoint), calib, qcfg, ccfg, run_dir,
+                      data_info={"calib_files": len(calib_set), "eval_files": len(eval_set),
+                                 "augmented_views": calib.shape[0] - min(len(calib_set), calib.shape[0])})
             calib_s = time.perf_counter() - t0
         run = load_run(run_dir, device=device)
         manifest = run.manifest
@@ -101,6 +123,9 @@ def main() -> None:
         row = {
             "model": args.model, "bits": f"W{w}A{a}", "plan": manifest["plan"]["spec"], "iters": args.iters,
             "fp32": fp_res.top1, "fake_quant": q_res.top1, "calib_seconds": round(calib_s, 1),
+            "kl": F.kl_div(q_res.logits.log_softmax(1), fp_res.logits.log_softmax(1), log_target=True,
+                           reduction="batchmean").item(),
+            "calib_images": manifest.get("calibration", {}).get("samples"), "settings": settings,
             "groups": [(g["mse_before"], g["mse_after"]) for g in manifest["groups"]],
             "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         }

@@ -39,6 +39,7 @@ from osqdeploy.load import (
     ModelSpec,
     UnknownModelError,
     WeightsUnavailableError,
+    calibration_augment,
     calibration_tensor,
     ensure_demo_data,
     ensure_demo_model,
@@ -290,6 +291,14 @@ def calibrate(
         ),
     ] = False,
     samples: Annotated[int | None, typer.Option(help="Calibration images. \\[default: 1024; demo 256]")] = None,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment",
+            help="When the folder has fewer images than --samples, make up the number with random crops and "
+            "flips of them (against reconstruction fitting too few images).",
+        ),
+    ] = False,
     batch_size: Annotated[
         int | None, typer.Option(help=f"Images per optimisation step. \\[default: {CalibrationConfig.batch_size}]")
     ] = None,
@@ -360,7 +369,9 @@ def calibrate(
             calib = ImageFiles(paths.train_dir)
             eval_dir = eval_dir or paths.val_dir
         calib.transform = eval_transform(loaded.model)
-        images = calibration_tensor(calib, ccfg.samples, ccfg.seed)
+        images = calibration_tensor(
+            calib, ccfg.samples, ccfg.seed, augment=calibration_augment(loaded.model) if augment else None
+        )
 
         target = run_dir or ws.new_run_dir(recipe.name, w_bits, a_bits)
         shown = ws.display(target)
@@ -371,6 +382,8 @@ def calibrate(
             "calib_dir": str(Path(calib.root or data or "").resolve()),
             "calib_layout": calib.layout,
             "calib_images": int(images.shape[0]),
+            "calib_files": len(calib),
+            "augmented_views": int(images.shape[0]) - min(len(calib), int(images.shape[0])),
             "eval_dir": str(Path(eval_dir).resolve()) if eval_dir is not None else None,
         }
         out.print(
@@ -378,7 +391,9 @@ def calibrate(
             f"weights: {_source_text(loaded.source)}"
         )
         out.print(
-            f"  {images.shape[0]} calibration images from {ws.display(data_info['calib_dir'])}; "
+            f"  {images.shape[0]} calibration images"
+            + (f" ({data_info['augmented_views']} of them augmented views)" if data_info["augmented_views"] else "")
+            + f" from {ws.display(data_info['calib_dir'])}; "
             f"{ccfg.iters} iters/group, batch {ccfg.batch_size}, seed {ccfg.seed}, device {dev}; "
             f"run: {shown}",
             highlight=False,

@@ -328,3 +328,20 @@ def test_fast_preset_shortens_the_schedule_and_explicit_iters_win(demo_env: Path
     # the demo's own schedule (100) is already shorter than the preset: --fast never lengthens one
     assert osq("calibrate", "demo", "--fast", *small, "--run-dir", "b").exit_code == 0
     assert store.read_manifest(tmp_path / "b")["calibration"]["iters"] == min(100, cli_main.FAST_ITERS)
+
+
+def test_augment_makes_up_the_number_of_calibration_images(demo_env: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    images = tmp_path / "few"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 40), (i * 60, 90, 200)).save(images / f"{i}.png")
+    common = ["--data", images, "--samples", "10", "--batch-size", "5", "--iters", "2"]
+    result = osq("calibrate", "demo", *common, "--augment", "--run-dir", "aug")
+    assert result.exit_code == 0, result.output
+    assert "10 calibration images (6 of them augmented views)" in result.stdout
+    data = store.read_manifest(tmp_path / "aug")["data"]
+    assert (data["calib_images"], data["calib_files"], data["augmented_views"]) == (10, 4, 6)
+    plain = osq("calibrate", "demo", *common, "--run-dir", "plain")
+    assert plain.exit_code == 0 and "using all 4" in plain.output
+    assert store.read_manifest(tmp_path / "plain")["data"]["calib_images"] == 4

@@ -16,6 +16,7 @@ from osqdeploy.load.data import (
     DataError,
     DataWarning,
     ImageFiles,
+    calibration_augment,
     calibration_tensor,
     eval_transform,
     imagenet_label,
@@ -227,6 +228,36 @@ def test_calibration_subset_is_seeded(tmp_path, transform):
     assert len({tuple(img.flatten()[:8].tolist()) for img in everything}) == 12  # no duplicates
     with pytest.raises(TypeError, match="transform"):
         calibration_tensor(ImageFiles(tmp_path), 2, seed=0)
+
+
+def test_augmented_calibration_views_fill_up_to_n_reproducibly(tmp_path):
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
+    for i in range(5):
+        _rgb(i).save(tmp_path / f"{i:02d}.png")
+    data = ImageFiles(tmp_path, transform=eval_transform(model))
+    augment = calibration_augment(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "using all 5" warning: the views make up the number
+        a = calibration_tensor(data, 13, seed=0, augment=augment)
+    b = calibration_tensor(data, 13, seed=0, augment=augment)
+    c = calibration_tensor(data, 13, seed=1, augment=augment)
+    plain = calibration_tensor(data, 5, seed=0)
+    assert a.shape == (13, *plain.shape[1:]) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a[5:], c[5:])
+    assert torch.equal(a[:5], plain)  # every image once, as evaluated, then the views
+    assert not any(torch.equal(v, o) for v in a[5:] for o in plain)
+    # The caller's RNG streams are left as they were.
+    torch.manual_seed(3)
+    expected = torch.rand(2)
+    torch.manual_seed(3)
+    calibration_tensor(data, 8, seed=0, augment=augment)
+    assert torch.equal(torch.rand(2), expected)
+
+
+def test_augmented_views_need_image_files(transform):
+    tensors = torch.utils.data.TensorDataset(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(TypeError, match="ImageFiles"):
+        calibration_tensor(tensors, 4, seed=0, augment=lambda img: img)
 
 
 def test_split_files_is_disjoint_deterministic_and_order_free():

@@ -3,6 +3,7 @@
 from osqdeploy.load.data import (
     DataError,
     ImageFiles,
+    calibration_augment,
     calibration_tensor,
     eval_transform,
     split_files,
@@ -30,6 +31,7 @@ __all__ = [
     "ModelSpec",
     "UnknownModelError",
     "WeightsUnavailableError",
+    "calibration_augment",
     "calibration_tensor",
     "demo_paths",
     "ensure_demo_data",
