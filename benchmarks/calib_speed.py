@@ -14,6 +14,8 @@ Modes, run side by side in one process on one GPU:
   fast   — graph + compile + TF32 matmuls (the default engine)
   fast+bf16 — and the group's forward/backward under bf16 autocast (opt-in: its group-0 loss
            and MSE, computed in fp32, are printed next to the others')
+  fast+group — fast, with the group's whole forward/backward torch.compile'd (compile_group),
+           not each quantizer alone; +bf16 adds autocast to it
 For each mode it prints the final reconstruction loss of group 0 and the fraction of group-0
 weight codes identical to plain's, so every speed-up is shown next to what it changed.
 
@@ -48,6 +50,8 @@ MODES = {
     "graph+compile": dict(tf32=False, cuda_graph=True, compile=True),
     "fast": dict(tf32=True, cuda_graph=True, compile=True),
     "fast+bf16": dict(tf32=True, cuda_graph=True, compile=True, bf16=True),
+    "fast+group": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True),
+    "fast+group+bf16": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, bf16=True),
 }
 
 

@@ -114,6 +114,12 @@ class CalibrationConfig:
     # follows its inputs' dtype). Off until benchmarks show the final loss unchanged for a model;
     # the MSE reported before/after each group is always computed in fp32.
     bf16: bool = False
+    # torch.compile the group's whole forward (and so its backward): inductor fuses LayerNorm,
+    # GELU, softmax and every quantizer with their neighbours, where ``compile`` fuses each
+    # quantizer alone. Any device; QDrop's masks stay eager random draws (inductor's
+    # fallback_random), so it computes what the eager step computes up to float reassociation.
+    # Blocks of one shape share one compiled graph (parameters are graph inputs).
+    compile_group: bool = False
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -72,19 +72,36 @@ def test_compiled_quantizer_kernels_match_their_eager_definitions():
         assert torch.allclose(e, f, rtol=1e-4, atol=1e-6)
 
 
-def _codes(cuda_graph: bool, compile_: bool, tf32: bool = False):
+def _codes(cuda_graph: bool, compile_: bool, tf32: bool = False, device: str = "cuda", plan: str = "blocks:3",
+           iters: int = 120, compile_group: bool = False):
     model = tiny_vit(depth=3)
     q = copy.deepcopy(model)
     adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
-    ccfg = CalibrationConfig(samples=64, batch_size=16, iters=120, device="cuda", tf32=tf32,
-                             cuda_graph=cuda_graph, compile=compile_)
+    ccfg = CalibrationConfig(samples=64, batch_size=16, iters=iters, device=device, tf32=tf32,
+                             cuda_graph=cuda_graph, compile=compile_, compile_group=compile_group)
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    rec = Reconstructor(q, adapter, build_plan("blocks:3", adapter.units(q)), ccfg, torch.device("cuda"))
+    rec = Reconstructor(q, adapter, build_plan(plan, adapter.units(q)), ccfg, torch.device(device))
     x = images(64, 32)
     rec.initialize(x)
-    (result,) = rec.reconstruct(x)
+    results = rec.reconstruct(x)
     codes = torch.cat([m.weight_quantizer.w_int.flatten().cpu() for m in quant_layers([q.blocks])])
-    return codes, result
+    return codes, results[-1]
+
+
+def test_compiled_group_step_makes_the_eager_steps_rounding_decisions():
+    """compile_group fuses the whole forward/backward; it must not change what is optimised.
+
+    The same QDrop masks are drawn (eager random), so only float reassociation in fused kernels
+    separates the two: nearly every rounding decision of all three 1-block groups (which share
+    one compiled graph) agrees, and the output error is the same.
+    """
+    plain_codes, plain = _codes(cuda_graph=False, compile_=False, device="cpu", plan="blocks:1", iters=40)
+    torch._dynamo.reset()
+    fused_codes, fused = _codes(cuda_graph=False, compile_=False, device="cpu", plan="blocks:1", iters=40,
+                                compile_group=True)
+    assert float((fused_codes == plain_codes).float().mean()) > 0.995
+    assert fused.mse_after == pytest.approx(plain.mse_after, rel=0.02)
+    assert fused.loss_curve[0][1] == pytest.approx(plain.loss_curve[0][1], rel=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on the GPU machine)")
@@ -97,6 +114,9 @@ def test_cuda_graph_replay_computes_exactly_what_the_eager_step_computes():
     # fused kernels reorder the step-size gradient's reduction: nearly all decisions agree
     assert float((fused_codes == plain_codes).float().mean()) > 0.99
     assert fused.mse_after == pytest.approx(plain.mse_after, rel=0.1)
+    group_codes, group = _codes(cuda_graph=True, compile_=True, compile_group=True)
+    assert float((group_codes == plain_codes).float().mean()) > 0.99
+    assert group.mse_after == pytest.approx(plain.mse_after, rel=0.1)
 
 
 def test_tf32_is_switched_on_for_reconstruction_only():

@@ -288,7 +288,7 @@ class Reconstructor:
             self.callbacks.on_iter(index, it, value)
 
         cuda = self.device.type == "cuda"
-        with fused_quantizers(cfg.compile and cuda):
+        with fused_quantizers(cfg.compile and cuda and not cfg.compile_group):  # compile_group fuses more
             run_steps(step, cfg.iters, cfg.cuda_graph and cuda, on_log, log_every=max(1, cfg.iters // 100))
 
         for q in acts:

@@ -72,6 +72,7 @@ class GroupStep:
         self.objective, self.schedule, self.drop_prob = objective, schedule, cfg.drop_prob
         # the autocast weight cache must stay off: a captured graph would keep stale casts
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=False)
+        self.forward = compile_group(run_group) if cfg.compile_group else (lambda inp: run_group(inp)[-1])
         # capturable keeps Adam's step count on the device; used on CUDA by both paths so that
         # eager and graphed runs compute the same bias corrections.
         capturable = device.type == "cuda"
@@ -97,7 +98,7 @@ class GroupStep:
         else:
             inp = xq
         with self.autocast:
-            out = self.run_group(inp)[-1]
+            out = self.forward(inp)
         rec = self.objective(out.float(), self.target.index_select(0, idx))
         beta = self.schedule.beta.index_select(0, it).squeeze(0)
         weight = self.schedule.reg_weight.index_select(0, it).squeeze(0)
@@ -114,6 +115,26 @@ class GroupStep:
     def eager(self) -> None:
         self.zero_grad()
         self.body()
+
+
+def compile_group(run_group: Callable[[State], State]) -> Callable[[State], torch.Tensor]:
+    """The group's output as one torch.compile'd function (see ``CalibrationConfig.compile_group``).
+
+    The wrapper's code object is the same for every group, so dynamo's cache is shared: a block of
+    a shape already compiled costs a guard check, not a compilation (Swin's stages and slice
+    kinds each compile once).
+    """
+    limits = torch._dynamo.config
+    name = "recompile_limit" if hasattr(limits, "recompile_limit") else "cache_size_limit"
+    setattr(limits, name, max(getattr(limits, name), 64))
+    compiled = torch.compile(lambda inp: run_group(inp)[-1], dynamic=False)
+
+    def forward(inp: State) -> torch.Tensor:
+        # eager random draws: the same QDrop masks as the uncompiled step, for the same seed
+        with torch._inductor.config.patch(fallback_random=True):
+            return compiled(inp)
+
+    return forward
 
 
 def run_steps(step: GroupStep, iters: int, graph: bool, on_log: Callable[[int], None], log_every: int) -> bool:
