@@ -11,10 +11,11 @@ Runtime (CPU, and CUDA when the provider is present).
         --configs 4,4,auto 4,4,blocks:1 6,6,auto 8,8,auto --out results/
 
 A configuration is ``W,A,PLAN`` optionally followed by ``,key=value`` settings of QuantConfig or
-CalibrationConfig (``6,6,auto,edge_range=minmax``). ``--augment`` fills the calibration set up to
-``--calib-samples`` with random crops and flips of the calibration part (never of the evaluation
-part). Each row also gives the KL divergence of the fake-quant predictions from the fp32 ones on
-the evaluation part, which ranks runs more stably than top-1 on a few hundred images.
+CalibrationConfig (``6,6,auto,edge_range=minmax``). ``--augment`` (the default, as in ``osq
+calibrate``) fills the calibration set up to ``--calib-samples`` with random crops and flips of
+the calibration part (never of the evaluation part). Each row also gives the KL divergence of the
+fake-quant predictions from the fp32 ones on the evaluation part, which ranks runs more stably
+than top-1 on a few hundred images.
 
 A configuration whose run directory already holds a finished run is not calibrated again: it is
 reloaded and evaluated (its calibration time is the one its manifest recorded), so the ONNX
@@ -56,8 +57,8 @@ def main() -> None:
     ap.add_argument("--eval-fraction", type=float, default=0.5)
     ap.add_argument("--calib-samples", type=int, default=1024,
                     help="capped by the calibration part's size, unless --augment")
-    ap.add_argument("--augment", action="store_true",
-                    help="make up --calib-samples with random crops/flips of the calibration images")
+    ap.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                    help="make up --calib-samples with random crops/flips of the calibration images (as osq does)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ort", nargs="*", default=["cpu", "cuda"], choices=["cpu", "cuda"],

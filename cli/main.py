@@ -294,11 +294,10 @@ def calibrate(
     augment: Annotated[
         bool,
         typer.Option(
-            "--augment",
-            help="When the folder has fewer images than --samples, make up the number with random crops and "
-            "flips of them (against reconstruction fitting too few images).",
+            help="When the folder has fewer images than --samples, make up the number with seeded random crops "
+            "and flips of them (reconstruction overfits a few hundred images; see README).",
         ),
-    ] = False,
+    ] = True,
     batch_size: Annotated[
         int | None, typer.Option(help=f"Images per optimisation step. \\[default: {CalibrationConfig.batch_size}]")
     ] = None,

@@ -337,11 +337,11 @@ def test_augment_makes_up_the_number_of_calibration_images(demo_env: Path, tmp_p
     for i in range(4):
         Image.new("RGB", (40, 40), (i * 60, 90, 200)).save(images / f"{i}.png")
     common = ["--data", images, "--samples", "10", "--batch-size", "5", "--iters", "2"]
-    result = osq("calibrate", "demo", *common, "--augment", "--run-dir", "aug")
+    result = osq("calibrate", "demo", *common, "--run-dir", "aug")  # on by default
     assert result.exit_code == 0, result.output
     assert "10 calibration images (6 of them augmented views)" in result.stdout
     data = store.read_manifest(tmp_path / "aug")["data"]
     assert (data["calib_images"], data["calib_files"], data["augmented_views"]) == (10, 4, 6)
-    plain = osq("calibrate", "demo", *common, "--run-dir", "plain")
+    plain = osq("calibrate", "demo", *common, "--no-augment", "--run-dir", "plain")
     assert plain.exit_code == 0 and "using all 4" in plain.output
     assert store.read_manifest(tmp_path / "plain")["data"]["calib_images"] == 4
