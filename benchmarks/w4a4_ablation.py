@@ -23,6 +23,7 @@ A configuration is a comma-separated list of ``key=value`` (``base`` alone: the 
   ||(Q(x) − x)·Wᵀ||², min at the data minimum or 0, max shrunk in 1% steps).
 * ``bc=1`` empirical bias correction of every block Linear after initialisation (RTN only).
 * ``iters=N`` AdaRound/QDrop reconstruction iterations per group (``blocks:3``), default ``--iters``.
+* ``loss=mse|fisher`` the reconstruction objective (``CalibrationConfig.loss``).
 
     OMP_NUM_THREADS=1 python benchmarks/w4a4_ablation.py --images ../shared/data/imagenet-sample \
         --checkpoint ../shared/data/weights/deit_tiny_patch16_224.pth --configs base fp=w_fc2 winit=mse
@@ -81,7 +82,7 @@ ALIASES = {
 
 def parse_config(text: str, default_iters: int) -> dict:
     cfg = {"name": text, "fp": [], "winit": "minmax", "log": "sqrt2", "gelu": "mse", "arange": [],
-           "iters": default_iters, "bc": False}
+           "iters": default_iters, "bc": False, "loss": "mse"}
     if text == "base":
         return cfg
     for item in text.split(","):
@@ -92,7 +93,7 @@ def parse_config(text: str, default_iters: int) -> dict:
         elif key == "arange":
             fam, _, method = value.partition(":")
             cfg["arange"].append((fam, method))
-        elif key in ("winit", "log", "gelu"):
+        elif key in ("winit", "log", "gelu", "loss"):
             cfg[key] = value
         elif key == "iters":
             cfg["iters"] = int(value)
@@ -258,9 +259,10 @@ def initialized_model(cfg: dict, args, calib: torch.Tensor) -> nn.Module:
     return copy.deepcopy(_INITIALIZED[key])
 
 
-def calib_config(args, iters: int, calib: torch.Tensor, batch_size: int | None = None) -> CalibrationConfig:
+def calib_config(args, iters: int, calib: torch.Tensor, batch_size: int | None = None,
+                 loss: str = "mse") -> CalibrationConfig:
     return CalibrationConfig(samples=calib.shape[0], batch_size=batch_size or args.batch_size, iters=iters,
-                             granularity="blocks:3", seed=args.seed, device="cpu",
+                             granularity="blocks:3", seed=args.seed, device="cpu", loss=loss,
                              extra={"init_samples": calib.shape[0]})
 
 
@@ -291,7 +293,7 @@ def run_config(cfg: dict, args, calib: torch.Tensor, images: torch.Tensor, label
         bias_correct(model, calib, args.batch_size)
     if cfg["iters"] > 0:
         adapter = adapter_for(model)
-        ccfg = calib_config(args, cfg["iters"], calib, args.recon_batch_size)
+        ccfg = calib_config(args, cfg["iters"], calib, args.recon_batch_size, loss=cfg["loss"])
         rec = Reconstructor(model, adapter, build_plan("blocks:3", adapter.units(model)), ccfg, torch.device("cpu"))
         groups = rec.reconstruct(calib)
     t_init = time.perf_counter() - t0

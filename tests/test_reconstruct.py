@@ -119,3 +119,48 @@ def test_callbacks_hear_every_group():
     rec.initialize(images(16, 32))
     rec.reconstruct(images(16, 32))
     assert seen == [0, 1, 2, 3]
+
+
+def test_weighted_objective_formula():
+    from osqdeploy.reconstruct import FisherMSE, ReconstructionMSE
+
+    g = torch.Generator().manual_seed(0)
+    out, target, weight = (torch.randn(2, 3, 4, generator=g) for _ in range(3))
+    expected = ((out - target) ** 2 * weight).sum(-1).mean()
+    assert torch.allclose(FisherMSE()(out, target, weight), expected)
+    assert torch.allclose(ReconstructionMSE()(out, target), ((out - target) ** 2).sum(-1).mean())
+    assert FisherMSE.needs_weights and not ReconstructionMSE.needs_weights
+
+
+def test_fisher_weights_are_squared_prediction_gradients_normalised_and_seeded():
+    model = tiny_vit(depth=2)
+    q = copy.deepcopy(model)
+    adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
+    ccfg = CalibrationConfig(samples=24, batch_size=8, iters=0, loss="fisher")
+    rec = Reconstructor(q, adapter, build_plan("blocks:1", adapter.units(q)), ccfg, CPU)
+    x = images(24, 32)
+    rec.initialize(x)
+    _, fp_state = rec.initial_states(x)
+    w0 = rec._output_weights(0, fp_state)
+    assert w0.shape == fp_state[-1].shape
+    assert torch.equal(w0, rec._output_weights(0, fp_state))  # seeded label draws
+    assert float(w0.min()) >= 1.0 and float((w0 - 1).mean()) == pytest.approx(1.0, rel=1e-4)
+    # the weights follow the float model's sensitivity: elements the prediction does not depend on
+    # (tokens other than the class token, after the last block) get the floor weight 1 exactly
+    w1 = rec._output_weights(1, _run_all(rec, 1, fp_state))
+    assert torch.all(w1[:, 1:] == 1.0) and float(w1[:, 0].max()) > 1.0
+
+
+def _run_all(rec, upto, state):
+    with torch.no_grad():
+        for group in rec.groups[:upto + 1]:
+            state = rec._run_group(group, state)
+    return state
+
+
+def test_fisher_objective_reconstruction_lowers_the_output_error():
+    model = tiny_vit(depth=2)
+    rtn, _ = _calibrate(model, 32, "blocks:2", iters=0, n=64)
+    fisher, (result,) = _calibrate(model, 32, "blocks:2", iters=150, n=64, loss="fisher")
+    assert result.mse_after < result.mse_before
+    assert _output_mse(model, fisher, 32) < _output_mse(model, rtn, 32)

@@ -1,11 +1,12 @@
 from .engine import Callbacks, GroupResult, NumericalError, Reconstructor, logits, prepare_model, resolve_device
-from .objective import OBJECTIVES, ReconstructionMSE, make_objective
+from .objective import OBJECTIVES, FisherMSE, ReconstructionMSE, make_objective
 
 __all__ = [
     "Callbacks",
     "GroupResult",
     "NumericalError",
     "OBJECTIVES",
+    "FisherMSE",
     "ReconstructionMSE",
     "Reconstructor",
     "logits",

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import Adapter, State, Unit
@@ -236,7 +237,8 @@ class Reconstructor:
 
         curve: list[tuple[int, float]] = []
         if cfg.iters > 0:
-            curve = self._optimize(index, group, layers, acts, q_in, fp_in, target, gen)
+            weight = self._output_weights(index, fp_out) if getattr(self.objective, "needs_weights", False) else None
+            curve = self._optimize(index, group, layers, acts, q_in, fp_in, target, gen, weight)
 
         nearest = [layer.weight_quantizer.nearest_codes(layer.weight) for layer in layers]
         for layer in layers:
@@ -261,7 +263,32 @@ class Reconstructor:
         )
         return result, q_out, fp_out
 
-    def _optimize(self, index, group, layers, acts, q_in, fp_in, target, gen) -> list[tuple[int, float]]:
+    def _output_weights(self, index: int, fp_out: State) -> torch.Tensor:
+        """Per-element weights of group ``index``'s output for a weighted objective (FisherMSE).
+
+        The float model runs from the group's float output to the logits; the weight is the squared
+        gradient, with respect to that output, of the cross-entropy against a label sampled from the
+        float prediction (seeded), normalised to mean 1 over the calibration set, plus 1.
+        """
+        rest = [u for g in self.groups[index + 1 :] for u in g]
+        gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + index + 7)
+        grads = []
+        with quantization_disabled(self.model), torch.enable_grad():
+            for sl in self._batches(fp_out[0].shape[0]):
+                state = list(_slice(fp_out, sl))
+                state[-1] = state[-1].detach().requires_grad_(True)
+                out = tuple(state)
+                for unit in rest:
+                    out = unit(out)
+                logits = self.adapter.tail(self.model, out).float()
+                labels = torch.multinomial(logits.detach().softmax(-1).cpu(), 1, generator=gen).squeeze(1)
+                loss = F.cross_entropy(logits, labels.to(logits.device), reduction="sum")
+                (grad,) = torch.autograd.grad(loss, state[-1])
+                grads.append(grad.pow(2))
+        g2 = torch.cat(grads)
+        return 1.0 + g2 / g2.mean().clamp_min(torch.finfo(g2.dtype).tiny)
+
+    def _optimize(self, index, group, layers, acts, q_in, fp_in, target, gen, weight=None) -> list[tuple[int, float]]:
         cfg = self.cfg
         for layer in layers:
             layer.weight_quantizer.init_adaround(layer.weight)
@@ -274,7 +301,7 @@ class Reconstructor:
         schedule = Schedule.build(cfg, q_in[0].shape[0], gen, self.device)
         step = GroupStep(
             lambda s: self._run_group(group, s), layers, step_params, q_in, fp_in, target,
-            self.objective, schedule, cfg, self.device,
+            self.objective, schedule, cfg, self.device, weight=weight,
         )
         curve: list[tuple[int, float]] = []
 

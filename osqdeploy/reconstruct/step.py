@@ -66,8 +66,10 @@ class GroupStep:
         schedule: Schedule,
         cfg: CalibrationConfig,
         device: torch.device,
+        weight: torch.Tensor | None = None,
     ):
         self.run_group, self.layers, self.step_params = run_group, layers, step_params
+        self.weight = weight  # per-element output weights of a weighted objective, like ``target``
         self.q_in, self.fp_in, self.target = q_in, fp_in, target
         self.objective, self.schedule, self.drop_prob = objective, schedule, cfg.drop_prob
         # the autocast weight cache must stay off: a captured graph would keep stale casts
@@ -99,11 +101,15 @@ class GroupStep:
             inp = xq
         with self.autocast:
             out = self.forward(inp)
-        rec = self.objective(out.float(), self.target.index_select(0, idx))
+        target = self.target.index_select(0, idx)
+        if self.weight is None:  # a plain objective need not take weights
+            rec = self.objective(out.float(), target)
+        else:
+            rec = self.objective(out.float(), target, self.weight.index_select(0, idx))
         beta = self.schedule.beta.index_select(0, it).squeeze(0)
-        weight = self.schedule.reg_weight.index_select(0, it).squeeze(0)
+        reg_weight = self.schedule.reg_weight.index_select(0, it).squeeze(0)
         reg = sum(layer.weight_quantizer.regularizer(beta) for layer in self.layers)
-        (rec + weight * reg).backward()
+        (rec + reg_weight * reg).backward()
         for opt in self.optimizers:
             opt.step()
         with torch.no_grad():
