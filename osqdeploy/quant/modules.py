@@ -91,6 +91,13 @@ _KERNELS = dict(_EAGER)
 _COMPILED: dict[str, object] = {}
 
 
+def allow_recompiles(n: int) -> None:
+    """Let dynamo keep ``n`` compiled versions per function (one per shape); past the limit it runs eager."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), n))
+
+
 @contextmanager
 def fused_quantizers(enabled: bool = True) -> Iterator[None]:
     """Run the training-time quantizer arithmetic through torch.compile'd kernels inside the block."""
@@ -100,9 +107,7 @@ def fused_quantizers(enabled: bool = True) -> Iterator[None]:
             # Static shapes: a model has a handful of activation and weight shapes, and static
             # kernels split their reductions (the step-size gradient sums whole activations),
             # which dynamic-shape kernels measured 9x slower at (H100, ViT-S).
-            cfg = torch._dynamo.config
-            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-            setattr(cfg, name, max(getattr(cfg, name), 64))  # one entry per shape; past it dynamo runs eager
+            allow_recompiles(64)
             _COMPILED.update({k: torch.compile(fn, dynamic=False) for k, fn in _EAGER.items()})
         _KERNELS.update(_COMPILED)
     try:

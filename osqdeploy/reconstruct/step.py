@@ -23,6 +23,7 @@ from torch import nn
 
 from ..adapters import State
 from ..config import CalibrationConfig
+from ..quant.modules import allow_recompiles
 
 
 @dataclass
@@ -130,9 +131,7 @@ def compile_group(run_group: Callable[[State], State]) -> Callable[[State], torc
     a shape already compiled costs a guard check, not a compilation (Swin's stages and slice
     kinds each compile once).
     """
-    limits = torch._dynamo.config
-    name = "recompile_limit" if hasattr(limits, "recompile_limit") else "cache_size_limit"
-    setattr(limits, name, max(getattr(limits, name), 64))
+    allow_recompiles(64)
     compiled = torch.compile(lambda inp: run_group(inp)[-1], dynamic=False)
 
     def forward(inp: State) -> torch.Tensor:
