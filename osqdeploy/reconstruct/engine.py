@@ -277,10 +277,7 @@ class Reconstructor:
             for sl in self._batches(fp_out[0].shape[0]):
                 state = list(_slice(fp_out, sl))
                 state[-1] = state[-1].detach().requires_grad_(True)
-                out = tuple(state)
-                for unit in rest:
-                    out = unit(out)
-                logits = self.adapter.tail(self.model, out).float()
+                logits = self.adapter.tail(self.model, self._run_group(rest, tuple(state))).float()
                 labels = torch.multinomial(logits.detach().softmax(-1).cpu(), 1, generator=gen).squeeze(1)
                 loss = F.cross_entropy(logits, labels.to(logits.device), reduction="sum")
                 (grad,) = torch.autograd.grad(loss, state[-1])
