@@ -167,33 +167,47 @@ def measure(model_name: str, mode: str, measure_iters: int, samples: int, batch:
 
 
 class _StepProfiler(Callbacks):
-    """Profiles group ``index``'s optimisation steps only: not its target and MSE propagations."""
+    """Profiles the optimisation steps of the groups in ``indices`` only: not their propagations."""
 
-    def __init__(self, index: int):
-        self.index = index
-        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+    def __init__(self, indices: set[int]):
+        self.indices = indices
+        self.profs: dict[int, torch.profiler.profile] = {}
 
     def on_group_start(self, index, units, iters):
         self.iters = iters
-        if index == self.index:
-            self.prof.start()
+        if index in self.indices:
+            self.profs[index] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self.profs[index].start()
 
     def on_iter(self, index, it, loss):
-        if index == self.index and it == self.iters - 1:
-            self.prof.stop()
+        if index in self.profs and it == self.iters - 1:
+            torch.cuda.synchronize()
+            self.profs[index].stop()
 
 
-def profile_group(model_name: str, samples: int, batch: int, iters: int = 12) -> None:
-    """Top kernels of group 1's eager optimisation steps (compiled quantizers, TF32): what a graph replays."""
+def profile_groups(model_name: str, indices: list[int], samples: int, batch: int, iters: int = 12) -> None:
+    """Top CUDA kernels of the eager optimisation steps (compiled quantizers, TF32) of some groups.
+
+    Eager, because a replayed graph runs these same kernels; the kernel-time sum per iteration
+    against the graphed step's wall time tells whether the step is bound by its kernels.
+    """
     ccfg = CalibrationConfig(samples=samples, batch_size=batch, iters=iters, device="cuda", cuda_graph=False)
-    profiler = _StepProfiler(1)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    profiler = _StepProfiler(set(indices))
     rec, images = _reconstructor(model_name, ccfg, profiler)
     rec.initialize(images)
     q_state, fp_state = rec.initial_states(images)
-    _, q_state, fp_state = rec.reconstruct_group(0, q_state, fp_state)  # compiles
-    rec.reconstruct_group(1, q_state, fp_state)
-    table = profiler.prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-    print(f"{iters} eager iterations of group 1:\n{table}")
+    for index in range(max(indices) + 1):
+        _, q_state, fp_state = rec.reconstruct_group(index, q_state, fp_state)
+    for index in indices:
+        events = profiler.profs[index].key_averages()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        total_us = sum(e.self_device_time_total for e in kernels)
+        count = sum(e.count for e in kernels)
+        units = " + ".join(u.name for u in rec.groups[index])
+        print(f"\n{model_name} group {index} ({units}), {iters} eager iterations: "
+              f"{count / iters:.0f} kernels and {total_us / iters / 1e3:.3f} ms of kernel time per iteration")
+        print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
 
 
 def main() -> None:
@@ -205,7 +219,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--out", default=None)
-    ap.add_argument("--profile", action="store_true", help="print group 1's top CUDA kernels per model")
+    ap.add_argument("--profile", type=int, nargs="*", default=None, metavar="GROUP",
+                    help="first print these groups' top CUDA kernels per model (default: group 1)")
+    ap.add_argument("--profile-only", action="store_true", help="profile, do not time the modes")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("calib_speed.py measures GPU calibration; no CUDA device here")
@@ -215,10 +231,10 @@ def main() -> None:
     print("matmul ceilings TFLOP/s:", {k: round(v, 1) for k, v in ceil.items()}, flush=True)
     rows = []
     for name in args.models:
-        if args.profile:
-            profile_group(name, args.samples, args.batch_size)
+        if args.profile is not None:
+            profile_groups(name, args.profile or [1], args.samples, args.batch_size)
         base = None
-        for mode in args.modes:
+        for mode in [] if args.profile_only else args.modes:
             try:
                 r = measure(name, mode, args.measure_iters, args.samples, args.batch_size, args.full_iters)
             except Exception:  # report and go on: one failing mode must not hide the others' figures

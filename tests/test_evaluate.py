@@ -315,3 +315,23 @@ def test_sensitivity_releases_each_role_and_block_and_restores_the_model():
     assert any(abs(r.delta_cross_entropy) > 1e-4 for r in rest)  # releasing quantizers changes the answer
     with torch.no_grad():
         assert torch.equal(q(x), before)  # every quantizer is back on
+
+
+def test_ulp_perturbation_of_chosen_inputs_moves_only_those():
+    from osqdeploy.evaluate import UlpPerturbed
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+    exact = TorchRuntime(net)(x)
+    seen = []
+    net[1].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))  # sees the nudged input
+    out = UlpPerturbed(TorchRuntime(net), seed=1, inputs_of=[net[1]])(x)
+    hidden = net[0](x).detach()
+    nudged = seen[-1]
+    up = torch.nextafter(hidden, torch.full_like(hidden, torch.inf))
+    down = torch.nextafter(hidden, torch.full_like(hidden, -torch.inf))
+    assert bool(((nudged == hidden) | (nudged == up) | (nudged == down)).all()) and not torch.equal(nudged, hidden)
+    assert torch.equal(out, net[1](nudged).detach())  # the layer's own output is not nudged
+    assert not torch.equal(out, exact)
+    assert not net[1]._forward_pre_hooks  # the nudging hooks are gone after the call

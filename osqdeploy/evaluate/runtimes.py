@@ -7,6 +7,7 @@ exported ONNX file are measured by the same loop and compared logit for logit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -134,32 +135,45 @@ class UlpPerturbed:
     perturbation is the spread that arithmetic alone produces, against which a gap between
     PyTorch and ONNX Runtime can be judged. (Perturbing the input image instead would show
     nothing: the first quantizer absorbs it.)
+
+    With ``inputs_of``, only the first input of those modules is nudged instead (forward
+    pre-hooks): pointed at activation quantizers, it shows which of them the chaos starts from.
     """
 
     _kinds = (nn.Linear, nn.Conv2d, nn.LayerNorm, QuantLinear, QuantConv2d)
 
-    def __init__(self, runtime: TorchRuntime, seed: int) -> None:
+    def __init__(self, runtime: TorchRuntime, seed: int, inputs_of: Sequence[nn.Module] | None = None) -> None:
         if not isinstance(runtime, TorchRuntime):
             raise TypeError("UlpPerturbed perturbs a TorchRuntime's arithmetic; other runtimes cannot be reached")
         self.runtime = runtime
         self.name = f"{runtime.name}~ulp{seed}"
         self.seed = seed
+        self.inputs_of = None if inputs_of is None else list(inputs_of)
         self._generators: dict[str, torch.Generator] = {}
 
-    def _nudge(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(out) or not out.is_floating_point():
-            return out
-        gen = self._generators.get(str(out.device))
+    def _nudge_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            return t
+        gen = self._generators.get(str(t.device))
         if gen is None:
-            gen = self._generators[str(out.device)] = torch.Generator(out.device).manual_seed(self.seed)
-        step = torch.randint(-1, 2, out.shape, generator=gen, device=out.device)
-        away = torch.where(step > 0, torch.full_like(out, torch.inf), torch.full_like(out, -torch.inf))
-        return torch.where(step == 0, out, torch.nextafter(out, away))
+            gen = self._generators[str(t.device)] = torch.Generator(t.device).manual_seed(self.seed)
+        step = torch.randint(-1, 2, t.shape, generator=gen, device=t.device)
+        away = torch.where(step > 0, torch.full_like(t, torch.inf), torch.full_like(t, -torch.inf))
+        return torch.where(step == 0, t, torch.nextafter(t, away))
+
+    def _nudge(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        return self._nudge_tensor(out)
+
+    def _nudge_input(self, module: nn.Module, inputs: tuple) -> tuple:
+        return (self._nudge_tensor(inputs[0]), *inputs[1:]) if inputs else inputs
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         model = self.runtime.model
-        targets = [m for m in model.modules() if isinstance(m, self._kinds)]
-        handles = [m.register_forward_hook(self._nudge) for m in targets]
+        if self.inputs_of is None:
+            targets = [m for m in model.modules() if isinstance(m, self._kinds)]
+            handles = [m.register_forward_hook(self._nudge) for m in targets]
+        else:
+            handles = [m.register_forward_pre_hook(self._nudge_input) for m in self.inputs_of]
         try:
             return self.runtime(batch)
         finally:

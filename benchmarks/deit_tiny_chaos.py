@@ -1,0 +1,96 @@
+"""Where a quantized DeiT-Tiny's sensitivity to float rounding starts (issue 9).
+
+PyTorch and ONNX Runtime, or one GPU kernel and another, give the same quantized model top-1
+figures that differ by points at 4 bits, because one-ulp differences carry activations across
+rounding thresholds and the flips spread (see ``UlpPerturbed``). This benchmark nudges, by at
+most one float32 ulp, the input of one kind of activation quantizer at a time (all qkv inputs,
+all fc2 inputs, all softmax outputs, ...), then the quantizers of one block at a time, and
+prints how many evaluation images keep their unperturbed top-1 class, with the KL divergence
+from the unperturbed predictions: the kinds and blocks with the lowest agreement are where
+the chaos starts.
+
+    python benchmarks/deit_tiny_chaos.py RUN --images ../shared/data/imagenet-sample \
+        --checkpoint ../shared/data/weights/deit_tiny_patch16_224.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from osqdeploy.evaluate import TorchRuntime, UlpPerturbed, evaluate  # noqa: E402
+from osqdeploy.load.data import ImageFiles, eval_transform  # noqa: E402
+from osqdeploy.load.models import load_model  # noqa: E402
+from osqdeploy.pipeline import load_run  # noqa: E402
+from osqdeploy.quant.modules import ACT_QUANTIZERS  # noqa: E402
+
+_BLOCK = re.compile(r"^(.*?blocks\.\d+)\.")
+
+
+def site_sets(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
+    """Activation quantizers by kind (name with the block index wildcarded) and by block."""
+    kinds: dict[str, list] = {}
+    blocks: dict[str, list] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, ACT_QUANTIZERS) or not getattr(m, "enabled", False):
+            continue
+        kinds.setdefault("kind " + re.sub(r"\.\d+\.", ".*.", name), []).append(m)
+        match = _BLOCK.match(name)
+        if match:
+            blocks.setdefault(match.group(1), []).append(m)
+    all_sites = [m for ms in kinds.values() for m in ms]
+    return {"all quantizers": all_sites, **kinds, **blocks}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--model", default="deit_t")
+    ap.add_argument("--eval-fraction", type=float, default=0.5)
+    ap.add_argument("--seed", type=int, default=0, help="the split's seed (deit_tiny_accuracy.py's)")
+    ap.add_argument("--seeds", type=int, default=2, help="nudge seeds per site set (agreement is their mean)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    fp = load_model(args.model, checkpoint=args.checkpoint).model
+    data = ImageFiles(args.images, transform=eval_transform(fp))
+    _, eval_set = data.split(args.eval_fraction, seed=args.seed)
+    model = load_run(args.run, args.device).model
+    runtime = TorchRuntime(model, args.device, name="torch-quant")
+    base = evaluate(runtime, eval_set, progress=False)
+    pred = base.logits.argmax(1)
+    print(f"{args.run.name}: unperturbed top-1 {base.top1:.1f} on {base.n} images, {args.device}")
+    print("| nudged inputs of | quantizers | top-1 agreement with unperturbed | KL to unperturbed | top-1 |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for label, sites in site_sets(model).items():
+        agree, kl, top1 = [], [], []
+        for seed in range(args.seeds):
+            res = evaluate(UlpPerturbed(runtime, seed, inputs_of=sites), eval_set, progress=False)
+            agree.append(100 * (res.logits.argmax(1) == pred).float().mean().item())
+            kl.append(F.kl_div(res.logits.log_softmax(1), base.logits.log_softmax(1), log_target=True,
+                               reduction="batchmean").item())
+            top1.append(res.top1)
+        row = {"sites": label, "n": len(sites), "agreement": sum(agree) / len(agree), "kl": sum(kl) / len(kl),
+               "top1": top1}
+        rows.append(row)
+        print(f"| {label} | {len(sites)} | {row['agreement']:.1f} % | {row['kl']:.5f} | "
+              f"{', '.join(f'{t:.1f}' for t in top1)} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"run": args.run.name, "top1": base.top1, "device": args.device,
+                                         "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
