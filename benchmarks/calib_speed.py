@@ -233,17 +233,12 @@ def main() -> None:
     for name in args.models:
         if args.profile is not None:
             profile_groups(name, args.profile or [1], args.samples, args.batch_size)
-        base = None
         for mode in [] if args.profile_only else args.modes:
             try:
                 r = measure(name, mode, args.measure_iters, args.samples, args.batch_size, args.full_iters)
             except Exception:  # report and go on: one failing mode must not hide the others' figures
                 traceback.print_exc()
                 continue
-            if mode == "plain":
-                base = r
-            flops = (base or r)["flops_per_iter_all_groups"]
-            r["tflops"] = round(flops / r["sum_iter_s"] / 1e12, 2) if flops else None
             r["group0_final_loss"] = r["group0"]["final_loss"]
             r["group0_mse_after"] = r["group0"]["mse_after"]
             rows.append(r)
@@ -262,7 +257,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['mode']} | {r['groups']} | {r['s_per_1k_iters_per_group']} | "
-              f"{r.get('speedup_vs_plain', '—')}× | {r['projected_total_min']} | {r['tflops']} | {r['peak_mem_gib']} | "
+              f"{r.get('speedup_vs_plain', '—')}× | {r['projected_total_min']} | {r.get('tflops', '—')} | "
+              f"{r['peak_mem_gib']} | "
               f"{r['group0_final_loss']:.5g} | {r.get('group0_codes_equal_plain', float('nan')):.4%} |")
     if args.out:
         for r in rows:
