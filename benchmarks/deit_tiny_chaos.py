@@ -35,8 +35,8 @@ from osqdeploy.quant.modules import ACT_QUANTIZERS  # noqa: E402
 _BLOCK = re.compile(r"^(.*?blocks\.\d+)\.")
 
 
-def site_sets(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
-    """Activation quantizers by kind (name with the block index wildcarded) and by block."""
+def site_sets(model: torch.nn.Module, which: tuple[str, ...] = ("kinds", "blocks")) -> dict[str, list[torch.nn.Module]]:
+    """Activation quantizers, all together and by kind (name with the block index wildcarded), and by block."""
     kinds: dict[str, list] = {}
     blocks: dict[str, list] = {}
     for name, m in model.named_modules():
@@ -46,8 +46,8 @@ def site_sets(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
         match = _BLOCK.match(name)
         if match:
             blocks.setdefault(match.group(1), []).append(m)
-    all_sites = [m for ms in kinds.values() for m in ms]
-    return {"all quantizers": all_sites, **kinds, **blocks}
+    sets = {"all quantizers": [m for ms in kinds.values() for m in ms], **kinds} if "kinds" in which else {}
+    return {**sets, **(blocks if "blocks" in which else {})}
 
 
 def main() -> None:
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--eval-fraction", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0, help="the split's seed (deit_tiny_accuracy.py's)")
     ap.add_argument("--seeds", type=int, default=2, help="nudge seeds per site set (agreement is their mean)")
+    ap.add_argument("--sets", nargs="+", default=["kinds", "blocks"], choices=["kinds", "blocks"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -74,7 +75,7 @@ def main() -> None:
     print("| nudged inputs of | quantizers | top-1 agreement with unperturbed | KL to unperturbed | top-1 |")
     print("|---|---|---|---|---|")
     rows = []
-    for label, sites in site_sets(model).items():
+    for label, sites in site_sets(model, tuple(args.sets)).items():
         agree, kl, top1 = [], [], []
         for seed in range(args.seeds):
             res = evaluate(UlpPerturbed(runtime, seed, inputs_of=sites), eval_set, progress=False)
