@@ -33,7 +33,6 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -124,8 +123,7 @@ def main() -> None:
         row = {
             "model": args.model, "bits": f"W{w}A{a}", "plan": manifest["plan"]["spec"], "iters": args.iters,
             "fp32": fp_res.top1, "fake_quant": q_res.top1, "calib_seconds": round(calib_s, 1),
-            "kl": F.kl_div(q_res.logits.log_softmax(1), fp_res.logits.log_softmax(1), log_target=True,
-                           reduction="batchmean").item(),
+            "kl": parity(fp_res, q_res).kl_divergence,
             "calib_images": manifest.get("calibration", {}).get("samples"), "settings": settings,
             "groups": [(g["mse_before"], g["mse_after"]) for g in manifest["groups"]],
             "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",

@@ -22,11 +22,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from osqdeploy.evaluate import TorchRuntime, UlpPerturbed, evaluate  # noqa: E402
+from osqdeploy.evaluate import TorchRuntime, UlpPerturbed, evaluate, parity  # noqa: E402
 from osqdeploy.load.data import ImageFiles, eval_transform  # noqa: E402
 from osqdeploy.load.models import load_model  # noqa: E402
 from osqdeploy.pipeline import load_run  # noqa: E402
@@ -80,8 +79,7 @@ def main() -> None:
         for seed in range(args.seeds):
             res = evaluate(UlpPerturbed(runtime, seed, inputs_of=sites), eval_set, progress=False)
             agree.append(100 * (res.logits.argmax(1) == pred).float().mean().item())
-            kl.append(F.kl_div(res.logits.log_softmax(1), base.logits.log_softmax(1), log_target=True,
-                               reduction="batchmean").item())
+            kl.append(parity(base, res).kl_divergence)
             top1.append(res.top1)
         row = {"sites": label, "n": len(sites), "agreement": sum(agree) / len(agree), "kl": sum(kl) / len(kl),
                "top1": top1}

@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from osqdeploy.evaluate import TorchRuntime, evaluate  # noqa: E402
+from osqdeploy.evaluate import TorchRuntime, evaluate, parity  # noqa: E402
 from osqdeploy.load.data import ImageFiles, eval_transform  # noqa: E402
 from osqdeploy.load.models import load_model  # noqa: E402
 from osqdeploy.pipeline import load_run  # noqa: E402
@@ -53,8 +52,7 @@ def main() -> None:
             q, f = evaluate(TorchRuntime(model, args.device, name="torch-quant"), dataset, progress=False), ref[split]
             row = {
                 "run": run_dir.name, "split": split, "fp32_top1": f.top1, "top1": q.top1,
-                "kl": F.kl_div(q.logits.log_softmax(1), f.logits.log_softmax(1), log_target=True,
-                               reduction="batchmean").item(),
+                "kl": parity(f, q).kl_divergence,
                 "logit_mse": (q.logits - f.logits).pow(2).mean().item(),
                 "agreement": 100 * (q.logits.argmax(1) == f.logits.argmax(1)).float().mean().item(),
                 "device": args.device,

@@ -210,6 +210,18 @@ def test_parity_refuses_different_inputs(model, dataset):
         parity(full, part)
 
 
+def test_parity_kl_divergence_is_kl_of_a_from_b_predictions(model, dataset):
+    a = evaluate(TorchRuntime(model), dataset, batch_size=8, progress=False)
+    assert parity(a, a).kl_divergence == pytest.approx(0.0, abs=1e-7)
+    torch.manual_seed(0)
+    other = a.logits + torch.randn_like(a.logits)
+    b = EvalResult("other", a.n, a.top1, a.top5, 1.0, other, a.labels.clone())
+    p, q = a.logits.softmax(1), other.softmax(1)
+    expected = float((p * (p.log() - q.log())).sum(1).mean())  # KL(a||b) per input, averaged
+    assert parity(a, b).kl_divergence == pytest.approx(expected, rel=1e-5)
+    assert parity(b, a).kl_divergence != pytest.approx(expected, rel=1e-3)  # not symmetric
+
+
 def test_report_json_and_table(model, dataset, tmp_path):
     a = evaluate(TorchRuntime(model), dataset, batch_size=8, progress=False)
     noisy = a.logits + 0.01
