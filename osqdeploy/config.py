@@ -121,6 +121,14 @@ class CalibrationConfig:
     # fallback_random), so it computes what the eager step computes up to float reassociation.
     # Blocks of one shape share one compiled graph (parameters are graph inputs).
     compile_group: bool = False
+    # One fused Adam kernel per parameter group instead of a chain of foreach kernels (CUDA). The
+    # same update formula; its float operations are ordered differently, so weights' rounding can
+    # differ where a V sits at a tie.
+    fused_adam: bool = True
+    # QDrop's random masks generated inside the compiled kernels (``compile``/``compile_group``)
+    # rather than by eager ``rand_like``: Bernoulli(drop_prob) masks all the same, drawn from
+    # inductor's Philox stream, so not the same draws as the uncompiled step for a seed.
+    fused_rng: bool = False
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -39,7 +39,9 @@ def test_onnxruntime_agrees_with_fake_quant(exported):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"image": x.numpy()})[0]
     agreement = (got.argmax(1) == ref.argmax(1)).mean()
-    assert agreement >= 0.995
+    # One near-tie may flip: on the tiny W4A4 ViT an image whose top-2 logits are 0.04 % of the
+    # logit range apart does, under a largest deviation of 0.24 % of it.
+    assert agreement >= 0.99
     # Bound: exact integer grids on both sides; what differs is float rounding inside LayerNorm,
     # GELU, softmax and the matmuls. An ulp-level difference can move a value across a rounding
     # boundary of an 8-bit grid (one step), which then propagates: a few percent of the logit

@@ -15,6 +15,7 @@ from osqdeploy.adapters import adapter_for
 from osqdeploy.config import CalibrationConfig, QuantConfig
 from osqdeploy.plan import build_plan
 from osqdeploy.quant import modules as M
+from osqdeploy.quant import primitives as P
 from osqdeploy.quant.modules import quant_layers
 from osqdeploy.reconstruct import Reconstructor, prepare_model
 from osqdeploy.reconstruct.step import Schedule
@@ -22,12 +23,23 @@ from osqdeploy.reconstruct.step import Schedule
 from conftest import images, tiny_vit
 
 
-def test_schedule_is_the_eager_loops_batches_and_annealing():
+def test_schedule_draws_seeded_uniform_batches_of_distinct_inputs_and_anneals():
     cfg = CalibrationConfig(iters=50, batch_size=8, warmup=0.2, beta_start=20.0, beta_end=2.0, round_weight=0.1)
     sched = Schedule.build(cfg, 40, torch.Generator().manual_seed(3), torch.device("cpu"))
-    gen = torch.Generator().manual_seed(3)
-    for it in range(50):
-        assert torch.equal(sched.batches[it], torch.randperm(40, generator=gen)[:8])
+    again = Schedule.build(cfg, 40, torch.Generator().manual_seed(3), torch.device("cpu"))
+    other = Schedule.build(cfg, 40, torch.Generator().manual_seed(4), torch.device("cpu"))
+    assert sched.batches.shape == (50, 8) and torch.equal(sched.batches, again.batches)
+    assert not torch.equal(sched.batches, other.batches)
+    assert all(len(set(row.tolist())) == 8 for row in sched.batches)  # a batch never repeats an input
+    assert int(sched.batches.min()) >= 0 and int(sched.batches.max()) < 40
+    # every input equally likely: over 2,000 draws of 8 from 40 each is used 400 ± 3.5σ times
+    counts = torch.bincount(Schedule.build(CalibrationConfig(iters=2000, batch_size=8), 40,
+                                           torch.Generator().manual_seed(5), torch.device("cpu")).batches.flatten())
+    sigma = (2000 * 0.2 * 0.8) ** 0.5
+    assert int(counts.min()) > 400 - 3.5 * sigma and int(counts.max()) < 400 + 3.5 * sigma
+    # fewer inputs than the batch size: the batch is every input
+    small = Schedule.build(cfg, 5, torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert small.batches.shape == (50, 5) and all(sorted(r.tolist()) == list(range(5)) for r in small.batches)
     warm = 10
     assert torch.all(sched.reg_weight[:warm] == 0)
     assert torch.allclose(sched.reg_weight[warm:], torch.tensor(0.1))
@@ -40,7 +52,6 @@ def test_schedule_is_the_eager_loops_batches_and_annealing():
 def test_compiled_quantizer_kernels_match_their_eager_definitions():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 30, 24, generator=g)
-    rand = torch.rand(x.shape, generator=g)
     probs = torch.softmax(torch.randn(2, 3, 10, 10, generator=g), -1)
     alpha = torch.randn(24, 16, generator=g)
     w_floor = torch.floor(torch.randn(24, 16, generator=g) * 4)
@@ -51,9 +62,10 @@ def test_compiled_quantizer_kernels_match_their_eager_definitions():
         scale = torch.tensor(0.05, requires_grad=True)
         ps = probs.clone().requires_grad_(True)
         a = alpha.clone().requires_grad_(True)
+        torch.manual_seed(11)  # QDrop's eager draw: the compiled kernel falls back to the same one
         outs = [
-            M._KERNELS["uniform"](xs, scale, torch.tensor(7.0), 4, rand, 0.5),
-            M._KERNELS["log"](ps, torch.tensor(1.0), 4, "sqrt2", None, 0.0),
+            M._KERNELS["uniform"](xs, scale, torch.tensor(7.0), 4, 0.5),
+            M._KERNELS["log"](ps, torch.tensor(1.0), 4, "sqrt2", 0.5),
             M._KERNELS["adaround"](w_floor, a, s, zp, 4),
             M._KERNELS["regularizer"](a, torch.tensor(7.5)),
         ]
@@ -72,13 +84,38 @@ def test_compiled_quantizer_kernels_match_their_eager_definitions():
         assert torch.allclose(e, f, rtol=1e-4, atol=1e-6)
 
 
+def test_fused_rng_draws_bernoulli_masks_inside_the_kernel():
+    """``fused_rng``: QDrop's mask comes from inductor's generator, not eager ``rand_like``.
+
+    Every element is still either the float input (gradient 1 to it) or its quantized value;
+    about ``drop_prob`` of them are the former, and two calls draw different masks.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 50, 64, generator=g)
+    scale, zp = torch.tensor(0.05), torch.tensor(7.0)
+    xq = P.fake_quantize_uniform(x, scale, zp, 4)
+    with M.fused_quantizers(fused_rng=True):
+        xs = x.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        out = M._KERNELS["uniform"](xs, scale, zp, 4, 0.5)
+        again = M._KERNELS["uniform"](xs, scale, zp, 4, 0.5)
+        (grad,) = torch.autograd.grad(out.sum(), xs)
+    kept, quantized = out == x, out == xq
+    assert bool((kept | quantized).all())
+    only_kept = kept & ~quantized
+    assert abs(float(kept.float().mean()) - 0.5) < 0.02 and bool((grad[only_kept] == 1).all())
+    assert 0.4 < float((out != again).float().mean()) < 0.6  # independent masks: differ where either drops
+    torch.manual_seed(1)
+    assert not torch.equal(out, torch.where(torch.rand_like(x) < 0.5, x, xq))  # not the eager draw
+
+
 def _codes(cuda_graph: bool, compile_: bool, tf32: bool = False, device: str = "cuda", plan: str = "blocks:3",
-           iters: int = 120, compile_group: bool = False):
+           iters: int = 120, compile_group: bool = False, **speed):
     model = tiny_vit(depth=3)
     q = copy.deepcopy(model)
     adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
     ccfg = CalibrationConfig(samples=64, batch_size=16, iters=iters, device=device, tf32=tf32,
-                             cuda_graph=cuda_graph, compile=compile_, compile_group=compile_group)
+                             cuda_graph=cuda_graph, compile=compile_, compile_group=compile_group, **speed)
     torch.backends.cuda.matmul.allow_tf32 = tf32
     rec = Reconstructor(q, adapter, build_plan(plan, adapter.units(q)), ccfg, torch.device(device))
     x = images(64, 32)
@@ -117,6 +154,15 @@ def test_cuda_graph_replay_computes_exactly_what_the_eager_step_computes():
     group_codes, group = _codes(cuda_graph=True, compile_=True, compile_group=True)
     assert float((group_codes == plain_codes).float().mean()) > 0.99
     assert group.mse_after == pytest.approx(plain.mse_after, rel=0.1)
+    # foreach Adam (the plain engine's) against the fused kernel: the same update, reordered
+    foreach_codes, foreach = _codes(cuda_graph=False, compile_=False, fused_adam=False)
+    assert float((foreach_codes == plain_codes).float().mean()) > 0.99
+    assert foreach.mse_after == pytest.approx(plain.mse_after, rel=0.1)
+    # other QDrop draws (fused_rng): a different sample of the same optimisation, not the same one
+    for group_ in (False, True):
+        rng_codes, rng = _codes(cuda_graph=True, compile_=True, compile_group=group_, fused_rng=True)
+        assert float((rng_codes == plain_codes).float().mean()) > 0.9
+        assert rng.mse_after == pytest.approx(plain.mse_after, rel=0.25)
 
 
 def test_tf32_is_switched_on_for_reconstruction_only():

@@ -66,19 +66,21 @@ def _ema(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Ten
 # --- training-time arithmetic, optionally compiled ------------------------------------------------
 # During reconstruction every quantizer is a chain of small elementwise ops, forward and backward.
 # These functions are that chain, written once; ``fused_quantizers()`` swaps in torch.compile'd
-# copies so each becomes one generated kernel per direction (issue 5). QDrop's random draw stays
-# outside (eager ``rand_like``), so both versions see the same random numbers.
+# copies so each becomes one generated kernel per direction (issue 5). QDrop's random draw is part
+# of the chain: by default the compiled copies still draw it with eager ``rand_like`` (inductor's
+# ``fallback_random``), so both versions see the same random numbers; with ``fused_rng`` the draw
+# is generated inside the fused kernel (see ``CalibrationConfig.fused_rng``).
 
 
-def _uniform_train(x, scale, zero_point, bits: int, rand: torch.Tensor | None, drop_prob: float):
+def _uniform_train(x, scale, zero_point, bits: int, drop_prob: float):
     xq = P.fake_quantize_uniform(x, scale, zero_point, bits)
-    return xq if rand is None else torch.where(rand < drop_prob, x, xq)
+    return xq if drop_prob <= 0 else torch.where(torch.rand_like(x) < drop_prob, x, xq)
 
 
-def _log_train(x, delta, bits: int, base: str, rand: torch.Tensor | None, drop_prob: float):
+def _log_train(x, delta, bits: int, base: str, drop_prob: float):
     xq = P.fake_quantize_log(x, delta, bits, base)
     xq = x + (xq - x).detach()  # STE: gradients reach the layers before the softmax
-    return xq if rand is None else torch.where(rand < drop_prob, x, xq)
+    return xq if drop_prob <= 0 else torch.where(torch.rand_like(x) < drop_prob, x, xq)
 
 
 def _adaround_soft(w_floor, alpha, scale, zero_point, bits: int):
@@ -88,7 +90,7 @@ def _adaround_soft(w_floor, alpha, scale, zero_point, bits: int):
 _EAGER = {"uniform": _uniform_train, "log": _log_train, "adaround": _adaround_soft,
           "regularizer": P.adaround_regularizer}
 _KERNELS = dict(_EAGER)
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[bool, dict[str, object]] = {}  # fused_rng -> compiled copies of _EAGER
 
 
 def allow_recompiles(n: int) -> None:
@@ -99,17 +101,23 @@ def allow_recompiles(n: int) -> None:
 
 
 @contextmanager
-def fused_quantizers(enabled: bool = True) -> Iterator[None]:
-    """Run the training-time quantizer arithmetic through torch.compile'd kernels inside the block."""
+def fused_quantizers(enabled: bool = True, fused_rng: bool = False) -> Iterator[None]:
+    """Run the training-time quantizer arithmetic through torch.compile'd kernels inside the block.
+
+    ``fused_rng`` generates QDrop's random numbers inside the kernels (inductor's own Philox
+    stream) instead of calling eager ``rand_like``: the same Bernoulli(p) masks in distribution,
+    not the same draws.
+    """
     previous = dict(_KERNELS)
     if enabled:
-        if not _COMPILED:
+        if fused_rng not in _COMPILED:
             # Static shapes: a model has a handful of activation and weight shapes, and static
             # kernels split their reductions (the step-size gradient sums whole activations),
             # which dynamic-shape kernels measured 9x slower at (H100, ViT-S).
             allow_recompiles(64)
-            _COMPILED.update({k: torch.compile(fn, dynamic=False) for k, fn in _EAGER.items()})
-        _KERNELS.update(_COMPILED)
+            options = {"fallback_random": not fused_rng}
+            _COMPILED[fused_rng] = {k: torch.compile(fn, dynamic=False, options=options) for k, fn in _EAGER.items()}
+        _KERNELS.update(_COMPILED[fused_rng])
     try:
         yield
     finally:
@@ -195,9 +203,8 @@ class ActQuantizer(nn.Module):
                 lo, hi = self.clip_bounds()
                 x = torch.clamp(x, lo.detach(), hi.detach())
             return torch.ops.osqdeploy.qdq(x, self.scale.detach(), self.zero_point_int)
-        if self.training and self.drop_prob > 0:
-            return _KERNELS["uniform"](x, self.scale, self.zero_point, self.bits, torch.rand_like(x), self.drop_prob)
-        return _KERNELS["uniform"](x, self.scale, self.zero_point, self.bits, None, 0.0)
+        drop_prob = self.drop_prob if self.training else 0.0
+        return _KERNELS["uniform"](x, self.scale, self.zero_point, self.bits, drop_prob)
 
     def prepare_export(self) -> None:
         self.zero_point_int = self.zero_point.round().to(torch.uint8)
@@ -242,8 +249,8 @@ class LogQuantizer(nn.Module):
             return x
         if _EXPORTING:
             return P.fake_quantize_log(x, self.delta, self.bits, self.base)
-        rand = torch.rand_like(x) if self.training and self.drop_prob > 0 else None
-        return _KERNELS["log"](x, self.delta, self.bits, self.base, rand, self.drop_prob)
+        drop_prob = self.drop_prob if self.training else 0.0
+        return _KERNELS["log"](x, self.delta, self.bits, self.base, drop_prob)
 
     def prepare_export(self) -> None:
         pass

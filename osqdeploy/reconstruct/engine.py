@@ -131,7 +131,11 @@ class Reconstructor:
         objective: Objective | None = None,
     ):
         ccfg.validate()
-        self.model = model.to(device)
+        # Reconstruction learns only the rounding variables and activation steps (each set to
+        # require gradients while its group is optimised). Frozen, the float parameters cost no
+        # backward kernels: timm's LayerNorm affines and Swin's position-bias tables would
+        # otherwise have gradients computed and accumulated at every step and never used.
+        self.model = model.to(device).requires_grad_(False)
         self.adapter = adapter
         self.plan = plan
         self.cfg = ccfg
@@ -312,7 +316,7 @@ class Reconstructor:
             self.callbacks.on_iter(index, it, value)
 
         cuda = self.device.type == "cuda"
-        with fused_quantizers(cfg.compile and cuda and not cfg.compile_group):  # compile_group fuses more
+        with fused_quantizers(cfg.compile and cuda and not cfg.compile_group, cfg.fused_rng):  # group fuses more
             run_steps(step, cfg.iters, cfg.cuda_graph and cuda, on_log, log_every=max(1, cfg.iters // 100))
 
         for q in acts:
