@@ -8,27 +8,36 @@ before/after, graph capture) are measured separately and the paper's schedule (2
 per group) is projected as fixed costs + groups × per-iteration time × 20,000.
 
 Modes, run side by side in one process on one GPU:
-  plain  — eager fp32: no TF32, no CUDA graph (all speed features off)
+  plain  — eager fp32: no TF32, no CUDA graph, foreach Adam (all speed features off)
   graph  — the step replayed as a CUDA graph, fp32: must compute exactly what plain computes
   graph+compile — and the quantizer arithmetic as torch.compile'd fused kernels, fp32
-  fast   — graph + compile + TF32 matmuls (the default engine)
+  fast   — graph + compile + TF32 matmuls + fused Adam (the default engine)
+  fast+rng — and QDrop's masks drawn inside the compiled kernels (fused_rng: other draws)
   fast+bf16 — and the group's forward/backward under bf16 autocast (opt-in: its group-0 loss
            and MSE, computed in fp32, are printed next to the others')
   fast+group — fast, with the group's whole forward/backward torch.compile'd (compile_group),
-           not each quantizer alone; +bf16 adds autocast to it
+           not each quantizer alone; +rng and +bf16 add those to it
 For each mode it prints the final reconstruction loss of group 0 and the fraction of group-0
-weight codes identical to plain's, so every speed-up is shown next to what it changed.
+weight codes identical to plain's, so every speed-up is shown next to what it changed. The
+projection also counts drawing the full schedule's batches (once per group, on the host).
+
+``--end-to-end DIR`` then runs the real thing per model: ``osq calibrate MODEL --bits 4 4 --data DIR``
+at the paper's schedule on random weights saved as a checkpoint, timed from process start to exit.
 
     python benchmarks/calib_speed.py --models vit_s deit_b swin_b --measure-iters 200
+    python benchmarks/calib_speed.py --models vit_s --modes --end-to-end /path/to/images
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,14 +52,17 @@ from osqdeploy.plan import build_plan  # noqa: E402
 from osqdeploy.quant import modules as M  # noqa: E402
 from osqdeploy.quant.modules import quant_layers  # noqa: E402
 from osqdeploy.reconstruct import Callbacks, Reconstructor, prepare_model  # noqa: E402
+from osqdeploy.reconstruct.step import Schedule  # noqa: E402
 
 MODES = {
-    "plain": dict(tf32=False, cuda_graph=False, compile=False),
-    "graph": dict(tf32=False, cuda_graph=True, compile=False),
-    "graph+compile": dict(tf32=False, cuda_graph=True, compile=True),
+    "plain": dict(tf32=False, cuda_graph=False, compile=False, fused_adam=False),
+    "graph": dict(tf32=False, cuda_graph=True, compile=False, fused_adam=False),
+    "graph+compile": dict(tf32=False, cuda_graph=True, compile=True, fused_adam=False),
     "fast": dict(tf32=True, cuda_graph=True, compile=True),
+    "fast+rng": dict(tf32=True, cuda_graph=True, compile=True, fused_rng=True),
     "fast+bf16": dict(tf32=True, cuda_graph=True, compile=True, bf16=True),
     "fast+group": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True),
+    "fast+group+rng": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, fused_rng=True),
     "fast+group+bf16": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, bf16=True),
 }
 
@@ -151,7 +163,10 @@ def measure(model_name: str, mode: str, measure_iters: int, samples: int, batch:
                 "codes": torch.cat([m.weight_quantizer.w_int.flatten().cpu()
                                    for m in quant_layers([r for u in rec.groups[0] for r in u.modules])]),
             }
-    projected = fixed + sum(overhead) + sum(p * full_iters for p in per_iter)
+    t = time.perf_counter()
+    Schedule.build(replace(ccfg, iters=full_iters), samples, torch.Generator().manual_seed(0), torch.device("cuda"))
+    schedule_s = (time.perf_counter() - t) * len(rec.groups)
+    projected = fixed + sum(overhead) + schedule_s + sum(p * full_iters for p in per_iter)
     return {
         "model": model_name,
         "mode": mode,
@@ -159,6 +174,7 @@ def measure(model_name: str, mode: str, measure_iters: int, samples: int, batch:
         "s_per_1k_iters_per_group": round(1000 * sum(per_iter) / len(per_iter), 3),
         "projected_total_min": round(projected / 60, 2),
         "fixed_s": round(fixed + sum(overhead), 1),
+        "schedule_s": round(schedule_s, 1),
         "flops_per_iter_all_groups": sum(flops) if flops else None,
         "sum_iter_s": sum(per_iter),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -210,6 +226,34 @@ def profile_groups(model_name: str, indices: list[int], samples: int, batch: int
         print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=220))
 
 
+def end_to_end(model_name: str, data: Path, work: Path) -> dict:
+    """``osq calibrate MODEL --bits 4 4`` at the default (paper) schedule, as a user runs it.
+
+    Random weights stand in for the pretrained ones (saved as the ``--checkpoint``); the images
+    are read from ``data`` (calibration data already on disk). Timed from process start to exit.
+    """
+    from osqdeploy.load.models import resolve_recipe
+
+    recipe = resolve_recipe(model_name)
+    ckpt = work / f"{recipe.name}.pth"
+    torch.manual_seed(0)
+    torch.save(recipe.spec().create().state_dict(), ckpt)
+    run_dir = work / f"run-{recipe.name}"
+    cmd = [sys.executable, "-c", "from cli.main import app; app()", "calibrate", recipe.name, "--bits", "4", "4",
+           "--checkpoint", str(ckpt), "--data", str(data), "--device", "cuda", "--run-dir", str(run_dir)]
+    print("$", " ".join(cmd[3:]), flush=True)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1])  # its progress lines go to our output
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"osq calibrate {recipe.name} exited with {proc.returncode}")
+    manifest = json.loads((run_dir / "run.json").read_text())
+    cal = manifest["calibration"]
+    return {"model": model_name, "wall_min": round(wall / 60, 2), "calibrate_min": round(manifest["seconds"] / 60, 2),
+            "groups": len(manifest["groups"]), "iters": cal["iters"], "samples": cal["samples"],
+            "batch_size": cal["batch_size"], "device": manifest["device"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["vit_s", "deit_b", "swin_b"])
@@ -217,11 +261,13 @@ def main() -> None:
     ap.add_argument("--full-iters", type=int, default=20000)
     ap.add_argument("--samples", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", type=int, nargs="*", default=None, metavar="GROUP",
                     help="first print these groups' top CUDA kernels per model (default: group 1)")
     ap.add_argument("--profile-only", action="store_true", help="profile, do not time the modes")
+    ap.add_argument("--end-to-end", type=Path, default=None, metavar="DIR",
+                    help="then time `osq calibrate MODEL --bits 4 4 --data DIR` at the full schedule per model")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("calib_speed.py measures GPU calibration; no CUDA device here")
@@ -260,11 +306,23 @@ def main() -> None:
               f"{r.get('speedup_vs_plain', '—')}× | {r['projected_total_min']} | {r.get('tflops', '—')} | "
               f"{r['peak_mem_gib']} | "
               f"{r['group0_final_loss']:.5g} | {r.get('group0_codes_equal_plain', float('nan')):.4%} |")
+    e2e = []
+    if args.end_to_end is not None:
+        with tempfile.TemporaryDirectory() as work:
+            for name in args.models:
+                e2e.append(end_to_end(name, args.end_to_end, Path(work)))
+                print(json.dumps(e2e[-1]), flush=True)
+        print(f"\n{torch.cuda.get_device_name()}, `osq calibrate MODEL --bits 4 4` end to end (paper schedule)")
+        print("| model | groups | iterations/group | images | measured wall (min) | of which calibrate (min) |")
+        print("|---|---|---|---|---|---|")
+        for r in e2e:
+            print(f"| {r['model']} | {r['groups']} | {r['iters']} | {r['samples']} | {r['wall_min']} | "
+                  f"{r['calibrate_min']} |")
     if args.out:
         for r in rows:
             r.pop("group0", None)
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "ceilings": ceil, "rows": rows},
-                                             indent=2))
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "ceilings": ceil, "rows": rows,
+                                              "end_to_end": e2e}, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -87,7 +86,12 @@ def main() -> None:
     rows: list[dict] = []
     fp_res = evaluate(TorchRuntime(fp.model, device=device, name="torch-fp32"), eval_set, progress=False)
     print(f"fp32 top-1 {fp_res.top1:.2f}  top-5 {fp_res.top5:.2f}")
-    providers = ort.get_available_providers()
+    if args.ort:  # imported only when asked for: the GPU machine has no onnxruntime until one is carried
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+    else:
+        providers = []
     for cfg in args.configs:
         w, a, plan, *extra = cfg.split(",")
         qcfg, settings = QuantConfig(int(w), int(a)), dict(kv.split("=", 1) for kv in extra)

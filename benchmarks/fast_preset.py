@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -75,7 +76,9 @@ def main() -> None:
     work = sorted(((n, i, s) for n in args.models for i in args.iters for s in args.seeds), key=lambda w: -w[1])
     threads = 1 if args.jobs > 1 else None
     results = {}
-    with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _Serial() as pool:
+    # spawned, not forked: a forked child cannot use CUDA
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=spawn) if args.jobs > 1 else _Serial() as pool:
         futures = {pool.submit(output_mse, w[0], w[1], device, threads, w[2]): w for w in work}
         for future in as_completed(futures):  # each as it finishes: a stopped run keeps what is done
             results[futures[future]] = future.result()
