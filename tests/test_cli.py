@@ -22,6 +22,8 @@ from typer.testing import CliRunner, Result
 
 from cli import main as cli_main
 from cli.main import app
+from osqdeploy import config
+from osqdeploy.config import CalibrationConfig
 from osqdeploy.load import demo
 from osqdeploy.reconstruct import Reconstructor
 from osqdeploy.run import store
@@ -328,6 +330,21 @@ def test_fast_preset_shortens_the_schedule_and_explicit_iters_win(demo_env: Path
     # the demo's own schedule (100) is already shorter than the preset: --fast never lengthens one
     assert osq("calibrate", "demo", "--fast", *small, "--run-dir", "b").exit_code == 0
     assert store.read_manifest(tmp_path / "b")["calibration"]["iters"] == min(100, cli_main.FAST_ITERS)
+    assert store.read_manifest(tmp_path / "b")["calibration"]["lr_round"] == CalibrationConfig.lr_round
+    # a schedule longer than the preset is cut to it, AdaRound's learning rate raised by the cut
+    monkeypatch.setattr(config, "FAST_ITERS", 20)
+    assert osq("calibrate", "demo", "--fast", *small, "--run-dir", "c").exit_code == 0
+    cut = store.read_manifest(tmp_path / "c")["calibration"]
+    assert cut["iters"] == 20 and cut["lr_round"] == pytest.approx(CalibrationConfig.lr_round * 100 / 20)
+
+
+def test_fast_preset_is_a_fifth_of_the_paper_schedule_at_five_times_the_rounding_rate():
+    full = CalibrationConfig()
+    fast = config.fast_preset(full)
+    assert (fast.iters, fast.lr_round) == (4000, pytest.approx(5e-3))
+    assert {k: v for k, v in fast.to_dict().items() if k not in ("iters", "lr_round")} == \
+        {k: v for k, v in full.to_dict().items() if k not in ("iters", "lr_round")}
+    assert config.fast_preset(CalibrationConfig(iters=300)) == CalibrationConfig(iters=300)
 
 
 def test_augment_makes_up_the_number_of_calibration_images(demo_env: Path, tmp_path: Path, monkeypatch):

@@ -251,10 +251,10 @@ class Reconstructor:
             int((nr != layer.weight_quantizer.w_int.float()).sum()) for nr, layer in zip(nearest, layers, strict=True)
         )
         total = sum(layer.weight.numel() for layer in layers)
-        mse_after = self._group_mse(group, q_in, target)
+        q_out = self._propagate(lambda s: self._run_group(group, s), q_in)  # the next group's input
+        mse_after = float((q_out[-1].float() - target.float()).pow(2).mean())
         if not torch.isfinite(torch.tensor(mse_after)):
             raise NumericalError(f"group {index} ({' + '.join(names)}): output MSE is {mse_after}")
-        q_out = self._propagate(lambda s: self._run_group(group, s), q_in)
         result = GroupResult(
             index=index,
             units=names,

@@ -84,7 +84,7 @@ class GroupStep:
         # eager and graphed runs compute the same bias corrections. The fused kernel keeps it
         # there too, and is capturable.
         cuda = device.type == "cuda"
-        adam = dict(capturable=cuda) if not (cuda and cfg.fused_adam) else dict(fused=True)
+        adam = dict(capturable=cuda, fused=True if cuda and cfg.fused_adam else None)
         round_params = [layer.weight_quantizer.alpha for layer in layers]
         self.optimizers = [torch.optim.Adam(round_params, lr=cfg.lr_round, **adam)]
         if step_params:
