@@ -13,8 +13,9 @@ Modes, run side by side in one process on one GPU:
   graph+compile — and the quantizer arithmetic as torch.compile'd fused kernels, fp32
   fast   — graph + compile + TF32 matmuls + fused Adam (the default engine)
   fast+rng — and QDrop's masks drawn inside the compiled kernels (fused_rng: other draws)
-  fast+bf16 — and the group's forward/backward under bf16 autocast (opt-in: its group-0 loss
-           and MSE, computed in fp32, are printed next to the others')
+  fast+bf16, fast+fp16 — and the group's forward/backward under bf16/fp16 autocast, quantizers
+           rounding in fp32 (opt-in: its group-0 loss and MSE, computed in fp32, are printed next
+           to the others')
   fast+group — fast, with the group's whole forward/backward torch.compile'd (compile_group),
            not each quantizer alone; +rng and +bf16 add those to it
 For each mode it prints the final reconstruction loss of group 0 and the fraction of group-0
@@ -60,10 +61,11 @@ MODES = {
     "graph+compile": dict(tf32=False, cuda_graph=True, compile=True, fused_adam=False),
     "fast": dict(tf32=True, cuda_graph=True, compile=True),
     "fast+rng": dict(tf32=True, cuda_graph=True, compile=True, fused_rng=True),
-    "fast+bf16": dict(tf32=True, cuda_graph=True, compile=True, bf16=True),
+    "fast+bf16": dict(tf32=True, cuda_graph=True, compile=True, autocast="bf16"),
+    "fast+fp16": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16"),
     "fast+group": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True),
     "fast+group+rng": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, fused_rng=True),
-    "fast+group+bf16": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, bf16=True),
+    "fast+group+bf16": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, autocast="bf16"),
 }
 
 

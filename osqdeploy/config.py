@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 WEIGHT_INITS = ("minmax", "mse")
+AUTOCASTS = ("off", "bf16", "fp16")
 POST_GELU_RANGES = ("mse", "mse_max")
 EDGE_RANGES = ("mse", "minmax")
 
@@ -109,11 +110,17 @@ class CalibrationConfig:
     tf32: bool = True
     cuda_graph: bool = True
     compile: bool = True
-    # bf16 autocast of the group's forward/backward during reconstruction (quantizer arithmetic
-    # follows its inputs' dtype). Off: 1.1-1.3x faster on an H200, but on the real DeiT-Tiny at
-    # W4A4 it raised the held-out KL to fp32 by 6 % (README, Results). The MSE reported
-    # before/after each group is always computed in fp32.
-    bf16: bool = False
+    # Autocast of the group's forward/backward during reconstruction: "off", "bf16" or "fp16".
+    # Matmuls run in the half type; every quantizer still rounds in fp32 (its input upcast inside
+    # the kernel), so a rounding decision moves only by the half rounding of its input, never by
+    # half-precision arithmetic on the grid. fp16 rounds matmul operands to TF32's 10-bit
+    # mantissa (bf16: 7 bits); its gradients are kept out of the subnormal range by a constant
+    # ``loss_scale``, to which Adam is invariant (its eps is scaled with it). Off by default: bf16
+    # with bf16 quantizer arithmetic (before session 6) was 1.1-1.3x faster on an H200 but raised
+    # the real DeiT-Tiny's W4A4 held-out KL by 6 % (README, Results); fp16 is not measured yet.
+    # The MSE reported before/after each group is always computed in fp32.
+    autocast: str = "off"
+    loss_scale: float = 1024.0  # fp16 autocast only
     # torch.compile the group's whole forward (and so its backward): inductor fuses LayerNorm,
     # GELU, softmax and every quantizer with their neighbours, where ``compile`` fuses each
     # quantizer alone. Any device; QDrop's masks stay eager random draws (inductor's
@@ -143,6 +150,10 @@ class CalibrationConfig:
             raise ConfigError(f"drop probability must be in [0, 1), got {self.drop_prob}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.autocast not in AUTOCASTS:
+            raise ConfigError(f"autocast must be one of {', '.join(AUTOCASTS)}, got {self.autocast!r}")
+        if not self.loss_scale > 0:
+            raise ConfigError(f"loss scale must be > 0, got {self.loss_scale}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +161,9 @@ class CalibrationConfig:
     @classmethod
     def from_dict(cls, d: dict) -> CalibrationConfig:
         known = {f.name for f in fields(cls)}
+        d = dict(d)
+        if d.pop("bf16", False):  # manifests before session 6 had a bf16 switch
+            d.setdefault("autocast", "bf16")
         return cls(**{k: v for k, v in d.items() if k in known})
 
 

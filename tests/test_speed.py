@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from osqdeploy.adapters import adapter_for
-from osqdeploy.config import CalibrationConfig, QuantConfig
+from osqdeploy.config import CalibrationConfig, ConfigError, QuantConfig
 from osqdeploy.plan import build_plan
 from osqdeploy.quant import modules as M
 from osqdeploy.quant import primitives as P
@@ -200,19 +200,75 @@ def test_torch_runtime_evaluates_in_full_fp32_even_where_cudnn_defaults_to_tf32(
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def test_bf16_autocast_reconstructs_close_to_fp32_and_reports_fp32_mse():
-    def run(bf16: bool):
+@pytest.mark.parametrize("half", ["bf16", "fp16"])
+def test_autocast_reconstructs_close_to_fp32_and_reports_fp32_mse(half):
+    def run(autocast: str):
         torch.manual_seed(0)
         q = copy.deepcopy(tiny_vit(depth=2))
         adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
-        ccfg = CalibrationConfig(samples=32, batch_size=8, iters=60, device="cpu", bf16=bf16)
+        ccfg = CalibrationConfig(samples=32, batch_size=8, iters=60, device="cpu", autocast=autocast)
         rec = Reconstructor(q, adapter, build_plan("blocks:2", adapter.units(q)), ccfg, torch.device("cpu"))
         x = images(32, 32)
         rec.initialize(x)
         (result,) = rec.reconstruct(x)
         return result
 
-    fp32, bf16 = run(False), run(True)
-    assert bf16.mse_after < bf16.mse_before  # reconstruction still works under autocast
-    assert bf16.mse_before == fp32.mse_before  # the reported MSE is computed in fp32 either way
-    assert bf16.mse_after == pytest.approx(fp32.mse_after, rel=0.15)
+    fp32, low = run("off"), run(half)
+    assert low.mse_after < low.mse_before  # reconstruction still works under autocast
+    assert low.mse_before == fp32.mse_before  # the reported MSE is computed in fp32 either way
+    assert low.mse_after == pytest.approx(fp32.mse_after, rel=0.15)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_quantizers_round_in_fp32_whatever_the_autocast_type(half):
+    """A half-precision input is quantized exactly as its fp32 value is, and stays half."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 50, 64, generator=g) * 3).to(half)
+    scale, zp = torch.tensor(0.37), torch.tensor(7.0)
+    out = M._uniform_train(x, scale, zp, 4, 0.0)
+    assert out.dtype == half
+    assert torch.equal(out, P.fake_quantize_uniform(x.float(), scale, zp, 4).to(half))
+    naive = P.fake_quantize_uniform(x, scale.to(half), zp.to(half), 4)  # the grid in half arithmetic
+    assert not torch.equal(out, naive)  # which is what the fp32 upcast avoids
+    probs = torch.softmax(torch.randn(2, 3, 10, 10, generator=g), -1).to(half)
+    out = M._log_train(probs, torch.tensor(1.0), 4, "sqrt2", 0.0)
+    assert out.dtype == half and torch.equal(out, P.fake_quantize_log(probs.float(), torch.tensor(1.0), 4).to(half))
+
+
+def test_under_autocast_an_activation_quantizer_hands_its_matmul_the_half_type():
+    """The cast autocast would apply before the matmul happens in the quantizer's own kernel."""
+    q = M.ActQuantizer(4)
+    q.enabled = True
+    with torch.no_grad():
+        q.scale.fill_(0.37)
+        q.zero_point.fill_(7.0)
+    x = torch.randn(4, 50, 64, generator=torch.Generator().manual_seed(0)) * 3  # fp32, as LayerNorm gives
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, P.fake_quantize_uniform(x, q.scale.detach(), q.zero_point, 4).to(torch.bfloat16))
+    assert q(x).dtype == torch.float32  # no autocast, no cast
+
+
+def test_a_constant_loss_scale_with_scaled_eps_leaves_adam_unchanged():
+    """fp16 reconstruction scales its loss and Adam's eps by the same constant and never unscales."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(100, generator=g) * 1e-6 for _ in range(5)]
+
+    def run(scale: float) -> torch.Tensor:
+        p = torch.nn.Parameter(torch.zeros(100))
+        opt = torch.optim.Adam([p], lr=1e-3, eps=1e-8 * scale)
+        for grad in grads:
+            p.grad = grad * scale
+            opt.step()
+        return p.detach()
+
+    assert torch.allclose(run(1024.0), run(1.0), rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(run(1.0), torch.zeros(100))
+
+
+def test_legacy_bf16_switch_reads_as_bf16_autocast():
+    assert CalibrationConfig.from_dict({"bf16": True}).autocast == "bf16"
+    assert CalibrationConfig.from_dict({"bf16": False}).autocast == "off"
+    with pytest.raises(ConfigError, match="autocast must be one of"):
+        CalibrationConfig(autocast="fp8").validate()

@@ -72,15 +72,36 @@ def _ema(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Ten
 # is generated inside the fused kernel (see ``CalibrationConfig.fused_rng``).
 
 
-def _uniform_train(x, scale, zero_point, bits: int, drop_prob: float):
-    xq = P.fake_quantize_uniform(x, scale, zero_point, bits)
-    return xq if drop_prob <= 0 else torch.where(torch.rand_like(x) < drop_prob, x, xq)
+# Under autocast an activation arrives in bf16/fp16: the grid arithmetic (x/s, round, clamp,
+# (q−z)·s) still runs in fp32 — in half precision x/s alone is off by up to 0.06 of a step at
+# 4 bits (bf16), which moves rounding decisions and distorts the grid away from the deployed one.
+# For fp32 inputs the casts are no-ops.
 
 
-def _log_train(x, delta, bits: int, base: str, drop_prob: float):
-    xq = P.fake_quantize_log(x, delta, bits, base)
-    xq = x + (xq - x).detach()  # STE: gradients reach the layers before the softmax
-    return xq if drop_prob <= 0 else torch.where(torch.rand_like(x) < drop_prob, x, xq)
+# The result is written in ``out_dtype``: under autocast the type the consuming matmul would cast
+# it to anyway (every activation quantizer feeds a matmul or the patch convolution), so that cast
+# happens inside the fused kernel instead of in a pass of its own.
+
+
+def _uniform_train(x, scale, zero_point, bits: int, drop_prob: float, out_dtype: torch.dtype | None = None):
+    xf = x.float()
+    xq = P.fake_quantize_uniform(xf, scale, zero_point, bits)
+    out = xq if drop_prob <= 0 else torch.where(torch.rand_like(xf) < drop_prob, xf, xq)
+    return out.to(out_dtype or x.dtype)
+
+
+def _log_train(x, delta, bits: int, base: str, drop_prob: float, out_dtype: torch.dtype | None = None):
+    xf = x.float()
+    xq = P.fake_quantize_log(xf, delta, bits, base)
+    xq = xf + (xq - xf).detach()  # STE: gradients reach the layers before the softmax
+    out = xq if drop_prob <= 0 else torch.where(torch.rand_like(xf) < drop_prob, xf, xq)
+    return out.to(out_dtype or x.dtype)
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The type a matmul will compute ``x`` in: autocast's, where it is on, else ``x``'s own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def _adaround_soft(w_floor, alpha, scale, zero_point, bits: int):
@@ -204,7 +225,7 @@ class ActQuantizer(nn.Module):
                 x = torch.clamp(x, lo.detach(), hi.detach())
             return torch.ops.osqdeploy.qdq(x, self.scale.detach(), self.zero_point_int)
         drop_prob = self.drop_prob if self.training else 0.0
-        return _KERNELS["uniform"](x, self.scale, self.zero_point, self.bits, drop_prob)
+        return _KERNELS["uniform"](x, self.scale, self.zero_point, self.bits, drop_prob, _matmul_dtype(x))
 
     def prepare_export(self) -> None:
         self.zero_point_int = self.zero_point.round().to(torch.uint8)
@@ -250,7 +271,7 @@ class LogQuantizer(nn.Module):
         if _EXPORTING:
             return P.fake_quantize_log(x, self.delta, self.bits, self.base)
         drop_prob = self.drop_prob if self.training else 0.0
-        return _KERNELS["log"](x, self.delta, self.bits, self.base, drop_prob)
+        return _KERNELS["log"](x, self.delta, self.bits, self.base, drop_prob, _matmul_dtype(x))
 
     def prepare_export(self) -> None:
         pass

@@ -111,12 +111,17 @@ def tf32(enabled: bool) -> Iterator[None]:
     already moves activations across quantization thresholds, so a model evaluated that way is not
     the model that was calibrated or the ONNX file that is deployed.
     """
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    mm = torch.backends.cuda.matmul
+    saved = (mm.allow_tf32, torch.backends.cudnn.allow_tf32, mm.allow_fp16_reduced_precision_reduction,
+             mm.allow_bf16_reduced_precision_reduction)
+    mm.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    # half-precision matmuls (autocast) accumulate in fp32 throughout, split-K reductions included
+    mm.allow_fp16_reduced_precision_reduction = mm.allow_bf16_reduced_precision_reduction = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        (mm.allow_tf32, torch.backends.cudnn.allow_tf32, mm.allow_fp16_reduced_precision_reduction,
+         mm.allow_bf16_reduced_precision_reduction) = saved
 
 
 class Reconstructor:

@@ -75,7 +75,13 @@ class GroupStep:
         self.q_in, self.fp_in, self.target = q_in, fp_in, target
         self.objective, self.schedule, self.drop_prob = objective, schedule, cfg.drop_prob
         # the autocast weight cache must stay off: a captured graph would keep stale casts
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=False)
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.autocast)
+        self.autocast = torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None,
+                                       cache_enabled=False)
+        # fp16 gradients of a small MSE sit near the subnormal range: scale the loss by a constant.
+        # Adam's update m/(√v + eps) is invariant to it when eps is scaled too, so nothing needs
+        # unscaling (and there is no overflow check to synchronise on).
+        self.loss_scale = cfg.loss_scale if cfg.autocast == "fp16" else 1.0
         if cfg.compile_group:
             self.forward = compile_group(run_group, fused_rng=cfg.fused_rng)
         else:
@@ -84,7 +90,7 @@ class GroupStep:
         # eager and graphed runs compute the same bias corrections. The fused kernel keeps it
         # there too, and is capturable.
         cuda = device.type == "cuda"
-        adam = dict(capturable=cuda, fused=True if cuda and cfg.fused_adam else None)
+        adam = dict(capturable=cuda, fused=True if cuda and cfg.fused_adam else None, eps=1e-8 * self.loss_scale)
         round_params = [layer.weight_quantizer.alpha for layer in layers]
         self.optimizers = [torch.optim.Adam(round_params, lr=cfg.lr_round, **adam)]
         if step_params:
@@ -116,7 +122,7 @@ class GroupStep:
         beta = self.schedule.beta.index_select(0, it).squeeze(0)
         reg_weight = self.schedule.reg_weight.index_select(0, it).squeeze(0)
         reg = sum(layer.weight_quantizer.regularizer(beta) for layer in self.layers)
-        (rec + reg_weight * reg).backward()
+        ((rec + reg_weight * reg) * self.loss_scale).backward()
         for opt in self.optimizers:
             opt.step()
         with torch.no_grad():
