@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import real_deit  # noqa: E402
+
 from osqdeploy.evaluate import TorchRuntime, UlpPerturbed, evaluate, parity  # noqa: E402
-from osqdeploy.load.data import ImageFiles, eval_transform  # noqa: E402
-from osqdeploy.load.models import load_model  # noqa: E402
 from osqdeploy.pipeline import load_run  # noqa: E402
 from osqdeploy.quant.modules import ACT_QUANTIZERS  # noqa: E402
 
@@ -52,20 +52,13 @@ def site_sets(model: torch.nn.Module, which: tuple[str, ...] = ("kinds", "blocks
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
-    ap.add_argument("--images", required=True)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--model", default="deit_t")
-    ap.add_argument("--eval-fraction", type=float, default=0.5)
-    ap.add_argument("--seed", type=int, default=0, help="the split's seed (deit_tiny_accuracy.py's)")
     ap.add_argument("--seeds", type=int, default=2, help="nudge seeds per site set (agreement is their mean)")
     ap.add_argument("--sets", nargs="+", default=["kinds", "blocks"], choices=["kinds", "blocks"])
-    ap.add_argument("--device", default="cpu")
+    real_deit.add_options(ap, device="cpu")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    fp = load_model(args.model, checkpoint=args.checkpoint).model
-    data = ImageFiles(args.images, transform=eval_transform(fp))
-    _, eval_set = data.split(args.eval_fraction, seed=args.seed)
+    _, _, eval_set = real_deit.model_and_split(args)
     model = load_run(args.run, args.device).model
     runtime = TorchRuntime(model, args.device, name="torch-quant")
     base = evaluate(runtime, eval_set, progress=False)

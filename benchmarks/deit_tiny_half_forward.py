@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from osqdeploy.load.data import ImageFiles, eval_transform  # noqa: E402
-from osqdeploy.load.models import load_model  # noqa: E402
+import real_deit  # noqa: E402
+
 from osqdeploy.pipeline import load_run  # noqa: E402
 from osqdeploy.quant import modules as M  # noqa: E402
 from osqdeploy.reconstruct.engine import tf32  # noqa: E402
@@ -74,18 +74,12 @@ def forward(model: torch.nn.Module, images: torch.Tensor, device: str, kind: str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--images", required=True)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--model", default="deit_t")
-    ap.add_argument("--eval-fraction", type=float, default=0.5)
-    ap.add_argument("--seed", type=int, default=0, help="the split's seed (deit_tiny_accuracy.py's)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    real_deit.add_options(ap, device="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--forwards", nargs="+", default=FORWARDS, choices=FORWARDS)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    fp = load_model(args.model, checkpoint=args.checkpoint).model
-    _, held = ImageFiles(args.images, transform=eval_transform(fp)).split(args.eval_fraction, seed=args.seed)
+    _, _, held = real_deit.model_and_split(args)
     images = torch.stack([held[i][0] for i in range(len(held))])
     labels = torch.tensor([held[i][1] for i in range(len(held))])
     rows = []

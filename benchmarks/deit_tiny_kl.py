@@ -17,31 +17,24 @@ import json
 import sys
 from pathlib import Path
 
+import real_deit
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from osqdeploy.evaluate import TorchRuntime, evaluate, parity  # noqa: E402
-from osqdeploy.load.data import ImageFiles, eval_transform  # noqa: E402
-from osqdeploy.load.models import load_model  # noqa: E402
 from osqdeploy.pipeline import load_run  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--images", required=True)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--model", default="deit_t")
-    ap.add_argument("--eval-fraction", type=float, default=0.5)
-    ap.add_argument("--seed", type=int, default=0, help="the split's seed (deit_tiny_accuracy.py's)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    real_deit.add_options(ap, device="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    fp = load_model(args.model, checkpoint=args.checkpoint).model
-    data = ImageFiles(args.images, transform=eval_transform(fp))
-    splits = dict(zip(("calibration", "held-out"), data.split(args.eval_fraction, seed=args.seed), strict=True))
+    fp, calibration, held_out = real_deit.model_and_split(args)
+    splits = {"calibration": calibration, "held-out": held_out}
     ref = {k: evaluate(TorchRuntime(fp, args.device), d, progress=False) for k, d in splits.items()}
     rows = []
     print("| run | split | fp32 top-1 | top-1 | KL to fp32 | logit MSE | top-1 agreement with fp32 |")
