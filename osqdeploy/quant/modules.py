@@ -70,17 +70,13 @@ def _ema(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Ten
 # of the chain: by default the compiled copies still draw it with eager ``rand_like`` (inductor's
 # ``fallback_random``), so both versions see the same random numbers; with ``fused_rng`` the draw
 # is generated inside the fused kernel (see ``CalibrationConfig.fused_rng``).
-
-
+#
 # Under autocast an activation arrives in bf16/fp16: the grid arithmetic (x/s, round, clamp,
 # (q−z)·s) still runs in fp32 — in half precision x/s alone is off by up to 0.06 of a step at
 # 4 bits (bf16), which moves rounding decisions and distorts the grid away from the deployed one.
-# For fp32 inputs the casts are no-ops.
-
-
-# The result is written in ``out_dtype``: under autocast the type the consuming matmul would cast
+# The result is written in ``out_dtype``, under autocast the type the consuming matmul would cast
 # it to anyway (every activation quantizer feeds a matmul or the patch convolution), so that cast
-# happens inside the fused kernel instead of in a pass of its own.
+# happens inside the fused kernel instead of in a pass of its own. For fp32 the casts are no-ops.
 
 
 def _uniform_train(x, scale, zero_point, bits: int, drop_prob: float, out_dtype: torch.dtype | None = None):
