@@ -50,9 +50,15 @@ def _fingerprint(spec: dict, source: dict, qcfg: QuantConfig, ccfg: CalibrationC
 
 
 class _Checkpointer(Callbacks):
-    def __init__(self, inner: Callbacks, run_dir: Path, model: nn.Module, fingerprint: str, prior: list[dict]):
+    """Saves a checkpoint delta after each group: the state of the modules that group reconstructed."""
+
+    def __init__(self, inner: Callbacks, run_dir: Path, model: nn.Module, fingerprint: str, prior: list[dict],
+                 adapter: Adapter, plan: Plan):
         self.inner, self.run_dir, self.model, self.fingerprint = inner, run_dir, model, fingerprint
         self.groups = list(prior)
+        names = {id(m): n for n, m in model.named_modules()}
+        units = {u.name: u for u in adapter.units(model)}
+        self.changed = [[names[id(m)] for unit in group for m in units[unit].modules] for group in plan.groups]
 
     def on_group_start(self, index, units, iters):
         self.inner.on_group_start(index, units, iters)
@@ -62,7 +68,8 @@ class _Checkpointer(Callbacks):
 
     def on_group_end(self, result: GroupResult) -> None:
         self.groups.append(result.to_dict())
-        store.save_checkpoint(self.run_dir, self.model, result.index + 1, self.groups, self.fingerprint)
+        store.save_checkpoint(self.run_dir, self.model, result.index + 1, self.groups, self.fingerprint,
+                              changed=self.changed[result.index])
         self.inner.on_group_end(result)
 
 
@@ -129,7 +136,7 @@ def calibrate(
         prior = ck.groups if ck else []
         if isinstance(callbacks, PlanCallbacks):
             callbacks.on_plan(plan, ck.done_groups if ck else 0)
-        checkpointer = _Checkpointer(callbacks, run_dir, model, fingerprint, prior)
+        checkpointer = _Checkpointer(callbacks, run_dir, model, fingerprint, prior, adapter, plan)
         rec = Reconstructor(model, adapter, plan, ccfg, device, checkpointer)
         if ck:
             store.load_checkpoint_state(run_dir, model, ck)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,40 @@ def test_interrupted_run_does_not_look_complete_and_resumes_bit_identically(fini
     assert (crashed / store.CHECKPOINT / "progress.json").is_file()
     manifest = _calibrate(crashed)  # the same command again continues from group 1
     assert manifest["resumed_from_group"] == 1
+    assert store.sha256_file(crashed / store.STATE) == store.sha256_file(run_dir / store.STATE)
+
+
+class _CrashAfterLast(Callbacks):
+    def on_group_end(self, result):
+        if result.index == 1:
+            raise KeyboardInterrupt
+
+
+def test_checkpoint_keeps_one_full_state_and_a_small_delta_per_group(finished, tmp_path):
+    run_dir, _ = finished
+    crashed = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        _calibrate(crashed, _CrashAfterLast())
+    ck = crashed / store.CHECKPOINT
+    assert sorted(p.name for p in ck.glob("*.safetensors")) == [
+        "delta-0001.safetensors", "delta-0002.safetensors", "state.safetensors"]
+    full = (ck / "state.safetensors").stat().st_size
+    for name, blocks in (("delta-0001", ("blocks.0.", "blocks.1.")), ("delta-0002", ("blocks.2.", "blocks.3."))):
+        delta = store.load_tensors(ck / f"{name}.safetensors")
+        assert delta and all(k.startswith(blocks) for k in delta)  # only the group's own modules
+        assert delta["".join(blocks[:1]) + "attn.qkv.weight_quantizer.w_int"].numel() > 0  # its finished integers
+        # two of the four blocks: their float weights and new integers, not the embeddings or head
+        assert (ck / f"{name}.safetensors").stat().st_size < 0.7 * full
+    damaged = tmp_path / "damaged"
+    shutil.copytree(crashed, damaged)
+    (damaged / ".lock").unlink(missing_ok=True)
+    data = bytearray((damaged / store.CHECKPOINT / "delta-0002.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (damaged / store.CHECKPOINT / "delta-0002.safetensors").write_bytes(bytes(data))
+    with pytest.raises(store.RunError, match=r"damaged \(delta-0002"):
+        _calibrate(damaged)
+    manifest = _calibrate(crashed)  # full state + both deltas: nothing left to reconstruct
+    assert manifest["resumed_from_group"] == 2
     assert store.sha256_file(crashed / store.STATE) == store.sha256_file(run_dir / store.STATE)
 
 
