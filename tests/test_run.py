@@ -85,8 +85,14 @@ def test_other_format_version_and_corrupt_manifest_are_refused(finished, tmp_pat
 
 
 class _Crash(Callbacks):
+    """Interrupts calibration once group ``after`` has finished (and been checkpointed)."""
+
+    def __init__(self, after: int = 0):
+        self.after = after
+
     def on_group_end(self, result):
-        raise KeyboardInterrupt
+        if result.index == self.after:
+            raise KeyboardInterrupt
 
 
 def test_interrupted_run_does_not_look_complete_and_resumes_bit_identically(finished, tmp_path):
@@ -102,17 +108,11 @@ def test_interrupted_run_does_not_look_complete_and_resumes_bit_identically(fini
     assert store.sha256_file(crashed / store.STATE) == store.sha256_file(run_dir / store.STATE)
 
 
-class _CrashAfterLast(Callbacks):
-    def on_group_end(self, result):
-        if result.index == 1:
-            raise KeyboardInterrupt
-
-
 def test_checkpoint_keeps_one_full_state_and_a_small_delta_per_group(finished, tmp_path):
     run_dir, _ = finished
     crashed = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
-        _calibrate(crashed, _CrashAfterLast())
+        _calibrate(crashed, _Crash(after=1))
     ck = crashed / store.CHECKPOINT
     assert sorted(p.name for p in ck.glob("*.safetensors")) == [
         "delta-0001.safetensors", "delta-0002.safetensors", "state.safetensors"]
