@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import real_deit  # noqa: E402
 
+from osqdeploy.evaluate import kl_divergence  # noqa: E402
 from osqdeploy.pipeline import load_run  # noqa: E402
 from osqdeploy.quant import modules as M  # noqa: E402
 from osqdeploy.reconstruct.engine import tf32  # noqa: E402
@@ -94,8 +95,7 @@ def main() -> None:
             row = {"run": run_dir.name, "forward": name, "device": args.device,
                    "top1": 100 * (out.argmax(1) == labels).float().mean().item(),
                    "agreement": 100 * (out.argmax(1) == ref.argmax(1)).float().mean().item(),
-                   "kl": F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True,
-                                  reduction="batchmean").item()}
+                   "kl": kl_divergence(ref, out)}
             rows.append(row)
             print(f"| {row['run']} | {name} | {row['top1']:.1f} | {row['agreement']:.1f} % | {row['kl']:.4f} |",
                   flush=True)

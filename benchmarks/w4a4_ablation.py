@@ -40,13 +40,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from osqdeploy.adapters import adapter_for  # noqa: E402
 from osqdeploy.config import CalibrationConfig, QuantConfig  # noqa: E402
+from osqdeploy.evaluate import kl_divergence  # noqa: E402
 from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform  # noqa: E402
 from osqdeploy.load.models import load_model  # noqa: E402
 from osqdeploy.plan import build_plan  # noqa: E402
@@ -300,8 +300,7 @@ def run_config(cfg: dict, args, calib: torch.Tensor, images: torch.Tensor, label
     q_logits = predict(model, images)
     top1 = float((q_logits.argmax(1) == labels).float().mean()) * 100
     agree = float((q_logits.argmax(1) == fp_logits.argmax(1)).float().mean()) * 100
-    kl = float(F.kl_div(F.log_softmax(q_logits, 1), F.log_softmax(fp_logits, 1), log_target=True,
-                        reduction="batchmean"))
+    kl = kl_divergence(fp_logits, q_logits)
     if groups:
         mses = ", ".join(f"{g.mse_before:.3f}->{g.mse_after:.3f}" for g in groups)
         print(f"  {cfg['name']}: group output MSE before->after reconstruction {mses}", flush=True)

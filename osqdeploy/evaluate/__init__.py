@@ -1,6 +1,14 @@
 """Evaluate: accuracy, throughput and logit parity of runtimes (PyTorch, ONNX Runtime)."""
 
-from osqdeploy.evaluate.evaluator import EvalResult, ParityReport, evaluate, format_table, parity, write_report
+from osqdeploy.evaluate.evaluator import (
+    EvalResult,
+    ParityReport,
+    evaluate,
+    format_table,
+    kl_divergence,
+    parity,
+    write_report,
+)
 from osqdeploy.evaluate.runtimes import OnnxRuntime, Runtime, RuntimeLoadError, TorchRuntime, UlpPerturbed
 
 __all__ = [
@@ -13,6 +21,7 @@ __all__ = [
     "UlpPerturbed",
     "evaluate",
     "format_table",
+    "kl_divergence",
     "parity",
     "write_report",
 ]

@@ -150,6 +150,12 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor, name: str) -> tuple[fl
     return top1, top5
 
 
+def kl_divergence(a_logits: torch.Tensor, b_logits: torch.Tensor) -> float:
+    """KL(a‖b) of the class distributions the two sets of logits predict, mean over inputs."""
+    return F.kl_div(b_logits.float().log_softmax(1), a_logits.float().log_softmax(1), log_target=True,
+                    reduction="batchmean").item()
+
+
 def parity(a: EvalResult, b: EvalResult) -> ParityReport:
     """Compare two results on the same inputs, in the same order."""
     if a.logits.shape != b.logits.shape:
@@ -167,9 +173,7 @@ def parity(a: EvalResult, b: EvalResult) -> ParityReport:
         top1_agreement=agree,
         max_abs_logit_diff=diff.max().item(),
         mean_abs_logit_diff=diff.mean().item(),
-        kl_divergence=F.kl_div(
-            b.logits.float().log_softmax(1), a.logits.float().log_softmax(1), log_target=True, reduction="batchmean"
-        ).item(),
+        kl_divergence=kl_divergence(a.logits, b.logits),
         top1_a=a.top1,
         top1_b=b.top1,
     )
