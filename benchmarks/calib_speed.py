@@ -54,6 +54,7 @@ from osqdeploy.quant import modules as M  # noqa: E402
 from osqdeploy.quant.modules import quant_layers  # noqa: E402
 from osqdeploy.reconstruct import Callbacks, Reconstructor, prepare_model  # noqa: E402
 from osqdeploy.reconstruct.step import Schedule  # noqa: E402
+from osqdeploy.run import store  # noqa: E402
 
 MODES = {
     "plain": dict(tf32=False, cuda_graph=False, compile=False, fused_adam=False),
@@ -249,7 +250,7 @@ def end_to_end(model_name: str, data: Path, work: Path) -> dict:
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"osq calibrate {recipe.name} exited with {proc.returncode}")
-    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest = store.read_manifest(run_dir)
     cal = manifest["calibration"]
     return {"model": model_name, "wall_min": round(wall / 60, 2), "calibrate_min": round(manifest["seconds"] / 60, 2),
             "groups": len(manifest["groups"]), "iters": cal["iters"], "samples": cal["samples"],
