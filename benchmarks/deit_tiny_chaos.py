@@ -62,7 +62,6 @@ def main() -> None:
     model = load_run(args.run, args.device).model
     runtime = TorchRuntime(model, args.device, name="torch-quant")
     base = evaluate(runtime, eval_set, progress=False)
-    pred = base.logits.argmax(1)
     print(f"{args.run.name}: unperturbed top-1 {base.top1:.1f} on {base.n} images, {args.device}")
     print("| nudged inputs of | quantizers | top-1 agreement with unperturbed | KL to unperturbed | top-1 |")
     print("|---|---|---|---|---|")
@@ -71,8 +70,9 @@ def main() -> None:
         agree, kl, top1 = [], [], []
         for seed in range(args.seeds):
             res = evaluate(UlpPerturbed(runtime, seed, inputs_of=sites), eval_set, progress=False)
-            agree.append(100 * (res.logits.argmax(1) == pred).float().mean().item())
-            kl.append(parity(base, res).kl_divergence)
+            report = parity(base, res)
+            agree.append(report.top1_agreement)
+            kl.append(report.kl_divergence)
             top1.append(res.top1)
         row = {"sites": label, "n": len(sites), "agreement": sum(agree) / len(agree), "kl": sum(kl) / len(kl),
                "top1": top1}
