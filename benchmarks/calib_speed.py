@@ -26,7 +26,7 @@ projection also counts drawing the full schedule's batches (once per group, on t
 at the paper's schedule on random weights saved as a checkpoint, timed from process start to exit.
 
     python benchmarks/calib_speed.py --models vit_s deit_b swin_b --measure-iters 200
-    python benchmarks/calib_speed.py --models vit_s --modes --end-to-end /path/to/images
+    python benchmarks/calib_speed.py --models vit_s --modes --end-to-end /path/to/images [--e2e-args '--autocast fp16']
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def profile_groups(model_name: str, indices: list[int], samples: int, batch: int
         print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=220))
 
 
-def end_to_end(model_name: str, data: Path, work: Path) -> dict:
+def end_to_end(model_name: str, data: Path, work: Path, extra: list[str]) -> dict:
     """``osq calibrate MODEL --bits 4 4`` at the default (paper) schedule, as a user runs it.
 
     Random weights stand in for the pretrained ones (saved as the ``--checkpoint``); the images
@@ -243,7 +243,7 @@ def end_to_end(model_name: str, data: Path, work: Path) -> dict:
     torch.save(recipe.spec().create().state_dict(), ckpt)
     run_dir = work / f"run-{recipe.name}"
     cmd = [sys.executable, "-c", "from cli.main import app; app()", "calibrate", recipe.name, "--bits", "4", "4",
-           "--checkpoint", str(ckpt), "--data", str(data), "--device", "cuda", "--run-dir", str(run_dir)]
+           "--checkpoint", str(ckpt), "--data", str(data), "--device", "cuda", "--run-dir", str(run_dir), *extra]
     print("$", " ".join(cmd[3:]), flush=True)
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1])  # its progress lines go to our output
@@ -254,7 +254,7 @@ def end_to_end(model_name: str, data: Path, work: Path) -> dict:
     cal = manifest["calibration"]
     return {"model": model_name, "wall_min": round(wall / 60, 2), "calibrate_min": round(manifest["seconds"] / 60, 2),
             "groups": len(manifest["groups"]), "iters": cal["iters"], "samples": cal["samples"],
-            "batch_size": cal["batch_size"], "device": manifest["device"]}
+            "batch_size": cal["batch_size"], "autocast": cal.get("autocast", "off"), "device": manifest["device"]}
 
 
 def main() -> None:
@@ -271,6 +271,8 @@ def main() -> None:
     ap.add_argument("--profile-only", action="store_true", help="profile, do not time the modes")
     ap.add_argument("--end-to-end", type=Path, default=None, metavar="DIR",
                     help="then time `osq calibrate MODEL --bits 4 4 --data DIR` at the full schedule per model")
+    ap.add_argument("--e2e-args", default="", metavar="'OPTIONS'",
+                    help="further `osq calibrate` options for --end-to-end, e.g. '--autocast fp16'")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("calib_speed.py measures GPU calibration; no CUDA device here")
@@ -313,14 +315,15 @@ def main() -> None:
     if args.end_to_end is not None:
         with tempfile.TemporaryDirectory() as work:
             for name in args.models:
-                e2e.append(end_to_end(name, args.end_to_end, Path(work)))
+                e2e.append(end_to_end(name, args.end_to_end, Path(work), args.e2e_args.split()))
                 print(json.dumps(e2e[-1]), flush=True)
         print(f"\n{torch.cuda.get_device_name()}, `osq calibrate MODEL --bits 4 4` end to end (paper schedule)")
-        print("| model | groups | iterations/group | images | measured wall (min) | of which calibrate (min) |")
-        print("|---|---|---|---|---|---|")
+        print("| model | autocast | groups | iterations/group | images | measured wall (min) "
+              "| of which calibrate (min) |")
+        print("|---|---|---|---|---|---|---|")
         for r in e2e:
-            print(f"| {r['model']} | {r['groups']} | {r['iters']} | {r['samples']} | {r['wall_min']} | "
-                  f"{r['calibrate_min']} |")
+            print(f"| {r['model']} | {r['autocast']} | {r['groups']} | {r['iters']} | {r['samples']} | "
+                  f"{r['wall_min']} | {r['calibrate_min']} |")
     if args.out:
         for r in rows:
             r.pop("group0", None)

@@ -97,6 +97,12 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Autocast(str, Enum):
+    off = "off"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class Provider(str, Enum):
     auto = "auto"
     cuda = "cuda"
@@ -302,6 +308,14 @@ def calibrate(
         int | None, typer.Option(help=f"Images per optimisation step. \\[default: {CalibrationConfig.batch_size}]")
     ] = None,
     device: Annotated[Device, typer.Option(help="Where to calibrate.")] = Device.auto,
+    autocast: Annotated[
+        Autocast | None,
+        typer.Option(
+            help="Matmul precision of the reconstruction: off (fp32; TF32 on CUDA), or bf16 / fp16 autocast "
+            "(faster on GPUs). Quantizers round in fp32 either way; evaluation and export always run in fp32. "
+            f"\\[default: {CalibrationConfig.autocast}]",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the image draw and of reconstruction.")] = CalibrationConfig.seed,
     run_dir: Annotated[
         Path | None,
@@ -332,6 +346,7 @@ def calibrate(
             batch_size=batch_size,
             seed=seed,
             device=device.value,
+            autocast=autocast.value if autocast is not None else None,
         )
         if fast and iters is None:  # the preset shortens a schedule, never lengthens one (the demo's)
             ccfg = fast_preset(ccfg)

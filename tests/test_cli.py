@@ -338,6 +338,16 @@ def test_fast_preset_shortens_the_schedule_and_explicit_iters_win(demo_env: Path
     assert cut["iters"] == 20 and cut["lr_round"] == pytest.approx(CalibrationConfig.lr_round * 100 / 20)
 
 
+def test_autocast_option_is_recorded_and_bad_values_are_refused(demo_env: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    small = ["--samples", "16", "--batch-size", "8", "--iters", "2"]
+    assert osq("calibrate", "demo", "--autocast", "bf16", *small, "--run-dir", "a").exit_code == 0
+    assert store.read_manifest(tmp_path / "a")["calibration"]["autocast"] == "bf16"
+    refused = osq("calibrate", "demo", "--autocast", "fp8", *small, "--run-dir", "b")
+    assert refused.exit_code == 2 and "fp8" in refused.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def test_fast_preset_is_a_fifth_of_the_paper_schedule_at_five_times_the_rounding_rate():
     full = CalibrationConfig()
     fast = config.fast_preset(full)
