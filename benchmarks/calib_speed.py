@@ -11,11 +11,12 @@ Modes, run side by side in one process on one GPU:
   plain  — eager fp32: no TF32, no CUDA graph, foreach Adam (all speed features off)
   graph  — the step replayed as a CUDA graph, fp32: must compute exactly what plain computes
   graph+compile — and the quantizer arithmetic as torch.compile'd fused kernels, fp32
-  fast   — graph + compile + TF32 matmuls + fused Adam (the default engine)
+  fast   — graph + compile + TF32 matmuls + fused Adam, fp32 activations (the engine before fp16)
   fast+rng — and QDrop's masks drawn inside the compiled kernels (fused_rng: other draws)
-  fast+bf16, fast+fp16 — and the group's forward/backward under bf16/fp16 autocast, quantizers
-           rounding in fp32 (opt-in: its group-0 loss and MSE, computed in fp32, are printed next
-           to the others')
+  fast+fp16 — and the group's forward/backward under fp16 autocast, quantizers rounding in fp32:
+           the default engine on CUDA (autocast "auto"); its group-0 loss and MSE, computed in
+           fp32, are printed next to the others'
+  fast+bf16 — the same under bf16 autocast (opt-in)
   fast+group — fast, with the group's whole forward/backward torch.compile'd (compile_group),
            not each quantizer alone; +rng and +bf16 add those to it
 For each mode it prints the final reconstruction loss of group 0 and the fraction of group-0
@@ -56,16 +57,17 @@ from osqdeploy.reconstruct import Callbacks, Reconstructor, prepare_model  # noq
 from osqdeploy.reconstruct.step import Schedule  # noqa: E402
 from osqdeploy.run import store  # noqa: E402
 
+OFF = dict(autocast="off")
 MODES = {
-    "plain": dict(tf32=False, cuda_graph=False, compile=False, fused_adam=False),
-    "graph": dict(tf32=False, cuda_graph=True, compile=False, fused_adam=False),
-    "graph+compile": dict(tf32=False, cuda_graph=True, compile=True, fused_adam=False),
-    "fast": dict(tf32=True, cuda_graph=True, compile=True),
-    "fast+rng": dict(tf32=True, cuda_graph=True, compile=True, fused_rng=True),
+    "plain": dict(tf32=False, cuda_graph=False, compile=False, fused_adam=False, **OFF),
+    "graph": dict(tf32=False, cuda_graph=True, compile=False, fused_adam=False, **OFF),
+    "graph+compile": dict(tf32=False, cuda_graph=True, compile=True, fused_adam=False, **OFF),
+    "fast": dict(tf32=True, cuda_graph=True, compile=True, **OFF),
+    "fast+rng": dict(tf32=True, cuda_graph=True, compile=True, fused_rng=True, **OFF),
     "fast+bf16": dict(tf32=True, cuda_graph=True, compile=True, autocast="bf16"),
     "fast+fp16": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16"),
-    "fast+group": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True),
-    "fast+group+rng": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, fused_rng=True),
+    "fast+group": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, **OFF),
+    "fast+group+rng": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, fused_rng=True, **OFF),
     "fast+group+bf16": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, autocast="bf16"),
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 WEIGHT_INITS = ("minmax", "mse")
-AUTOCASTS = ("off", "bf16", "fp16")
+AUTOCASTS = ("auto", "off", "bf16", "fp16")
 POST_GELU_RANGES = ("mse", "mse_max")
 EDGE_RANGES = ("mse", "minmax")
 
@@ -110,18 +110,19 @@ class CalibrationConfig:
     tf32: bool = True
     cuda_graph: bool = True
     compile: bool = True
-    # Autocast of the group's forward/backward during reconstruction: "off", "bf16" or "fp16".
-    # Matmuls run in the half type; every quantizer still rounds in fp32 (its input upcast inside
-    # the kernel), so a rounding decision moves only by the half rounding of its input, never by
-    # half-precision arithmetic on the grid. fp16 rounds matmul operands to TF32's 10-bit
-    # mantissa (bf16: 7 bits); its gradients are kept out of the subnormal range by a constant
-    # ``loss_scale``, to which Adam is invariant (its eps is scaled with it). Off by default: bf16
-    # with bf16 quantizer arithmetic (before session 6) was 1.1-1.3x faster on an H200 but raised
-    # the real DeiT-Tiny's W4A4 held-out KL by 6 % (README, Results); fp16 as implemented now is
-    # 1.19-1.42x faster on an H200 with group-0 losses within 0.12 %, but has not been run on the
-    # real model.
+    # Autocast of the group's forward/backward during reconstruction: "auto" (fp16 on CUDA, off
+    # elsewhere), "off", "bf16" or "fp16". Matmuls run in the half type; every quantizer still
+    # rounds in fp32 (its input upcast inside the kernel), so a rounding decision moves only by
+    # the half rounding of its input, never by half-precision arithmetic on the grid. fp16 rounds
+    # matmul operands to TF32's 10-bit mantissa (bf16: 7 bits); its gradients are kept out of the
+    # subnormal range by a constant ``loss_scale``, to which Adam is invariant (its eps is scaled
+    # with it). fp16 is the CUDA default because it was measured both ways: on an H200 it is
+    # 1.23-1.42x faster than TF32 (ViT-S, DeiT-B, Swin-B), group-0 losses within 0.16 %, and the
+    # real DeiT-Tiny's W4A4 held-out KL was 0.316 / 0.321 against TF32's 0.326 / 0.325 (two
+    # seeds, 20,000 iterations; README, Results). Off on CPUs, whose half matmuls are no faster.
+    # bf16 stays opt-in: with bf16 grid arithmetic (before session 6) it raised that KL by 6 %.
     # The MSE reported before/after each group is always computed in fp32.
-    autocast: str = "off"
+    autocast: str = "auto"
     loss_scale: float = 1024.0  # fp16 autocast only
     # torch.compile the group's whole forward (and so its backward): inductor fuses LayerNorm,
     # GELU, softmax and every quantizer with their neighbours, where ``compile`` fuses each
@@ -157,6 +158,12 @@ class CalibrationConfig:
         if not self.loss_scale > 0:
             raise ConfigError(f"loss scale must be > 0, got {self.loss_scale}")
 
+    def autocast_on(self, device_type: str) -> str:
+        """The autocast mode a reconstruction on ``device_type`` runs: "auto" resolved."""
+        if self.autocast != "auto":
+            return self.autocast
+        return "fp16" if device_type == "cuda" else "off"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -164,8 +171,8 @@ class CalibrationConfig:
     def from_dict(cls, d: dict) -> CalibrationConfig:
         known = {f.name for f in fields(cls)}
         d = dict(d)
-        if d.pop("bf16", False):  # manifests before session 6 had a bf16 switch
-            d.setdefault("autocast", "bf16")
+        if "bf16" in d:  # manifests before session 6 had a bf16 switch, off meaning fp32/TF32
+            d.setdefault("autocast", "bf16" if d.pop("bf16") else "off")
         return cls(**{k: v for k, v in d.items() if k in known})
 
 

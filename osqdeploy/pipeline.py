@@ -9,7 +9,7 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,6 +96,8 @@ def calibrate(
     callbacks = callbacks or Callbacks()
     run_dir = Path(run_dir)
     device = resolve_device(ccfg.device)
+    # the manifest (and a resume's identity) records the precision actually run, not "auto"
+    ccfg = replace(ccfg, autocast=ccfg.autocast_on(device.type))
     images = images.float().cpu()
     model = loaded.model.eval()
     spec, source = loaded.spec.to_dict(), dict(loaded.source)

@@ -38,6 +38,7 @@ def finished(tmp_path_factory):
 def test_run_reloads_into_the_same_fake_quant_model_without_the_weights_file(finished, tmp_path):
     run_dir, manifest = finished
     assert manifest["status"] == "complete" and len(manifest["groups"]) == 2
+    assert manifest["calibration"]["autocast"] == "off"  # "auto" recorded as what ran: off on a CPU
     assert manifest["plan"]["groups"][0][0] == "blocks.0.A"
     first = load_run(run_dir).model
     second = load_run(run_dir).model

@@ -114,6 +114,7 @@ def _codes(cuda_graph: bool, compile_: bool, tf32: bool = False, device: str = "
     model = tiny_vit(depth=3)
     q = copy.deepcopy(model)
     adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
+    speed.setdefault("autocast", "off")  # the exactness legs compare fp32 paths; fp16 is the CUDA default
     ccfg = CalibrationConfig(samples=64, batch_size=16, iters=iters, device=device, tf32=tf32,
                              cuda_graph=cuda_graph, compile=compile_, compile_group=compile_group, **speed)
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -265,6 +266,14 @@ def test_a_constant_loss_scale_with_scaled_eps_leaves_adam_unchanged():
 
     assert torch.allclose(run(1024.0), run(1.0), rtol=1e-5, atol=1e-9)
     assert not torch.allclose(run(1.0), torch.zeros(100))
+
+
+def test_auto_autocast_is_fp16_on_cuda_only_and_explicit_modes_hold_everywhere():
+    auto = CalibrationConfig()
+    assert auto.autocast == "auto"
+    assert (auto.autocast_on("cuda"), auto.autocast_on("cpu")) == ("fp16", "off")
+    for mode in ("off", "bf16", "fp16"):
+        assert {CalibrationConfig(autocast=mode).autocast_on(d) for d in ("cuda", "cpu")} == {mode}
 
 
 def test_legacy_bf16_switch_reads_as_bf16_autocast():

@@ -75,13 +75,14 @@ class GroupStep:
         self.q_in, self.fp_in, self.target = q_in, fp_in, target
         self.objective, self.schedule, self.drop_prob = objective, schedule, cfg.drop_prob
         # the autocast weight cache must stay off: a captured graph would keep stale casts
-        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.autocast)
+        mode = cfg.autocast_on(device.type)
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
         self.autocast = torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None,
                                        cache_enabled=False)
         # fp16 gradients of a small MSE sit near the subnormal range: scale the loss by a constant.
         # Adam's update m/(√v + eps) is invariant to it when eps is scaled too, so nothing needs
         # unscaling (and there is no overflow check to synchronise on).
-        self.loss_scale = cfg.loss_scale if cfg.autocast == "fp16" else 1.0
+        self.loss_scale = cfg.loss_scale if mode == "fp16" else 1.0
         if cfg.compile_group:
             self.forward = compile_group(run_group, fused_rng=cfg.fused_rng)
         else:
