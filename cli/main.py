@@ -811,6 +811,16 @@ def list_() -> None:
     out.print(gt)
 
 
+def _matmul_precision(calibration: dict, device: str) -> str:
+    """The arithmetic a run's reconstruction used, from its recorded settings (older manifests too)."""
+    cfg = CalibrationConfig.from_dict(calibration)
+    kind = torch.device(device).type if device not in ("None", "") else "cpu"
+    mode = cfg.autocast_on(kind)
+    if mode != "off":
+        return mode
+    return "TF32" if kind == "cuda" and cfg.tf32 else "fp32"
+
+
 @app.command()
 def inspect(
     run: Annotated[
@@ -866,7 +876,7 @@ def inspect(
     info.add_row(
         "calibration",
         f"{c.get('samples')} images, {c.get('iters')} iters/group, batch {c.get('batch_size')}, seed {c.get('seed')}, "
-        f"device {m.get('device')}",
+        f"device {m.get('device')}, {_matmul_precision(c, str(m.get('device')))} matmuls",
     )
     if "seconds" in m:
         info.add_row("calibration time", f"{m['seconds']:.1f} s")

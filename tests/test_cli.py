@@ -148,12 +148,21 @@ def test_eval_of_a_run_with_torch_quant_and_limit(in_chain):
 def test_inspect_and_list(in_chain):
     result = osq("inspect")
     assert result.exit_code == 0, result.output
-    for text in ("complete", "W4A4", "Outlier channels", "blocks 0-2", "eval_dir", "osqdeploy-run v1"):
+    for text in ("complete", "W4A4", "Outlier channels", "blocks 0-2", "eval_dir", "osqdeploy-run v1", "fp32 matmuls"):
         assert text in result.stdout
     listing = osq("list")
     assert listing.exit_code == 0
     for text in ("demo", "deit_s", "swin_t", "slices:A-B-C", "blocks:N", "--cross-stage"):
         assert text in listing.stdout
+
+
+def test_inspect_names_the_matmul_precision_a_run_was_reconstructed_in():
+    precision = cli_main._matmul_precision
+    assert precision({"autocast": "fp16"}, "cuda:0") == "fp16"
+    assert precision({"autocast": "auto"}, "cuda") == "fp16" and precision({"autocast": "auto"}, "cpu") == "fp32"
+    assert precision({"autocast": "off", "tf32": True}, "cuda") == "TF32"
+    assert precision({"autocast": "off", "tf32": False}, "cuda") == "fp32"
+    assert precision({"bf16": True}, "cuda") == "bf16" and precision({"bf16": False}, "cuda") == "TF32"  # session 5
 
 
 def test_inspect_sensitivity_table(in_chain):
