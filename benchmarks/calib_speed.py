@@ -17,6 +17,8 @@ Modes, run side by side in one process on one GPU:
            the default engine on CUDA (autocast "auto"); its group-0 loss and MSE, computed in
            fp32, are printed next to the others'
   fast+bf16 — the same under bf16 autocast (opt-in)
+  fast+fp16+rng, fast+fp16+group — the default engine with fused_rng / compile_group (opt-in
+           candidates, last measured without fp16)
   fast+group — fast, with the group's whole forward/backward torch.compile'd (compile_group),
            not each quantizer alone; +rng and +bf16 add those to it
 For each mode it prints the final reconstruction loss of group 0 and the fraction of group-0
@@ -66,6 +68,8 @@ MODES = {
     "fast+rng": dict(tf32=True, cuda_graph=True, compile=True, fused_rng=True, **OFF),
     "fast+bf16": dict(tf32=True, cuda_graph=True, compile=True, autocast="bf16"),
     "fast+fp16": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16"),
+    "fast+fp16+rng": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16", fused_rng=True),
+    "fast+fp16+group": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16", compile_group=True),
     "fast+group": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, **OFF),
     "fast+group+rng": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, fused_rng=True, **OFF),
     "fast+group+bf16": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, autocast="bf16"),
@@ -256,7 +260,9 @@ def end_to_end(model_name: str, data: Path, work: Path, extra: list[str]) -> dic
     cal = manifest["calibration"]
     return {"model": model_name, "wall_min": round(wall / 60, 2), "calibrate_min": round(manifest["seconds"] / 60, 2),
             "groups": len(manifest["groups"]), "iters": cal["iters"], "samples": cal["samples"],
-            "batch_size": cal["batch_size"], "autocast": cal.get("autocast", "off"), "device": manifest["device"]}
+            "batch_size": cal["batch_size"], "autocast": cal.get("autocast", "off"), "device": manifest["device"],
+            "stage_s": manifest.get("stage_seconds"),
+            "group_phases_s": {k: round(v, 1) for k, v in store.phase_totals(manifest).items()}}
 
 
 def main() -> None:

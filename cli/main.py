@@ -811,6 +811,20 @@ def list_() -> None:
     out.print(gt)
 
 
+def _time_split(manifest: dict) -> str:
+    """Calibration time and where it went (stages, and the groups' phases summed), where recorded."""
+    text = f"{manifest['seconds']:.1f} s"
+    stages = manifest.get("stage_seconds")
+    if not stages:
+        return text  # runs recorded before session 7
+    phases = store.phase_totals(manifest)
+    names = {"inputs": "group inputs", "first_step": "first steps incl. compilation", "steps": "iterations",
+             "finish": "hardening"}
+    inner = ", ".join(f"{names.get(k, k)} {v:.1f}" for k, v in phases.items())
+    parts = [f"{k} {v:.1f}" + (f" ({inner})" if k == "reconstruct" and inner else "") for k, v in stages.items()]
+    return f"{text}: " + ", ".join(parts)
+
+
 def _matmul_precision(calibration: dict, device: str) -> str:
     """The arithmetic a run's reconstruction used, from its recorded settings (older manifests too)."""
     cfg = CalibrationConfig.from_dict(calibration)
@@ -879,7 +893,7 @@ def inspect(
         f"device {m.get('device')}, {_matmul_precision(c, str(m.get('device')))} matmuls",
     )
     if "seconds" in m:
-        info.add_row("calibration time", f"{m['seconds']:.1f} s")
+        info.add_row("calibration time", _time_split(m))
     if "output_mse" in m:
         info.add_row(
             "output vs fp32", f"MSE {m['output_mse']:.4g}, top-1 agreement {100 * m['output_top1_agreement']:.1f}%"

@@ -112,6 +112,7 @@ def calibrate(
             if old.get("status") == "complete":
                 raise store.RunError(f"{run_dir} already holds a finished run; choose another --run-dir")
         t0 = time.perf_counter()
+        stages: dict[str, float] = {}
         model.to(device)
         adapter = adapter_for(model)
         n_probe = min(images.shape[0], 32)
@@ -140,6 +141,7 @@ def calibrate(
             callbacks.on_plan(plan, ck.done_groups if ck else 0)
         checkpointer = _Checkpointer(callbacks, run_dir, model, fingerprint, prior, adapter, plan)
         rec = Reconstructor(model, adapter, plan, ccfg, device, checkpointer)
+        stages["prepare"] = time.perf_counter() - t0  # outlier probe, float logits, quantized structure
         if ck:
             store.load_checkpoint_state(run_dir, model, ck)
             done = ck.done_groups
@@ -147,15 +149,21 @@ def calibrate(
             rec.initialize(images)
             store.save_checkpoint(run_dir, model, 0, [], fingerprint)
             done = 0
+        stages["initialize"] = time.perf_counter() - t0 - stages["prepare"]  # or reload the checkpoint
+        t_rec = time.perf_counter()
         rec.reconstruct(images, done)
+        stages["reconstruct"] = time.perf_counter() - t_rec
 
+        t_check = time.perf_counter()
         q_logits = logits(model, images[:n_check], ccfg.batch_size, device)
+        stages["check"] = time.perf_counter() - t_check
         manifest.update(
             status="complete",
             groups=checkpointer.groups,
             output_mse=float((q_logits - fp_logits).pow(2).mean()),
             output_top1_agreement=float((q_logits.argmax(1) == fp_logits.argmax(1)).float().mean()),
             seconds=round(time.perf_counter() - t0, 3),
+            stage_seconds={k: round(v, 3) for k, v in stages.items()},
             resumed_from_group=done,
         )
         manifest["state_sha256"] = store.save_deployed(run_dir, model)

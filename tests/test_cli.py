@@ -148,7 +148,8 @@ def test_eval_of_a_run_with_torch_quant_and_limit(in_chain):
 def test_inspect_and_list(in_chain):
     result = osq("inspect")
     assert result.exit_code == 0, result.output
-    for text in ("complete", "W4A4", "Outlier channels", "blocks 0-2", "eval_dir", "osqdeploy-run v1", "fp32 matmuls"):
+    for text in ("complete", "W4A4", "Outlier channels", "blocks 0-2", "eval_dir", "osqdeploy-run v1", "fp32 matmuls",
+                 "initialize", "first steps incl. compilation"):
         assert text in result.stdout
     listing = osq("list")
     assert listing.exit_code == 0

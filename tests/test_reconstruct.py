@@ -61,6 +61,9 @@ def test_group_loss_drops_and_rounding_hardens_to_integers():
         hi = 2**wq.bits - 1
         assert torch.all((codes == floor.clamp(0, hi)) | (codes == (floor + 1).clamp(0, hi)))
     assert 0 < r.flipped < 0.5  # some roundings left round-to-nearest, most did not
+    # the recorded phases partition the group's time (each rounded to the millisecond)
+    assert set(r.phases) == {"inputs", "first_step", "steps", "finish"} and min(r.phases.values()) >= 0
+    assert sum(r.phases.values()) == pytest.approx(r.seconds, abs=0.01)
 
 
 def test_vit_w4a4_reconstruction_lowers_output_error_of_round_to_nearest(vit_auto_400):

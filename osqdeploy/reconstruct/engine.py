@@ -50,6 +50,12 @@ class GroupResult:
     seconds: float
     loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (iteration, reconstruction loss)
     flipped: float = 0.0  # fraction of weights whose rounding differs from round-to-nearest
+    # Where ``seconds`` went, so fixed costs can be told from the iterations: "inputs" (the
+    # group's float target and initial MSE), "first_step" (setting up the optimisation and its
+    # first iteration, which compiles any quantizer kernel of a new shape), "steps" (the other
+    # iterations, graph capture included), "finish" (hardening, the next group's input, the
+    # final MSE). Empty in runs recorded before session 7.
+    phases: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -241,13 +247,21 @@ class Reconstructor:
         with quantization_disabled(self.model):
             fp_out = self._propagate(lambda s: self._run_group(group, s), fp_in)
         target = fp_out[-1]
-        mse_before = self._group_mse(group, q_in, target)
+        mse_before = self._group_mse(group, q_in, target)  # its float() waits for the device
         self.callbacks.on_group_start(index, names, cfg.iters)
+        phases = {"inputs": time.perf_counter() - t0}
 
         curve: list[tuple[int, float]] = []
         if cfg.iters > 0:
+            t1 = time.perf_counter()
             weight = self._output_weights(index, fp_out) if getattr(self.objective, "needs_weights", False) else None
-            curve = self._optimize(index, group, layers, acts, q_in, fp_in, target, gen, weight)
+            first: list[float] = []
+            curve = self._optimize(index, group, layers, acts, q_in, fp_in, target, gen, weight,
+                                   on_first=lambda: first.append(time.perf_counter()))
+            t2 = time.perf_counter()  # the last iteration's log waited for the device
+            phases["first_step"] = first[0] - t1
+            phases["steps"] = t2 - first[0]
+        t3 = time.perf_counter()
 
         nearest = [layer.weight_quantizer.nearest_codes(layer.weight) for layer in layers]
         for layer in layers:
@@ -260,15 +274,18 @@ class Reconstructor:
         mse_after = float((q_out[-1].float() - target.float()).pow(2).mean())
         if not torch.isfinite(torch.tensor(mse_after)):
             raise NumericalError(f"group {index} ({' + '.join(names)}): output MSE is {mse_after}")
+        end = time.perf_counter()
+        phases["finish"] = end - t3
         result = GroupResult(
             index=index,
             units=names,
             iters=cfg.iters,
             mse_before=mse_before,
             mse_after=mse_after,
-            seconds=time.perf_counter() - t0,
+            seconds=end - t0,
             loss_curve=curve,
             flipped=flipped / max(total, 1),
+            phases={k: round(v, 3) for k, v in phases.items()},
         )
         return result, q_out, fp_out
 
@@ -294,7 +311,8 @@ class Reconstructor:
         g2 = torch.cat(grads)
         return 1.0 + g2 / g2.mean().clamp_min(torch.finfo(g2.dtype).tiny)
 
-    def _optimize(self, index, group, layers, acts, q_in, fp_in, target, gen, weight=None) -> list[tuple[int, float]]:
+    def _optimize(self, index, group, layers, acts, q_in, fp_in, target, gen, weight=None,
+                  on_first: Callable[[], None] = lambda: None) -> list[tuple[int, float]]:
         cfg = self.cfg
         for layer in layers:
             layer.weight_quantizer.init_adaround(layer.weight)
@@ -317,6 +335,8 @@ class Reconstructor:
                 raise NumericalError(
                     f"group {index} ({' + '.join(u.name for u in group)}): loss became {value} at iteration {it}"
                 )
+            if not curve:
+                on_first()
             curve.append((it, value))
             self.callbacks.on_iter(index, it, value)
 

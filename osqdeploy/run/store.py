@@ -183,6 +183,15 @@ def read_manifest(run_dir: Path) -> dict:
     return manifest
 
 
+def phase_totals(manifest: dict) -> dict[str, float]:
+    """Seconds per reconstruction phase (``GroupResult.phases``) summed over the run's groups."""
+    totals: dict[str, float] = {}
+    for group in manifest.get("groups", []):
+        for phase, seconds in (group.get("phases") or {}).items():
+            totals[phase] = totals.get(phase, 0.0) + seconds
+    return totals
+
+
 def new_manifest(**fields: object) -> dict:
     return {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "osq_version": __version__, **fields}
 
