@@ -210,14 +210,16 @@ class _StepProfiler(Callbacks):
             self.profs[index].stop()
 
 
-def profile_groups(model_name: str, indices: list[int], samples: int, batch: int, iters: int = 12) -> None:
-    """Top CUDA kernels of the eager optimisation steps (compiled quantizers, TF32) of some groups.
+def profile_groups(model_name: str, indices: list[int], samples: int, batch: int, iters: int = 12,
+                   mode: str = "fast+fp16") -> None:
+    """Top CUDA kernels of the eager optimisation steps of some groups, under a mode's settings.
 
     Eager, because a replayed graph runs these same kernels; the kernel-time sum per iteration
     against the graphed step's wall time tells whether the step is bound by its kernels.
     """
-    ccfg = CalibrationConfig(samples=samples, batch_size=batch, iters=iters, device="cuda", cuda_graph=False)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ccfg = CalibrationConfig(samples=samples, batch_size=batch, iters=iters, device="cuda",
+                             **{**MODES[mode], "cuda_graph": False})
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = ccfg.tf32
     profiler = _StepProfiler(set(indices))
     rec, images = _reconstructor(model_name, ccfg, profiler)
     rec.initialize(images)
@@ -230,7 +232,7 @@ def profile_groups(model_name: str, indices: list[int], samples: int, batch: int
         total_us = sum(e.self_device_time_total for e in kernels)
         count = sum(e.count for e in kernels)
         units = " + ".join(u.name for u in rec.groups[index])
-        print(f"\n{model_name} group {index} ({units}), {iters} eager iterations: "
+        print(f"\n{model_name} group {index} ({units}), {mode}, {iters} eager iterations: "
               f"{count / iters:.0f} kernels and {total_us / iters / 1e3:.3f} ms of kernel time per iteration")
         print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=220))
 
@@ -277,10 +279,12 @@ def main() -> None:
     ap.add_argument("--profile", type=int, nargs="*", default=None, metavar="GROUP",
                     help="first print these groups' top CUDA kernels per model (default: group 1)")
     ap.add_argument("--profile-only", action="store_true", help="profile, do not time the modes")
+    ap.add_argument("--profile-mode", default="fast+fp16", choices=list(MODES),
+                    help="the settings the profiled steps run with (default: the default engine)")
     ap.add_argument("--end-to-end", type=Path, default=None, metavar="DIR",
                     help="then time `osq calibrate MODEL --bits 4 4 --data DIR` at the full schedule per model")
     ap.add_argument("--e2e-args", default="", metavar="'OPTIONS'",
-                    help="further `osq calibrate` options for --end-to-end, e.g. '--autocast fp16'")
+                    help="further `osq calibrate` options for --end-to-end, e.g. '--autocast off'")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("calib_speed.py measures GPU calibration; no CUDA device here")
@@ -291,7 +295,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         if args.profile is not None:
-            profile_groups(name, args.profile or [1], args.samples, args.batch_size)
+            profile_groups(name, args.profile or [1], args.samples, args.batch_size, mode=args.profile_mode)
         for mode in [] if args.profile_only else args.modes:
             try:
                 r = measure(name, mode, args.measure_iters, args.samples, args.batch_size, args.full_iters)
