@@ -828,7 +828,7 @@ def _time_split(manifest: dict) -> str:
 def _matmul_precision(calibration: dict, device: str) -> str:
     """The arithmetic a run's reconstruction used, from its recorded settings (older manifests too)."""
     cfg = CalibrationConfig.from_dict(calibration)
-    kind = torch.device(device).type if device not in ("None", "") else "cpu"
+    kind = torch.device(device).type
     mode = cfg.autocast_on(kind)
     if mode != "off":
         return mode
@@ -890,7 +890,7 @@ def inspect(
     info.add_row(
         "calibration",
         f"{c.get('samples')} images, {c.get('iters')} iters/group, batch {c.get('batch_size')}, seed {c.get('seed')}, "
-        f"device {m.get('device')}, {_matmul_precision(c, str(m.get('device')))} matmuls",
+        f"device {m.get('device')}, {_matmul_precision(c, m.get('device') or 'cpu')} matmuls",
     )
     if "seconds" in m:
         info.add_row("calibration time", _time_split(m))

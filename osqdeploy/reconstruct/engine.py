@@ -255,12 +255,10 @@ class Reconstructor:
         if cfg.iters > 0:
             t1 = time.perf_counter()
             weight = self._output_weights(index, fp_out) if getattr(self.objective, "needs_weights", False) else None
-            first: list[float] = []
-            curve = self._optimize(index, group, layers, acts, q_in, fp_in, target, gen, weight,
-                                   on_first=lambda: first.append(time.perf_counter()))
+            curve, first_logged = self._optimize(index, group, layers, acts, q_in, fp_in, target, gen, weight)
             t2 = time.perf_counter()  # the last iteration's log waited for the device
-            phases["first_step"] = first[0] - t1
-            phases["steps"] = t2 - first[0]
+            phases["first_step"] = first_logged - t1
+            phases["steps"] = t2 - first_logged
         t3 = time.perf_counter()
 
         nearest = [layer.weight_quantizer.nearest_codes(layer.weight) for layer in layers]
@@ -311,8 +309,9 @@ class Reconstructor:
         g2 = torch.cat(grads)
         return 1.0 + g2 / g2.mean().clamp_min(torch.finfo(g2.dtype).tiny)
 
-    def _optimize(self, index, group, layers, acts, q_in, fp_in, target, gen, weight=None,
-                  on_first: Callable[[], None] = lambda: None) -> list[tuple[int, float]]:
+    def _optimize(self, index, group, layers, acts, q_in, fp_in, target, gen,
+                  weight=None) -> tuple[list[tuple[int, float]], float]:
+        """The group's optimisation; returns its loss curve and when the first iteration was logged."""
         cfg = self.cfg
         for layer in layers:
             layer.weight_quantizer.init_adaround(layer.weight)
@@ -328,15 +327,17 @@ class Reconstructor:
             self.objective, schedule, cfg, self.device, weight=weight,
         )
         curve: list[tuple[int, float]] = []
+        first_logged = 0.0
 
         def on_log(it: int) -> None:
+            nonlocal first_logged
             value = float(step.rec)  # the only host sync, once per log interval
             if value != value or value in (float("inf"), float("-inf")):
                 raise NumericalError(
                     f"group {index} ({' + '.join(u.name for u in group)}): loss became {value} at iteration {it}"
                 )
             if not curve:
-                on_first()
+                first_logged = time.perf_counter()
             curve.append((it, value))
             self.callbacks.on_iter(index, it, value)
 
@@ -352,7 +353,7 @@ class Reconstructor:
             p.grad = None
         for layer in layers:
             layer.weight_quantizer.mode = "hard"
-        return curve
+        return curve, first_logged
 
 
 @torch.no_grad()
