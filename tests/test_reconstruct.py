@@ -107,6 +107,29 @@ def test_nan_loss_stops_with_the_group_named():
         rec.reconstruct(images(16, 32))
 
 
+def test_fp16_overflow_stops_with_a_way_out_that_works():
+    """A Linear whose outputs pass fp16's 65504 turns the loss infinite; the error names the remedy."""
+    from osqdeploy.reconstruct import NumericalError
+
+    model = tiny_vit(depth=1)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight.mul_(1e4)
+    x = images(16, 32)
+
+    def run(autocast: str):
+        q = copy.deepcopy(model)
+        adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
+        rec = Reconstructor(q, adapter, build_plan("blocks:1", adapter.units(q)),
+                            CalibrationConfig(samples=16, batch_size=8, iters=3, autocast=autocast), CPU)
+        rec.initialize(x)
+        return rec.reconstruct(x)
+
+    with pytest.raises(NumericalError, match=r"group 0 .*fp16 autocast.*'bf16' or 'off'"):
+        run("fp16")
+    (result,) = run("off")
+    assert all(v == v and abs(v) != float("inf") for _, v in result.loss_curve)
+
+
 def test_callbacks_hear_every_group():
     seen = []
 

@@ -335,6 +335,10 @@ class Reconstructor:
             if value != value or value in (float("inf"), float("-inf")):
                 raise NumericalError(
                     f"group {index} ({' + '.join(u.name for u in group)}): loss became {value} at iteration {it}"
+                    + (
+                        "; it ran under fp16 autocast, whose largest value is 65504: calibrate with autocast 'bf16' "
+                        "or 'off' (osq calibrate --autocast)" if cfg.autocast_on(self.device.type) == "fp16" else ""
+                    )
                 )
             if not curve:
                 first_logged = time.perf_counter()
