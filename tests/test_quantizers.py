@@ -56,6 +56,40 @@ def test_mse_range_beats_minmax_on_outlier_data():
     assert err(lo[0], hi[0]) < err(x.min(), x.max())
 
 
+def _mse_range_one_candidate_at_a_time(x, bits, channel_dim=None, steps=80, keep_min=False):
+    """The observer as first written: a loop over the candidates, strictly better ones replacing."""
+    rows = P._flatten_channels(x.float(), channel_dim)
+    xmin, xmax = rows.amin(dim=1), rows.amax(dim=1)
+    best_err = torch.full_like(xmin, float("inf"))
+    best_min, best_max = xmin.clone(), xmax.clone()
+    for i in range(steps):
+        ratio = 1.0 - 0.01 * i
+        cmin, cmax = (xmin if keep_min else xmin * ratio), xmax * ratio
+        scale, zp = P.qparams_from_range(cmin, cmax, bits)
+        xq = P.dequantize_uniform(P.quantize_uniform(rows, scale[:, None], zp[:, None], bits), scale[:, None],
+                                  zp[:, None])
+        err = (xq - rows).pow(2).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_min = torch.where(better, cmin, best_min)
+        best_max = torch.where(better, cmax, best_max)
+    return best_min, best_max
+
+
+@pytest.mark.parametrize("chunk_values", [1, 3 * 4096, 1 << 25])  # one, a few, all candidates per chunk
+def test_batched_mse_range_search_chooses_exactly_what_the_candidate_loop_chooses(chunk_values):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 512, 8, generator=g) * torch.logspace(-2, 1, 8)
+    x[0, :3, 5] = 60.0  # outliers in one channel
+    x[..., 2] = 0.0  # a constant channel: every candidate ties, the first (the full range) wins
+    x[..., 6] = x[..., 6].abs()  # one-sided
+    for kwargs in ({}, {"channel_dim": 2}, {"channel_dim": 2, "keep_min": True}, {"keep_min": True}, {"bits": 8}):
+        kwargs = {"bits": 4, **kwargs}
+        got = P.mse_optimal_range(x, chunk_values=chunk_values, **kwargs)
+        want = _mse_range_one_candidate_at_a_time(x, **kwargs)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), kwargs
+
+
 def test_per_channel_mse_range_is_per_channel():
     x = torch.randn(64, 8)
     x[:, 3] *= 10
