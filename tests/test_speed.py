@@ -161,6 +161,11 @@ def test_cuda_graph_replay_computes_exactly_what_the_eager_step_computes():
     foreach_codes, foreach = _codes(cuda_graph=False, compile_=False, fused_adam=False)
     assert float((foreach_codes == plain_codes).float().mean()) > 0.99
     assert foreach.mse_after == pytest.approx(plain.mse_after, rel=0.1)
+    # the default engine (fp16 autocast, TF32 elsewhere): operands rounded to fp16 move a few
+    # decisions, as TF32's do (real ViT-S, DeiT-B, Swin-B group 0 on an H200: 99.8-99.99 % kept)
+    default_codes, default = _codes(cuda_graph=True, compile_=True, tf32=True, autocast="auto")
+    assert float((default_codes == plain_codes).float().mean()) > 0.98
+    assert default.mse_after == pytest.approx(plain.mse_after, rel=0.15)
     # other QDrop draws (fused_rng): a different sample of the same optimisation, not the same one
     for group_ in (False, True):
         rng_codes, rng = _codes(cuda_graph=True, compile_=True, compile_group=group_, fused_rng=True)
