@@ -49,6 +49,16 @@ def _fingerprint(spec: dict, source: dict, qcfg: QuantConfig, ccfg: CalibrationC
     return h.hexdigest()
 
 
+def _changed_settings(old_manifest: dict, qcfg: QuantConfig, ccfg: CalibrationConfig) -> list[str]:
+    """The settings of an interrupted run (its manifest) that differ from these, as ``part.key old → new``."""
+    changes = []
+    for part, values in {"quant": asdict(qcfg), "calibration": ccfg.to_dict()}.items():
+        before = old_manifest.get(part) or {}
+        changes += [f"{part}.{key} {before[key]!r} → {value!r}" for key, value in values.items()
+                    if key != "device" and key in before and before[key] != value]
+    return changes
+
+
 class _Checkpointer(Callbacks):
     """Saves a checkpoint delta after each group: the state of the modules that group reconstructed."""
 
@@ -104,6 +114,7 @@ def calibrate(
     fingerprint = _fingerprint(spec, source, qcfg, ccfg, images)
 
     with store.run_lock(run_dir):
+        old: dict = {}
         if (run_dir / store.MANIFEST).is_file():
             try:
                 old = json.loads((run_dir / store.MANIFEST).read_text())
@@ -111,6 +122,8 @@ def calibrate(
                 old = {}
             if old.get("status") == "complete":
                 raise store.RunError(f"{run_dir} already holds a finished run; choose another --run-dir")
+        # before anything is computed or the manifest rewritten: a checkpoint of other settings is refused
+        ck = store.read_checkpoint(run_dir, fingerprint, _changed_settings(old, qcfg, ccfg)) if resume else None
         t0 = time.perf_counter()
         stages: dict[str, float] = {}
         model.to(device)
@@ -135,7 +148,6 @@ def calibrate(
         )
         store.atomic_write_json(run_dir / store.MANIFEST, manifest)
 
-        ck = store.read_checkpoint(run_dir, fingerprint) if resume else None
         prior = ck.groups if ck else []
         if isinstance(callbacks, PlanCallbacks):
             callbacks.on_plan(plan, ck.done_groups if ck else 0)

@@ -109,6 +109,23 @@ def test_interrupted_run_does_not_look_complete_and_resumes_bit_identically(fini
     assert store.sha256_file(crashed / store.STATE) == store.sha256_file(run_dir / store.STATE)
 
 
+def test_a_checkpoint_of_other_settings_is_refused_naming_them_and_leaving_the_run_as_it_was(finished, tmp_path):
+    run_dir, _ = finished
+    crashed = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        _calibrate(crashed, _Crash())
+    before = (crashed / store.MANIFEST).read_bytes()
+    other = {**CCFG, "iters": 13, "autocast": "bf16"}
+    with pytest.raises(store.RunError, match=r"calibration\.iters 12 → 13, calibration\.autocast 'off' → 'bf16'"):
+        calibrate(loaded_tiny("vit", depth=4), images(32, 32), QCFG, CalibrationConfig(**other), crashed)
+    assert (crashed / store.MANIFEST).read_bytes() == before  # the interrupted run's manifest is untouched
+    with pytest.raises(store.RunError, match="same settings, other weights or calibration images"):
+        calibrate(loaded_tiny("vit", depth=4), images(32, 32, seed=5), QCFG, CalibrationConfig(**CCFG), crashed)
+    manifest = _calibrate(crashed)  # its own settings resume it
+    assert manifest["resumed_from_group"] == 1
+    assert store.sha256_file(crashed / store.STATE) == store.sha256_file(run_dir / store.STATE)
+
+
 def test_checkpoint_keeps_one_full_state_and_a_small_delta_per_group(finished, tmp_path):
     run_dir, _ = finished
     crashed = tmp_path / "crashed"

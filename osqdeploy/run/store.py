@@ -287,8 +287,11 @@ def save_checkpoint(
             stale.unlink()
 
 
-def read_checkpoint(run_dir: Path, fingerprint: str) -> Checkpoint | None:
-    """The checkpoint to resume from, or None if there is none; refuses one from other settings."""
+def read_checkpoint(run_dir: Path, fingerprint: str, changed: list[str] | None = None) -> Checkpoint | None:
+    """The checkpoint to resume from, or None if there is none; refuses one from other settings.
+
+    ``changed`` names the settings known to differ (from the interrupted run's manifest), for the message.
+    """
     ck = Path(run_dir) / CHECKPOINT
     progress = ck / "progress.json"
     if not progress.is_file():
@@ -298,9 +301,10 @@ def read_checkpoint(run_dir: Path, fingerprint: str) -> Checkpoint | None:
     except (OSError, ValueError) as e:
         raise RunError(f"{progress}: corrupt checkpoint ({e}); delete {ck} to start over") from None
     if info.get("fingerprint") != fingerprint:
+        what = ", ".join(changed) if changed else "the same settings, other weights or calibration images"
         raise RunError(
-            f"{run_dir} holds a checkpoint of a calibration with other settings; use another --run-dir "
-            f"or delete {ck} to start over"
+            f"{run_dir} holds a checkpoint of a calibration with other settings ({what}); rerun with the "
+            f"interrupted run's settings to resume it, use another --run-dir, or delete {ck} to start over"
         )
     files = [("state.safetensors", info.get("sha256"))] + [(d["file"], d["sha256"]) for d in info.get("deltas", [])]
     for name, digest in files:
