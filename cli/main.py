@@ -321,7 +321,7 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="Seed of the image draw and of reconstruction.")] = CalibrationConfig.seed,
     run_dir: Annotated[
         Path | None,
-        typer.Option(metavar="DIR", help="Run directory. \\[default: .osq/runs/<recipe>-w<W>a<A>-<time>]"),
+        typer.Option(metavar="DIR", help="Run directory. \\[default: `.osq/runs/<recipe>-w<W>a<A>-<time>`]"),
     ] = None,
     resume: Annotated[
         bool,
@@ -482,7 +482,7 @@ def export(
     ] = None,
     out_path: Annotated[
         Path | None,
-        typer.Option("--out", metavar="FILE.onnx", help="Where to write. \\[default: .osq/exports/<run>.onnx]"),
+        typer.Option("--out", metavar="FILE.onnx", help="Where to write. \\[default: `.osq/exports/<run>.onnx`]"),
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Fix the batch dimension to N. \\[default: dynamic batch]", min=1)

@@ -382,3 +382,9 @@ def test_augment_makes_up_the_number_of_calibration_images(demo_env: Path, tmp_p
     plain = osq("calibrate", "demo", *common, "--no-augment", "--run-dir", "plain")
     assert plain.exit_code == 0 and "using all 4" in plain.output
     assert store.read_manifest(tmp_path / "plain")["data"]["calib_images"] == 4
+
+
+def test_help_shows_placeholder_paths_literally():
+    """Markdown help mode swallows <…> as HTML tags unless they sit in a code span."""
+    assert "<recipe>" in osq("calibrate", "--help").stdout
+    assert "<run>.onnx" in osq("export", "--help").stdout
