@@ -386,5 +386,6 @@ def test_augment_makes_up_the_number_of_calibration_images(demo_env: Path, tmp_p
 
 def test_help_shows_placeholder_paths_literally():
     """Markdown help mode swallows <…> as HTML tags unless they sit in a code span."""
-    assert "<recipe>" in osq("calibrate", "--help").stdout
-    assert "<run>.onnx" in osq("export", "--help").stdout
+    wide = {"COLUMNS": "200"}  # so that rich does not cut the help column short
+    assert ".osq/runs/<recipe>-w<W>a<A>-<time>" in runner.invoke(app, ["calibrate", "--help"], env=wide).stdout
+    assert ".osq/exports/<run>.onnx" in runner.invoke(app, ["export", "--help"], env=wide).stdout
