@@ -96,24 +96,33 @@ class _Crash(Callbacks):
             raise KeyboardInterrupt
 
 
-def test_interrupted_run_does_not_look_complete_and_resumes_bit_identically(finished, tmp_path):
-    run_dir, _ = finished
+def _crashed(tmp_path: Path, after: int = 0) -> Path:
+    """A run directory whose calibration was interrupted once group ``after`` had finished."""
     crashed = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
-        _calibrate(crashed, _Crash())
+        _calibrate(crashed, _Crash(after))
+    return crashed
+
+
+def _assert_resumes_bit_identically(run_dir: Path, finished_dir: Path, from_group: int) -> None:
+    """The same calibration again continues ``run_dir`` from ``from_group`` to the uninterrupted result."""
+    manifest = _calibrate(run_dir)
+    assert manifest["resumed_from_group"] == from_group
+    assert store.sha256_file(run_dir / store.STATE) == store.sha256_file(finished_dir / store.STATE)
+
+
+def test_interrupted_run_does_not_look_complete_and_resumes_bit_identically(finished, tmp_path):
+    run_dir, _ = finished
+    crashed = _crashed(tmp_path)
     with pytest.raises(store.RunError, match="did not finish"):
         load_run(crashed)
     assert (crashed / store.CHECKPOINT / "progress.json").is_file()
-    manifest = _calibrate(crashed)  # the same command again continues from group 1
-    assert manifest["resumed_from_group"] == 1
-    assert store.sha256_file(crashed / store.STATE) == store.sha256_file(run_dir / store.STATE)
+    _assert_resumes_bit_identically(crashed, run_dir, from_group=1)  # the same command again
 
 
 def test_a_checkpoint_of_other_settings_is_refused_naming_them_and_leaving_the_run_as_it_was(finished, tmp_path):
     run_dir, _ = finished
-    crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        _calibrate(crashed, _Crash())
+    crashed = _crashed(tmp_path)
     before = (crashed / store.MANIFEST).read_bytes()
     other = {**CCFG, "iters": 13, "autocast": "bf16"}
     with pytest.raises(store.RunError, match=r"calibration\.iters 12 → 13, calibration\.autocast 'off' → 'bf16'"):
@@ -121,16 +130,12 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_them_and_leaving_the_r
     assert (crashed / store.MANIFEST).read_bytes() == before  # the interrupted run's manifest is untouched
     with pytest.raises(store.RunError, match="same settings, other weights or calibration images"):
         calibrate(loaded_tiny("vit", depth=4), images(32, 32, seed=5), QCFG, CalibrationConfig(**CCFG), crashed)
-    manifest = _calibrate(crashed)  # its own settings resume it
-    assert manifest["resumed_from_group"] == 1
-    assert store.sha256_file(crashed / store.STATE) == store.sha256_file(run_dir / store.STATE)
+    _assert_resumes_bit_identically(crashed, run_dir, from_group=1)  # its own settings resume it
 
 
 def test_checkpoint_keeps_one_full_state_and_a_small_delta_per_group(finished, tmp_path):
     run_dir, _ = finished
-    crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        _calibrate(crashed, _Crash(after=1))
+    crashed = _crashed(tmp_path, after=1)
     ck = crashed / store.CHECKPOINT
     assert sorted(p.name for p in ck.glob("*.safetensors")) == [
         "delta-0001.safetensors", "delta-0002.safetensors", "state.safetensors"]
@@ -149,9 +154,7 @@ def test_checkpoint_keeps_one_full_state_and_a_small_delta_per_group(finished, t
     (damaged / store.CHECKPOINT / "delta-0002.safetensors").write_bytes(bytes(data))
     with pytest.raises(store.RunError, match=r"damaged \(delta-0002"):
         _calibrate(damaged)
-    manifest = _calibrate(crashed)  # full state + both deltas: nothing left to reconstruct
-    assert manifest["resumed_from_group"] == 2
-    assert store.sha256_file(crashed / store.STATE) == store.sha256_file(run_dir / store.STATE)
+    _assert_resumes_bit_identically(crashed, run_dir, from_group=2)  # full state + both deltas: nothing left
 
 
 KILLER = textwrap.dedent(
@@ -181,9 +184,7 @@ def test_sigkilled_calibration_resumes_bit_identically(finished, tmp_path, group
     with pytest.raises(store.RunError, match="did not finish"):
         load_run(target)
     # the killed process held the lock; it is stale now and is taken over
-    manifest = _calibrate(target)
-    assert manifest["resumed_from_group"] == group
-    assert store.sha256_file(target / store.STATE) == store.sha256_file(run_dir / store.STATE)
+    _assert_resumes_bit_identically(target, run_dir, from_group=group)
 
 
 def test_a_live_writer_holds_the_run(tmp_path):
