@@ -29,7 +29,7 @@ projection also counts drawing the full schedule's batches (once per group, on t
 at the paper's schedule on random weights saved as a checkpoint, timed from process start to exit.
 
     python benchmarks/calib_speed.py --models vit_s deit_b swin_b --measure-iters 200
-    python benchmarks/calib_speed.py --models vit_s --modes --end-to-end /path/to/images [--e2e-args '--autocast fp16']
+    python benchmarks/calib_speed.py --models vit_s --modes --end-to-end /path/to/images [--e2e-args '--autocast off']
 """
 
 from __future__ import annotations
