@@ -17,7 +17,7 @@ Modes, run side by side in one process on one GPU:
            the default engine on CUDA (autocast "auto"); its group-0 loss and MSE, computed in
            fp32, are printed next to the others'
   fast+bf16 — the same under bf16 autocast (opt-in)
-  fast+fp16+rng, fast+fp16+group — the default engine with fused_rng / compile_group (opt-in
+  fast+fp16+rng, fast+fp16+group(+rng) — the default engine with fused_rng / compile_group (opt-in
            candidates, last measured without fp16)
   fast+group — fast, with the group's whole forward/backward torch.compile'd (compile_group),
            not each quantizer alone; +rng and +bf16 add those to it
@@ -70,6 +70,8 @@ MODES = {
     "fast+fp16": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16"),
     "fast+fp16+rng": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16", fused_rng=True),
     "fast+fp16+group": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16", compile_group=True),
+    "fast+fp16+group+rng": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16", compile_group=True,
+                                fused_rng=True),
     "fast+group": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, **OFF),
     "fast+group+rng": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, fused_rng=True, **OFF),
     "fast+group+bf16": dict(tf32=True, cuda_graph=True, compile=True, compile_group=True, autocast="bf16"),
@@ -234,7 +236,26 @@ def profile_groups(model_name: str, indices: list[int], samples: int, batch: int
         units = " + ".join(u.name for u in rec.groups[index])
         print(f"\n{model_name} group {index} ({units}), {mode}, {iters} eager iterations: "
               f"{count / iters:.0f} kernels and {total_us / iters / 1e3:.3f} ms of kernel time per iteration")
-        print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=220))
+        by_kind: dict[str, list[float]] = {}
+        for e in kernels:
+            kind = by_kind.setdefault(kernel_kind(e.key), [0, 0.0])
+            kind[0] += e.count / iters
+            kind[1] += e.self_device_time_total / iters
+        print("  per iteration: " + ", ".join(
+            f"{k} {n:.0f} kernels {us / 1e3:.3f} ms" for k, (n, us) in sorted(by_kind.items(), key=lambda x: -x[1][1])))
+        print(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=220))
+
+
+_KINDS = (("matmul", ("gemm", "cutlass", "xmma", "splitK", "cublas")), ("triton", ("triton",)),
+          ("rng", ("distribution", "philox")), ("adam", ("adam", "Adam")),
+          ("norm/softmax/gelu", ("layer_norm", "GammaBeta", "softmax", "Gelu", "LayerNorm")),
+          ("copy/cat/index", ("Copy", "copy", "cat", "index", "gather", "Cat")),
+          ("reduce", ("reduce",)), ("elementwise", ("elementwise",)))
+
+
+def kernel_kind(name: str) -> str:
+    """A coarse class of a CUDA kernel by its name, to see where a step's time goes."""
+    return next((kind for kind, keys in _KINDS if any(k in name for k in keys)), "other")
 
 
 def end_to_end(model_name: str, data: Path, work: Path, extra: list[str]) -> dict:
@@ -279,8 +300,8 @@ def main() -> None:
     ap.add_argument("--profile", type=int, nargs="*", default=None, metavar="GROUP",
                     help="first print these groups' top CUDA kernels per model (default: group 1)")
     ap.add_argument("--profile-only", action="store_true", help="profile, do not time the modes")
-    ap.add_argument("--profile-mode", default="fast+fp16", choices=list(MODES),
-                    help="the settings the profiled steps run with (default: the default engine)")
+    ap.add_argument("--profile-mode", nargs="+", default=["fast+fp16"], choices=list(MODES),
+                    help="the settings the profiled steps run with, one profile each (default: the default engine)")
     ap.add_argument("--end-to-end", type=Path, default=None, metavar="DIR",
                     help="then time `osq calibrate MODEL --bits 4 4 --data DIR` at the full schedule per model")
     ap.add_argument("--e2e-args", default="", metavar="'OPTIONS'",
@@ -295,7 +316,8 @@ def main() -> None:
     rows = []
     for name in args.models:
         if args.profile is not None:
-            profile_groups(name, args.profile or [1], args.samples, args.batch_size, mode=args.profile_mode)
+            for mode in args.profile_mode:
+                profile_groups(name, args.profile or [1], args.samples, args.batch_size, mode=mode)
         for mode in [] if args.profile_only else args.modes:
             try:
                 r = measure(name, mode, args.measure_iters, args.samples, args.batch_size, args.full_iters)

@@ -53,35 +53,79 @@ def test_compiled_quantizer_kernels_match_their_eager_definitions():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 30, 24, generator=g)
     probs = torch.softmax(torch.randn(2, 3, 10, 10, generator=g), -1)
+    qkv = torch.randn(2, 10, 3, 3, 8, generator=g)
+    scores = torch.randn(4, 3, 10, 10, generator=g) * 3
+    bias = torch.randn(2, 3, 10, 10, generator=g)  # two windows' masks
     alpha = torch.randn(24, 16, generator=g)
     w_floor = torch.floor(torch.randn(24, 16, generator=g) * 4)
     s, zp = torch.rand(24, 1, generator=g) + 0.1, torch.full((24, 1), 8.0)
 
     def run():
-        xs = x.clone().requires_grad_(True)
+        xs, ps, qs, ss = (t.clone().requires_grad_(True) for t in (x, probs, qkv, scores))
         scale = torch.tensor(0.05, requires_grad=True)
-        ps = probs.clone().requires_grad_(True)
+        qkv_scale = torch.tensor([0.2, 0.3, 0.25], requires_grad=True)
         a = alpha.clone().requires_grad_(True)
-        torch.manual_seed(11)  # QDrop's eager draw: the compiled kernel falls back to the same one
+        torch.manual_seed(11)  # QDrop's eager draws: the compiled kernels fall back to the same ones
+        weight, reg = M._KERNELS["adaround_reg"](w_floor, a, s, zp, 4, torch.tensor(7.5))
         outs = [
             M._KERNELS["uniform"](xs, scale, torch.tensor(7.0), 4, 0.5),
             M._KERNELS["log"](ps, torch.tensor(1.0), 4, "sqrt2", 0.5),
             M._KERNELS["adaround"](w_floor, a, s, zp, 4),
-            M._KERNELS["regularizer"](a, torch.tensor(7.5)),
+            weight,
+            *M._KERNELS["qkv"](qs, qkv_scale, torch.tensor([7.0, 8.0, 6.0]), 4, 0.5),
+            M._KERNELS["attn_probs"](ss, 0.5, bias, 2, torch.tensor(1.0), 4, "sqrt2", 0.5),
+            reg,
         ]
         loss = sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
-        return outs, torch.autograd.grad(loss, [xs, scale, ps, a])
+        return outs, torch.autograd.grad(loss, [xs, scale, ps, a, qs, qkv_scale, ss])
 
     eager_out, eager_grad = run()
     with M.fused_quantizers():
         fused_out, fused_grad = run()
     assert M._KERNELS["uniform"] is M._uniform_train  # restored on exit
-    for e, f in zip(eager_out[:3], fused_out[:3], strict=True):
+    for e, f in zip(eager_out[:7], fused_out[:7], strict=True):
         assert torch.equal(e, f)  # same codes: the grid arithmetic is elementwise, no reordering
-    assert torch.allclose(eager_out[3], fused_out[3], rtol=1e-5)
+    # the probabilities: the fused softmax sums in another order, so kept (dropped-out) float
+    # values differ in the last bit, and a quantized one only where that crosses a log-grid threshold
+    assert torch.allclose(eager_out[7], fused_out[7], rtol=1e-6, atol=1e-7)
+    assert torch.allclose(eager_out[8], fused_out[8], rtol=1e-5)
     for e, f in zip(eager_grad, fused_grad, strict=True):
-        # reductions (the step's gradient, the regulariser sum) may be reordered: float rounding only
-        assert torch.allclose(e, f, rtol=1e-4, atol=1e-6)
+        # reductions (the step's gradient, the regulariser sum, the softmax) may be reordered: float rounding only
+        assert torch.allclose(e, f, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_training_kernels_compute_what_the_separate_quantizers_compute():
+    """q/k/v in one kernel, softmax + log quantizer in one, weight + regulariser in one: same numbers."""
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(2, 7, 3, 4, 5, generator=g).requires_grad_(True)
+    scale = torch.tensor([0.11, 0.2, 0.07], requires_grad=True)
+    zp = torch.tensor([8.0, 7.0, 9.0])
+    fused = M._qkv_train(qkv, scale, zp, 4, 0.0)
+    views = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    alone = [P.fake_quantize_uniform(v, scale[i], zp[i], 4) for i, v in enumerate(views)]
+    for f, a in zip(fused, alone, strict=True):
+        assert f.shape == (2, 4, 7, 5) and f.is_contiguous() and torch.equal(f, a)
+    w = torch.randn(3, 2, 4, 7, 5, generator=g)
+    grads_f = torch.autograd.grad(sum((f * w[i]).sum() for i, f in enumerate(fused)), [qkv, scale])
+    grads_a = torch.autograd.grad(sum((a * w[i]).sum() for i, a in enumerate(alone)), [qkv, scale])
+    assert torch.equal(grads_f[0], grads_a[0]) and torch.allclose(grads_f[1], grads_a[1], rtol=1e-5)
+
+    scores = torch.randn(6, 4, 9, 9, generator=g) * 4
+    rel = torch.randn(1, 4, 9, 9, generator=g)
+    mask = torch.where(torch.rand(3, 9, 9, generator=g) < 0.3, -100.0, 0.0)
+    delta = torch.tensor(0.9)
+    # timm's way: the window masks expanded over the batch (windows cycle within an image)
+    expanded = rel + mask.view(1, 3, 1, 9, 9).expand(2, -1, -1, -1, -1).reshape(6, 1, 9, 9)
+    reference = P.fake_quantize_log((scores * 0.125 + expanded).softmax(-1), delta, 4)
+    probs = M._attn_probs_train(scores, 0.125, rel + mask.unsqueeze(1), 3, delta, 4, "sqrt2", 0.0)
+    assert torch.equal(probs, reference)
+
+    alpha = torch.randn(6, 5, generator=g).requires_grad_(True)
+    w_floor, s, z = torch.floor(torch.randn(6, 5, generator=g) * 3), torch.rand(6, 1, generator=g) + 0.1, torch.full(
+        (6, 1), 8.0)
+    weight, reg = M._adaround_reg(w_floor, alpha, s, z, 4, torch.tensor(3.0))
+    assert torch.equal(weight, P.adaround_weight(w_floor, P.rectified_sigmoid(alpha), s, z, 4))
+    assert torch.equal(reg, P.adaround_regularizer(alpha, torch.tensor(3.0)))
 
 
 def test_fused_rng_draws_bernoulli_masks_inside_the_kernel():
@@ -286,3 +330,27 @@ def test_legacy_bf16_switch_reads_as_bf16_autocast():
     assert CalibrationConfig.from_dict({"bf16": False}).autocast == "off"
     with pytest.raises(ConfigError, match="autocast must be one of"):
         CalibrationConfig(autocast="fp8").validate()
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_fused_attention_route_computes_what_the_quantizer_modules_compute(kind, monkeypatch):
+    """Reconstruction and evaluation take the fused q/k/v and probability kernels; observation and
+    export take the per-quantizer modules. On a quantized model (Swin: shifted windows with their
+    masks) both routes give the same logits."""
+    from osqdeploy.adapters.attention import QuantMatMulAttention
+    from osqdeploy.reconstruct import logits
+
+    from conftest import tiny_swin
+
+    model, size = (tiny_vit(depth=2), 32) if kind == "vit" else (tiny_swin(), 56)
+    adapter = prepare_model(model, QuantConfig(4, 4), adapter_for)
+    rec = Reconstructor(model, adapter, build_plan("auto", adapter.units(model)),
+                        CalibrationConfig(samples=16, batch_size=8, iters=0), torch.device("cpu"))
+    x = images(16, size)
+    rec.initialize(x)
+    cores = [m for m in model.modules() if isinstance(m, QuantMatMulAttention)]
+    assert cores and all(c.fusable() for c in cores)
+    fused = logits(model, x, 8, torch.device("cpu"))
+    monkeypatch.setattr(QuantMatMulAttention, "fusable", lambda self: False)
+    separate = logits(model, x, 8, torch.device("cpu"))
+    assert torch.allclose(fused, separate, rtol=1e-5, atol=1e-5)

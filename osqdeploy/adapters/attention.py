@@ -11,11 +11,23 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..quant.modules import ActQuantizer, LogQuantizer, QuantLinear
+from ..quant.modules import _KERNELS, ActQuantizer, LogQuantizer, QuantLinear, _matmul_dtype, is_exporting
+
+
+def _drop(q: nn.Module) -> float:
+    return q.drop_prob if q.training else 0.0
 
 
 class QuantMatMulAttention(nn.Module):
-    """softmax(q̂ k̂ᵀ·scale + bias) quantized on the log grid, times v̂."""
+    """softmax(q̂ k̂ᵀ·scale + bias) quantized on the log grid, times v̂.
+
+    Two routes compute the same function. ``forward`` applies each quantizer module in turn: it
+    is what observation (each quantizer sees its own tensor), full precision and ONNX export
+    trace. ``fused_forward`` — taken whenever all four quantizers are simply quantizing, as in
+    reconstruction and evaluation — quantizes q, k and v in one kernel from the projection's own
+    layout and the probabilities in one kernel with their softmax (the element arithmetic of each
+    quantizer unchanged): a training step is bound by such elementwise passes, not by its matmuls.
+    """
 
     def __init__(self, cfg: QuantConfig, scale: float):
         super().__init__()
@@ -34,6 +46,25 @@ class QuantMatMulAttention(nn.Module):
         attn = self.attn_quantizer(attn.softmax(dim=-1))
         return attn @ self.v_quantizer(v)
 
+    def fusable(self) -> bool:
+        qkv = (self.q_quantizer, self.k_quantizer, self.v_quantizer)
+        quantizing = all(q.enabled and not q.observing for q in (*qkv, self.attn_quantizer))
+        return quantizing and not is_exporting() and len({(q.bits, _drop(q)) for q in qkv}) == 1
+
+    def fused_forward(self, qkv: torch.Tensor, bias: torch.Tensor | None = None, groups: int = 0) -> torch.Tensor:
+        """The context ``[B, H, N, D]`` from the projection viewed ``[B, N, 3, H, D]`` (see ``fusable``).
+
+        ``groups`` > 0: ``bias`` is ``[groups, H, N, N]``, cycling over the batch (Swin's windows).
+        """
+        qs = (self.q_quantizer, self.k_quantizer, self.v_quantizer)
+        scale = torch.stack([q.scale for q in qs])
+        zero_point = torch.stack([q.zero_point for q in qs])
+        q, k, v = _KERNELS["qkv"](qkv, scale, zero_point, qs[0].bits, _drop(qs[0]), _matmul_dtype(qkv))
+        a = self.attn_quantizer
+        probs = _KERNELS["attn_probs"](q @ k.transpose(-2, -1), self.scale, bias, groups, a.delta, a.bits, a.base,
+                                       _drop(a), _matmul_dtype(v))
+        return probs @ v
+
 
 class QuantAttention(nn.Module):
     """timm ``vision_transformer.Attention`` up to the context (no projection)."""
@@ -50,15 +81,17 @@ class QuantAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         bias = None
         if attn_mask is not None:
             bias = attn_mask if attn_mask.dtype != torch.bool else torch.zeros_like(
-                attn_mask, dtype=q.dtype
+                attn_mask, dtype=torch.float32
             ).masked_fill(~attn_mask, float("-inf"))
-        x = self.core(q, k, v, bias)
+        if isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity) and self.core.fusable():
+            x = self.core.fused_forward(qkv, bias)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            x = self.core(self.q_norm(q), self.k_norm(k), v, bias)
         return self.norm(x.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -77,9 +110,15 @@ class QuantWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B_, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        bias = self._rel_pos_bias(self)
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1)
+        bias = self._rel_pos_bias(self)  # [1, H, N, N]
+        if self.core.fusable():  # the per-window masks broadcast inside the kernel
+            groups = 1 if mask is None else mask.shape[0]
+            if mask is not None:
+                bias = bias + mask.unsqueeze(1)
+            x = self.core.fused_forward(qkv, bias, groups)
+            return x.transpose(1, 2).reshape(B_, N, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if mask is not None:
             num_win = mask.shape[0]
             bias = bias + mask.view(1, num_win, 1, N, N).expand(B_ // num_win, -1, -1, -1, -1).reshape(

@@ -59,6 +59,10 @@ def exporting() -> Iterator[None]:
         _EXPORTING = previous
 
 
+def is_exporting() -> bool:
+    return _EXPORTING
+
+
 def _ema(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:
     return new if old is None else decay * old + (1 - decay) * new
 
@@ -100,12 +104,55 @@ def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
-def _adaround_soft(w_floor, alpha, scale, zero_point, bits: int):
-    return P.adaround_weight(w_floor, P.rectified_sigmoid(alpha), scale, zero_point, bits)
+def _qkv_train(qkv, scale, zero_point, bits: int, drop_prob: float, out_dtype: torch.dtype | None = None):
+    """q̂, k̂, v̂ from the ``[B, N, 3, H, D]`` projection, each ``[B, H, N, D]`` and contiguous.
+
+    The three quantizers in one pass: ``scale``/``zero_point`` hold q's, k's and v's grid (shape
+    ``[3]``), so every element meets the same arithmetic as in its own quantizer. Writing the
+    attention layout directly spares the three strided copies the matmuls would otherwise make
+    of quantizer outputs laid out like the permuted projection, and their gradients' stack.
+    One QDrop draw covers all three.
+    """
+    x = qkv.float()
+    xq = P.fake_quantize_uniform(x, scale.view(3, 1, 1), zero_point.view(3, 1, 1), bits)
+    out = xq if drop_prob <= 0 else torch.where(torch.rand_like(x) < drop_prob, x, xq)
+    return out.to(out_dtype or qkv.dtype).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+
+
+def _attn_probs_train(scores, scale: float, bias, groups: int, delta, bits: int, base: str, drop_prob: float,
+                      out_dtype: torch.dtype | None = None):
+    """softmax(scores·scale + bias) on the log grid (with QDrop), in fp32 whatever ``scores``' type.
+
+    ``groups`` > 0: ``bias`` is ``[groups, H, N, N]`` and row-block ``b`` of the scores takes
+    ``bias[b % groups]`` (Swin's per-window masks), so the bias is never expanded to the batch.
+    Fused, the scale, bias, softmax and quantizer are one kernel each way instead of five.
+    """
+    a = scores.float() * scale
+    if bias is not None:
+        a = (a.view(-1, groups, *a.shape[1:]) + bias).view(a.shape) if groups else a + bias
+    return _log_train(a.softmax(-1), delta, bits, base, drop_prob, out_dtype)
+
+
+def _adaround_soft(w_floor, alpha, scale, zero_point, bits: int, out_dtype: torch.dtype | None = None):
+    weight = P.adaround_weight(w_floor, P.rectified_sigmoid(alpha), scale, zero_point, bits)
+    return weight.to(out_dtype or w_floor.dtype)
+
+
+def _adaround_reg(w_floor, alpha, scale, zero_point, bits: int, beta, out_dtype: torch.dtype | None = None):
+    """The soft weight and AdaRound's regulariser of the same h(V), in one kernel each way.
+
+    Computed apart they are four kernels per layer and step (weight, regulariser, two backwards)
+    and a fifth adding their gradients to V; together, h(V) is computed once and V's gradient
+    written once.
+    """
+    h = P.rectified_sigmoid(alpha)
+    weight = P.adaround_weight(w_floor, h, scale, zero_point, bits).to(out_dtype or w_floor.dtype)
+    return weight, P.rounding_regularizer(h, beta)
 
 
 _EAGER = {"uniform": _uniform_train, "log": _log_train, "adaround": _adaround_soft,
-          "regularizer": P.adaround_regularizer}
+          "adaround_reg": _adaround_reg, "qkv": _qkv_train,
+          "attn_probs": _attn_probs_train}
 _KERNELS = dict(_EAGER)
 _COMPILED: dict[bool, dict[str, object]] = {}  # fused_rng -> compiled copies of _EAGER
 
@@ -297,6 +344,10 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("zero_point_int", torch.zeros(out, dtype=torch.uint8), persistent=False)
         self.register_buffer("w_int_export", torch.zeros(0, dtype=torch.uint8), persistent=False)
         self.alpha: nn.Parameter | None = None
+        # AdaRound's β of the current reconstruction step, set by the step: with it, a soft
+        # forward also computes the rounding regulariser into ``reg`` (one fused kernel).
+        self.beta: torch.Tensor | None = None
+        self.reg: torch.Tensor | None = None
         # floor(W/s) during reconstruction: constant while only V and the activation steps learn,
         # so it is computed once per group instead of in every forward.
         self.w_floor: torch.Tensor | None = None
@@ -345,9 +396,6 @@ class WeightQuantizer(nn.Module):
         self.w_floor = torch.floor(w_over_s)
         self.mode = "soft"
 
-    def regularizer(self, beta: float | torch.Tensor) -> torch.Tensor:
-        return _KERNELS["regularizer"](self.alpha, beta)
-
     def nearest_codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes (float tensor) of round-to-nearest on this grid."""
         return P.quantize_uniform(weight, self._view(self.scale), self._view(self.zero_point), self.bits)
@@ -367,6 +415,7 @@ class WeightQuantizer(nn.Module):
             self.w_int = self.integer_weight(weight.detach()).to(torch.uint8)
         self.alpha = None
         self.w_floor = None
+        self.beta = self.reg = None
         self.mode = "int"
 
     def make_deployable_structure(self) -> None:
@@ -385,7 +434,12 @@ class WeightQuantizer(nn.Module):
         if self.mode == "nearest":
             return P.dequantize_uniform(P.quantize_uniform(weight, s, zp, self.bits), s, zp)
         if self.mode == "soft":  # w_floor is set by init_adaround, the only way into this mode
-            return _KERNELS["adaround"](self.w_floor, self.alpha, s, zp, self.bits)
+            # written in the matmul's type: the cast autocast would make, inside the kernel
+            dtype = _matmul_dtype(self.w_floor)
+            if self.beta is None:
+                return _KERNELS["adaround"](self.w_floor, self.alpha, s, zp, self.bits, dtype)
+            w, self.reg = _KERNELS["adaround_reg"](self.w_floor, self.alpha, s, zp, self.bits, self.beta, dtype)
+            return w
         return P.dequantize_uniform(self.integer_weight(weight), s, zp)  # hard: h(V) thresholded
 
     def prepare_export(self, transpose: bool) -> None:

@@ -172,9 +172,14 @@ def adaround_init(w_over_s: torch.Tensor) -> torch.Tensor:
     return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
 
 
-def adaround_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
+def adaround_regularizer(v: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
     """Σ 1 − |2h(V) − 1|^β: pushes every h(V) to 0 or 1 as β anneals."""
-    return (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()
+    return rounding_regularizer(rectified_sigmoid(v), beta)
+
+
+def rounding_regularizer(h: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
+    """:func:`adaround_regularizer` of offsets ``h`` = h(V) already computed."""
+    return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
 
 
 def adaround_weight(

@@ -347,7 +347,10 @@ class Reconstructor:
 
         cuda = self.device.type == "cuda"
         with fused_quantizers(cfg.compile and cuda and not cfg.compile_group, cfg.fused_rng):  # group fuses more
-            run_steps(step, cfg.iters, cfg.cuda_graph and cuda, on_log, log_every=max(1, cfg.iters // 100))
+            try:
+                run_steps(step, cfg.iters, cfg.cuda_graph and cuda, on_log, log_every=max(1, cfg.iters // 100))
+            finally:
+                step.release()
 
         for q in acts:
             q.drop_prob = 0.0

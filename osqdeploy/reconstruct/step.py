@@ -87,6 +87,11 @@ class GroupStep:
             self.forward = compile_group(run_group, fused_rng=cfg.fused_rng)
         else:
             self.forward = lambda inp: run_group(inp)[-1]
+        self.inputs, self.loss = _batch_inputs, _loss
+        if cfg.compile and device.type == "cuda":  # gather, QDrop mix and loss: a kernel or two, not a dozen
+            options = {"fallback_random": not cfg.fused_rng}
+            self.inputs = torch.compile(_batch_inputs, dynamic=False, options=options)
+            self.loss = torch.compile(_loss, dynamic=False, options=options)
         # capturable keeps Adam's step count on the device; used on CUDA by both paths so that
         # eager and graphed runs compute the same bias corrections. The fused kernel keeps it
         # there too, and is capturable.
@@ -107,34 +112,52 @@ class GroupStep:
         """One iteration, without host synchronisation (so it can be captured)."""
         it = self.counter
         idx = self.schedule.batches.index_select(0, it).squeeze(0)
-        xq = tuple(t.index_select(0, idx) for t in self.q_in)
-        if self.drop_prob > 0:  # QDrop: mix quantized and full-precision inputs elementwise
-            xf = tuple(t.index_select(0, idx) for t in self.fp_in)
-            inp = tuple(torch.where(torch.rand_like(a) < self.drop_prob, a, b) for a, b in zip(xq, xf, strict=True))
-        else:
-            inp = xq
-        with self.autocast:
-            out = self.forward(inp)
-        target = self.target.index_select(0, idx)
-        if self.weight is None:  # a plain objective need not take weights
-            rec = self.objective(out.float(), target)
-        else:
-            rec = self.objective(out.float(), target, self.weight.index_select(0, idx))
+        inp = self.inputs(self.q_in, self.fp_in, idx, self.drop_prob)
         beta = self.schedule.beta.index_select(0, it).squeeze(0)
         reg_weight = self.schedule.reg_weight.index_select(0, it).squeeze(0)
-        reg = sum(layer.weight_quantizer.regularizer(beta) for layer in self.layers)
+        quantizers = [layer.weight_quantizer for layer in self.layers]
+        for wq in quantizers:  # each soft weight computes its rounding regulariser alongside
+            wq.beta, wq.reg = beta, None
+        with self.autocast:
+            out = self.forward(inp)
+        if any(wq.reg is None for wq in quantizers):
+            raise RuntimeError("a layer of the group did not take part in its forward pass")
+        rec = self.loss(self.objective, out, self.target, idx, self.weight)
+        reg = torch.stack([wq.reg for wq in quantizers]).sum()
         ((rec + reg_weight * reg) * self.loss_scale).backward()
         for opt in self.optimizers:
             opt.step()
         with torch.no_grad():
-            for p in self.step_params:
-                p.clamp_(min=1e-8)
+            if self.step_params:
+                torch._foreach_clamp_min_(self.step_params, 1e-8)
             self.counter += 1
             self.rec.copy_(rec.detach())
+
+    def release(self) -> None:
+        """Drop the step's hold on the weight quantizers (β and the last regulariser)."""
+        for layer in self.layers:
+            layer.weight_quantizer.beta = layer.weight_quantizer.reg = None
 
     def eager(self) -> None:
         self.zero_grad()
         self.body()
+
+
+def _batch_inputs(q_in: State, fp_in: State, idx: torch.Tensor, drop_prob: float) -> State:
+    """The batch ``idx`` of the cached group inputs, QDrop-mixed elementwise with the float ones."""
+    xq = tuple(t.index_select(0, idx) for t in q_in)
+    if drop_prob <= 0:
+        return xq
+    xf = tuple(t.index_select(0, idx) for t in fp_in)
+    return tuple(torch.where(torch.rand_like(a) < drop_prob, a, b) for a, b in zip(xq, xf, strict=True))
+
+
+def _loss(objective: Callable[..., torch.Tensor], out: torch.Tensor, target: torch.Tensor, idx: torch.Tensor,
+          weight: torch.Tensor | None) -> torch.Tensor:
+    """The reconstruction loss of the batch ``idx`` against the cached targets, in fp32."""
+    if weight is None:  # a plain objective need not take weights
+        return objective(out.float(), target.index_select(0, idx))
+    return objective(out.float(), target.index_select(0, idx), weight.index_select(0, idx))
 
 
 def compile_group(run_group: Callable[[State], State], fused_rng: bool = False) -> Callable[[State], torch.Tensor]:
