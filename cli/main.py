@@ -53,7 +53,7 @@ from osqdeploy.load.models import DEMO_RECIPE, RecipeError, read_state_dict
 from osqdeploy.pipeline import calibrate as run_calibration
 from osqdeploy.pipeline import load_run
 from osqdeploy.plan import SLICINGS, PlanError, build_plan, resolve_spec
-from osqdeploy.reconstruct import NumericalError, resolve_device
+from osqdeploy.reconstruct import NumericalError, resolve_device, warm_compile_workers
 from osqdeploy.run import store
 
 from .progress import CalibrationProgress, plan_table, summary_table
@@ -355,6 +355,7 @@ def calibrate(
         ccfg.validate()
         build_plan(ccfg.granularity, [])  # syntax check now, not after loading the model
         dev = _check_device(ccfg.device)
+        warm_compile_workers(ccfg, dev)  # they start while the model and the images load
 
         is_demo = recipe.name == DEMO_RECIPE
         if data is None and not is_demo:

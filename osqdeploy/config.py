@@ -136,7 +136,7 @@ class CalibrationConfig:
     # differ where a V sits at a tie.
     fused_adam: bool = True
     # QDrop's random masks generated inside the compiled kernels (``compile``/``compile_group``)
-    # rather than by eager ``rand_like``: Bernoulli(drop_prob) masks all the same, drawn from
+    # rather than by eager ``bernoulli_``: Bernoulli(drop_prob) masks all the same, drawn from
     # inductor's Philox stream, so not the same draws as the uncompiled step for a seed. Off: it
     # measured only 1-2 % faster (H200, ViT-S and Swin-B), not worth losing the eager draws.
     fused_rng: bool = False

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.modules import QuantConv2d, QuantLinear, fold_gelu
 from .attention import QuantWindowAttention
 from .base import Adapter, ReparamSite, State, Unit, block_units
 
@@ -30,6 +30,7 @@ class QuantSwinBlock(nn.Module):
         block.mlp.fc1 = QuantLinear(block.mlp.fc1, cfg.w_bits, cfg.a_bits, per_channel_observe=cfg.reparam)
         block.mlp.fc2 = QuantLinear(block.mlp.fc2, cfg.w_bits, cfg.a_bits)
         block.mlp.fc2.input_quantizer.range_keep_min = cfg.post_gelu_range == "mse_max"
+        fold_gelu(block.mlp)
         self.block = block
 
     def part_a(self, x: torch.Tensor) -> torch.Tensor:

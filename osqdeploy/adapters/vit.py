@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.modules import QuantConv2d, QuantLinear, fold_gelu
 from .attention import QuantAttention
 from .base import Adapter, ReparamSite, State, Unit, block_units
 
@@ -24,6 +24,7 @@ class QuantBlock(nn.Module):
         self.mlp.fc1 = QuantLinear(block.mlp.fc1, cfg.w_bits, cfg.a_bits, per_channel_observe=cfg.reparam)
         self.mlp.fc2 = QuantLinear(block.mlp.fc2, cfg.w_bits, cfg.a_bits)
         self.mlp.fc2.input_quantizer.range_keep_min = cfg.post_gelu_range == "mse_max"
+        fold_gelu(self.mlp)
 
     def part_a(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.attn(self.norm1(x), attn_mask=attn_mask)

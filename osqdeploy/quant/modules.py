@@ -71,7 +71,7 @@ def _ema(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Ten
 # During reconstruction every quantizer is a chain of small elementwise ops, forward and backward.
 # These functions are that chain, written once; ``fused_quantizers()`` swaps in torch.compile'd
 # copies so each becomes one generated kernel per direction (issue 5). QDrop's random draw is part
-# of the chain: by default the compiled copies still draw it with eager ``rand_like`` (inductor's
+# of the chain: by default the compiled copies still draw it with eager ``bernoulli_`` (inductor's
 # ``fallback_random``), so both versions see the same random numbers; with ``fused_rng`` the draw
 # is generated inside the fused kernel (see ``CalibrationConfig.fused_rng``).
 #
@@ -83,10 +83,28 @@ def _ema(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Ten
 # happens inside the fused kernel instead of in a pass of its own. For fp32 the casts are no-ops.
 
 
-def _uniform_train(x, scale, zero_point, bits: int, drop_prob: float, out_dtype: torch.dtype | None = None):
+_IN_KERNEL_RNG = False  # set by fused_quantizers(fused_rng=True); read when a kernel is traced
+
+
+def qdrop_mask(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    """QDrop's draw: True (keep the float value) with probability ``drop_prob``, per element.
+
+    A bool Bernoulli draw writes one byte per element where ``rand_like(x) < p`` writes a float
+    of four and reads it back, forward and backward, for every quantizer of every step. Under
+    ``fused_rng`` the draw is ``rand_like(x) < p``, which inductor generates inside its kernels.
+    """
+    if _IN_KERNEL_RNG:
+        return torch.rand_like(x, dtype=torch.float32) < drop_prob
+    return torch.empty_like(x, dtype=torch.bool).bernoulli_(drop_prob)
+
+
+def _uniform_train(x, scale, zero_point, bits: int, drop_prob: float, out_dtype: torch.dtype | None = None,
+                   gelu: str | None = None):
     xf = x.float()
+    if gelu is not None:  # the quantizer's own input activation (``ActQuantizer.gelu``), fused with it
+        xf = F.gelu(xf, approximate=gelu)
     xq = P.fake_quantize_uniform(xf, scale, zero_point, bits)
-    out = xq if drop_prob <= 0 else torch.where(torch.rand_like(xf) < drop_prob, xf, xq)
+    out = xq if drop_prob <= 0 else torch.where(qdrop_mask(xf, drop_prob), xf, xq)
     return out.to(out_dtype or x.dtype)
 
 
@@ -94,7 +112,7 @@ def _log_train(x, delta, bits: int, base: str, drop_prob: float, out_dtype: torc
     xf = x.float()
     xq = P.fake_quantize_log(xf, delta, bits, base)
     xq = xf + (xq - xf).detach()  # STE: gradients reach the layers before the softmax
-    out = xq if drop_prob <= 0 else torch.where(torch.rand_like(xf) < drop_prob, xf, xq)
+    out = xq if drop_prob <= 0 else torch.where(qdrop_mask(xf, drop_prob), xf, xq)
     return out.to(out_dtype or x.dtype)
 
 
@@ -115,7 +133,7 @@ def _qkv_train(qkv, scale, zero_point, bits: int, drop_prob: float, out_dtype: t
     """
     x = qkv.float()
     xq = P.fake_quantize_uniform(x, scale.view(3, 1, 1), zero_point.view(3, 1, 1), bits)
-    out = xq if drop_prob <= 0 else torch.where(torch.rand_like(x) < drop_prob, x, xq)
+    out = xq if drop_prob <= 0 else torch.where(qdrop_mask(x, drop_prob), x, xq)
     return out.to(out_dtype or qkv.dtype).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
 
 
@@ -169,10 +187,12 @@ def fused_quantizers(enabled: bool = True, fused_rng: bool = False) -> Iterator[
     """Run the training-time quantizer arithmetic through torch.compile'd kernels inside the block.
 
     ``fused_rng`` generates QDrop's random numbers inside the kernels (inductor's own Philox
-    stream) instead of calling eager ``rand_like``: the same Bernoulli(p) masks in distribution,
+    stream) instead of calling eager ``bernoulli_``: the same Bernoulli(p) masks in distribution,
     not the same draws.
     """
-    previous = dict(_KERNELS)
+    global _IN_KERNEL_RNG
+    previous, previous_rng = dict(_KERNELS), _IN_KERNEL_RNG
+    _IN_KERNEL_RNG = fused_rng  # for compile_group's kernels too, which are traced inside this context
     if enabled:
         if fused_rng not in _COMPILED:
             # Static shapes: a model has a handful of activation and weight shapes, and static
@@ -186,6 +206,7 @@ def fused_quantizers(enabled: bool = True, fused_rng: bool = False) -> Iterator[
         yield
     finally:
         _KERNELS.update(previous)
+        _IN_KERNEL_RNG = previous_rng
 
 
 # --- activation quantizers ----------------------------------------------------------------------
@@ -220,6 +241,10 @@ class ActQuantizer(nn.Module):
         # Min-max observer instead: the running extremes of all calibration data (no clipping);
         # QuantConfig.edge_range='minmax' for the 8-bit patch-embedding and head inputs.
         self.range_minmax = False
+        # A GELU applied to the input before quantizing (its ``approximate`` mode), moved here from
+        # the MLP by ``fold_gelu``: fused with the quantizer, the activation costs no pass of its
+        # own over the MLP's widest tensor, forward or backward. Every route applies it first.
+        self.gelu: str | None = None
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, enabled={self.enabled}"
@@ -257,18 +282,21 @@ class ActQuantizer(nn.Module):
         return (qmin - self.zero_point) * self.scale, (qmax - self.zero_point) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and not self.observing and not _EXPORTING:
+            drop_prob = self.drop_prob if self.training else 0.0
+            return _KERNELS["uniform"](x, self.scale, self.zero_point, self.bits, drop_prob, _matmul_dtype(x),
+                                       self.gelu)
+        if self.gelu is not None:
+            x = F.gelu(x, approximate=self.gelu)
         if self.observing:
             self.observe(x)
             return x
         if not self.enabled:
             return x
-        if _EXPORTING:
-            if self.bits not in (4, 8):  # the ONNX integer type is wider than the grid
-                lo, hi = self.clip_bounds()
-                x = torch.clamp(x, lo.detach(), hi.detach())
-            return torch.ops.osqdeploy.qdq(x, self.scale.detach(), self.zero_point_int)
-        drop_prob = self.drop_prob if self.training else 0.0
-        return _KERNELS["uniform"](x, self.scale, self.zero_point, self.bits, drop_prob, _matmul_dtype(x))
+        if self.bits not in (4, 8):  # exporting: the ONNX integer type is wider than the grid
+            lo, hi = self.clip_bounds()
+            x = torch.clamp(x, lo.detach(), hi.detach())
+        return torch.ops.osqdeploy.qdq(x, self.scale.detach(), self.zero_point_int)
 
     def prepare_export(self) -> None:
         self.zero_point_int = self.zero_point.round().to(torch.uint8)
@@ -318,6 +346,21 @@ class LogQuantizer(nn.Module):
 
     def prepare_export(self) -> None:
         pass
+
+
+def fold_gelu(mlp: nn.Module) -> None:
+    """Move a timm ``Mlp``'s GELU into its ``fc2`` input quantizer, where nothing else lies between.
+
+    Same function (the quantizer applies it first, on every route: observation, full precision,
+    reconstruction, export); MLPs with other activations, a norm or a live dropout are left as
+    they are.
+    """
+    between = (getattr(mlp, "drop1", nn.Identity()), getattr(mlp, "norm", nn.Identity()))
+    inert = all(isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0) for m in between)
+    quantizer = getattr(mlp.fc2, "input_quantizer", None)
+    if isinstance(mlp.act, nn.GELU) and inert and isinstance(quantizer, ActQuantizer):
+        quantizer.gelu = mlp.act.approximate
+        mlp.act = nn.Identity()
 
 
 # --- weight quantizer ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 from .engine import Callbacks, GroupResult, NumericalError, Reconstructor, logits, prepare_model, resolve_device
 from .objective import OBJECTIVES, FisherMSE, ReconstructionMSE, make_objective
+from .step import warm_compile_workers
 
 __all__ = [
     "Callbacks",
@@ -13,4 +14,5 @@ __all__ = [
     "make_objective",
     "prepare_model",
     "resolve_device",
+    "warm_compile_workers",
 ]

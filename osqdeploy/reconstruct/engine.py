@@ -33,7 +33,7 @@ from ..plan import Plan
 from ..quant.modules import act_quantizers, fused_quantizers, quant_layers, quantization_disabled
 from ..quant.reparam import reparameterize_norm
 from .objective import Objective, make_objective
-from .step import GroupStep, Schedule, run_steps
+from .step import GroupStep, Schedule, run_steps, warm_compile_workers
 
 
 class NumericalError(RuntimeError):
@@ -158,6 +158,7 @@ class Reconstructor:
         if missing:
             raise ValueError(f"plan names units the model does not have: {missing[:5]}")
         self.groups: list[list[Unit]] = [[units[n] for n in g] for g in plan.groups]
+        warm_compile_workers(ccfg, device)
 
     # -- batching helpers --------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..adapters import State
 from ..config import CalibrationConfig
-from ..quant.modules import allow_recompiles
+from ..quant.modules import allow_recompiles, qdrop_mask
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _batch_inputs(q_in: State, fp_in: State, idx: torch.Tensor, drop_prob: float
     if drop_prob <= 0:
         return xq
     xf = tuple(t.index_select(0, idx) for t in fp_in)
-    return tuple(torch.where(torch.rand_like(a) < drop_prob, a, b) for a, b in zip(xq, xf, strict=True))
+    return tuple(torch.where(qdrop_mask(a, drop_prob), a, b) for a, b in zip(xq, xf, strict=True))
 
 
 def _loss(objective: Callable[..., torch.Tensor], out: torch.Tensor, target: torch.Tensor, idx: torch.Tensor,
@@ -158,6 +158,23 @@ def _loss(objective: Callable[..., torch.Tensor], out: torch.Tensor, target: tor
     if weight is None:  # a plain objective need not take weights
         return objective(out.float(), target.index_select(0, idx))
     return objective(out.float(), target.index_select(0, idx), weight.index_select(0, idx))
+
+
+def warm_compile_workers(cfg: CalibrationConfig, device: torch.device) -> None:
+    """Start inductor's kernel-compiling worker processes now, if this calibration will compile.
+
+    Inductor starts them at its first compilation, which then waits for them (seconds of a
+    calibration's fixed cost, on its critical path); started while the images load and the
+    observers run, they are ready when the first group compiles. Idempotent; harmless where the
+    private hook does not exist.
+    """
+    if device.type != "cuda" or not (cfg.compile or cfg.compile_group):
+        return
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:
+        return
+    maybe_warm_pool()
 
 
 def compile_group(run_group: Callable[[State], State], fused_rng: bool = False) -> Callable[[State], torch.Tensor]:
