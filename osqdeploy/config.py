@@ -126,10 +126,11 @@ class CalibrationConfig:
     loss_scale: float = 1024.0  # fp16 autocast only
     # torch.compile the group's whole forward (and so its backward): inductor fuses LayerNorm,
     # GELU, softmax and every quantizer with their neighbours, where ``compile`` fuses each
-    # quantizer alone. Any device; QDrop's masks stay eager random draws (inductor's
-    # fallback_random), so it computes what the eager step computes up to float reassociation.
-    # Blocks of one shape share one compiled graph (parameters are graph inputs). Off: no faster
-    # on ViT-S (H100 and H200, with and without fused_rng).
+    # quantizer alone. Any device; QDrop's masks stay eager draws (each a graph break), so it
+    # computes what the eager step computes up to float reassociation. Blocks of one shape share
+    # one compiled graph (parameters are graph inputs). Off: no faster on ViT-S (H100 and H200,
+    # with and without fused_rng; session 8: 4.10 against 3.88 s / 1k before the fused training
+    # kernels, which take most of its fusions), and Swin-B under fp16 overflowed at its first step.
     compile_group: bool = False
     # One fused Adam kernel per parameter group instead of a chain of foreach kernels (CUDA). The
     # same update formula; its float operations are ordered differently, so weights' rounding can

@@ -60,21 +60,23 @@ def test_compiled_quantizer_kernels_match_their_eager_definitions():
     w_floor = torch.floor(torch.randn(24, 16, generator=g) * 4)
     s, zp = torch.rand(24, 1, generator=g) + 0.1, torch.full((24, 1), 8.0)
 
+    # QDrop's masks, drawn by the callers before the kernels (as the modules do)
+    mx, mp, mq, ms = (torch.rand(t.shape, generator=g) < 0.5 for t in (x, probs, qkv, scores))
+
     def run():
         xs, ps, qs, ss = (t.clone().requires_grad_(True) for t in (x, probs, qkv, scores))
         scale = torch.tensor(0.05, requires_grad=True)
         qkv_scale = torch.tensor([0.2, 0.3, 0.25], requires_grad=True)
         a = alpha.clone().requires_grad_(True)
-        torch.manual_seed(11)  # QDrop's eager draws: the compiled kernels fall back to the same ones
         weight, reg = M._KERNELS["adaround_reg"](w_floor, a, s, zp, 4, torch.tensor(7.5))
         outs = [
-            M._KERNELS["uniform"](xs, scale, torch.tensor(7.0), 4, 0.5),
-            M._KERNELS["uniform"](xs, scale, torch.tensor(7.0), 4, 0.5, None, "none"),  # GELU first
-            M._KERNELS["log"](ps, torch.tensor(1.0), 4, "sqrt2", 0.5),
+            M._KERNELS["uniform"](xs, scale, torch.tensor(7.0), 4, 0.5, None, None, mx),
+            M._KERNELS["uniform"](xs, scale, torch.tensor(7.0), 4, 0.5, None, "none", mx),  # GELU first
+            M._KERNELS["log"](ps, torch.tensor(1.0), 4, "sqrt2", 0.5, None, mp),
             M._KERNELS["adaround"](w_floor, a, s, zp, 4),
             weight,
-            *M._KERNELS["qkv"](qs, qkv_scale, torch.tensor([7.0, 8.0, 6.0]), 4, 0.5),
-            M._KERNELS["attn_probs"](ss, 0.5, bias, 2, torch.tensor(1.0), 4, "sqrt2", 0.5),
+            *M._KERNELS["qkv"](qs, qkv_scale, torch.tensor([7.0, 8.0, 6.0]), 4, 0.5, None, mq),
+            M._KERNELS["attn_probs"](ss, 0.5, bias, 2, torch.tensor(1.0), 4, "sqrt2", 0.5, None, ms),
             reg,
         ]
         loss = sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
@@ -153,18 +155,22 @@ def test_fused_rng_draws_bernoulli_masks_inside_the_kernel():
     assert abs(float(kept.float().mean()) - 0.5) < 0.02 and bool((grad[only_kept] == 1).all())
     assert 0.4 < float((out != again).float().mean()) < 0.6  # independent masks: differ where either drops
     torch.manual_seed(1)
-    assert not torch.equal(out, torch.where(M.qdrop_mask(x, 0.5), x, xq))  # not the eager draw
+    assert not torch.equal(out, torch.where(M.qdrop_mask(x.shape, x.device, 0.5), x, xq))  # not the eager draw
 
 
 def test_qdrop_mask_is_a_seeded_one_byte_bernoulli_draw():
-    x = torch.zeros(200, 500)
+    shape, cpu = (200, 500), torch.device("cpu")
     torch.manual_seed(3)
-    mask = M.qdrop_mask(x, 0.3)
+    mask = M.draw_mask(shape, cpu, 0.3)
     torch.manual_seed(3)
-    assert mask.dtype == torch.bool and torch.equal(mask, M.qdrop_mask(x, 0.3))
-    sigma = (0.3 * 0.7 / x.numel()) ** 0.5
+    assert mask.dtype == torch.bool and torch.equal(mask, M.draw_mask(shape, cpu, 0.3))
+    sigma = (0.3 * 0.7 / mask.numel()) ** 0.5
     assert abs(float(mask.float().mean()) - 0.3) < 4 * sigma
-    assert not bool(M.qdrop_mask(x, 0.0).any())
+    assert M.draw_mask(shape, cpu, 0.0) is None  # nothing dropped: no draw
+    x, xq = torch.randn(shape), torch.zeros(shape)
+    assert torch.equal(M.qdrop_mix(x, xq, 0.3, mask), torch.where(mask, x, xq))  # True keeps the float value
+    with M.fused_quantizers(enabled=False, fused_rng=True):
+        assert M.draw_mask(shape, cpu, 0.3) is None  # the kernels draw their own
 
 
 def _codes(cuda_graph: bool, compile_: bool, tf32: bool = False, device: str = "cuda", plan: str = "blocks:3",

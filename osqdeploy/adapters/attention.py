@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..quant.modules import _KERNELS, ActQuantizer, LogQuantizer, QuantLinear, _matmul_dtype, is_exporting
+from ..quant.modules import _KERNELS, ActQuantizer, LogQuantizer, QuantLinear, _matmul_dtype, draw_mask, is_exporting
 
 
 def _drop(q: nn.Module) -> float:
@@ -59,10 +59,13 @@ class QuantMatMulAttention(nn.Module):
         qs = (self.q_quantizer, self.k_quantizer, self.v_quantizer)
         scale = torch.stack([q.scale for q in qs])
         zero_point = torch.stack([q.zero_point for q in qs])
-        q, k, v = _KERNELS["qkv"](qkv, scale, zero_point, qs[0].bits, _drop(qs[0]), _matmul_dtype(qkv))
+        drop = _drop(qs[0])
+        q, k, v = _KERNELS["qkv"](qkv, scale, zero_point, qs[0].bits, drop, _matmul_dtype(qkv),
+                                  draw_mask(qkv.shape, qkv.device, drop))
         a = self.attn_quantizer
-        probs = _KERNELS["attn_probs"](q @ k.transpose(-2, -1), self.scale, bias, groups, a.delta, a.bits, a.base,
-                                       _drop(a), _matmul_dtype(v))
+        scores = q @ k.transpose(-2, -1)
+        probs = _KERNELS["attn_probs"](scores, self.scale, bias, groups, a.delta, a.bits, a.base, _drop(a),
+                                       _matmul_dtype(v), draw_mask(scores.shape, scores.device, _drop(a)))
         return probs @ v
 
 

@@ -70,10 +70,10 @@ def _ema(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Ten
 # --- training-time arithmetic, optionally compiled ------------------------------------------------
 # During reconstruction every quantizer is a chain of small elementwise ops, forward and backward.
 # These functions are that chain, written once; ``fused_quantizers()`` swaps in torch.compile'd
-# copies so each becomes one generated kernel per direction (issue 5). QDrop's random draw is part
-# of the chain: by default the compiled copies still draw it with eager ``bernoulli_`` (inductor's
-# ``fallback_random``), so both versions see the same random numbers; with ``fused_rng`` the draw
-# is generated inside the fused kernel (see ``CalibrationConfig.fused_rng``).
+# copies so each becomes one generated kernel per direction (issue 5). QDrop's mask is drawn by
+# the caller, eagerly, and handed to the kernel (``draw_mask``), so the eager and the compiled
+# versions see the same draws; with ``fused_rng`` the kernel draws it itself, inside the fused
+# kernel (see ``CalibrationConfig.fused_rng``).
 #
 # Under autocast an activation arrives in bf16/fp16: the grid arithmetic (x/s, round, clamp,
 # (q−z)·s) still runs in fp32 — in half precision x/s alone is off by up to 0.06 of a step at
@@ -86,34 +86,60 @@ def _ema(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Ten
 _IN_KERNEL_RNG = False  # set by fused_quantizers(fused_rng=True); read when a kernel is traced
 
 
-def qdrop_mask(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+@torch.compiler.disable
+def _bernoulli(shape: torch.Size, device: torch.device, drop_prob: float) -> torch.Tensor:
+    # never traced: a Bernoulli draw inside a compiled autograd graph did not reproduce the eager
+    # draw under torch 2.11 (tests/test_speed.py caught it on the GPU machine); called eagerly, it is
+    # the same kernel on the same generator state whatever the caller
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(drop_prob)
+
+
+def qdrop_mask(shape: torch.Size, device: torch.device, drop_prob: float) -> torch.Tensor:
     """QDrop's draw: True (keep the float value) with probability ``drop_prob``, per element.
 
-    A bool Bernoulli draw writes one byte per element where ``rand_like(x) < p`` writes a float
-    of four and reads it back, forward and backward, for every quantizer of every step. Under
-    ``fused_rng`` the draw is ``rand_like(x) < p``, which inductor generates inside its kernels.
+    A bool Bernoulli draw writes one byte per element where ``rand < p`` writes a float of four and
+    reads it back, forward and backward, for every quantizer of every step. It is drawn in the
+    logical (contiguous) order of ``shape``, whatever layout the tensor it masks has. Under
+    ``fused_rng`` the draw is ``rand < p``, which inductor generates inside its kernels.
     """
     if _IN_KERNEL_RNG:
-        return torch.rand_like(x, dtype=torch.float32) < drop_prob
-    return torch.empty_like(x, dtype=torch.bool).bernoulli_(drop_prob)
+        return torch.rand(shape, device=device) < drop_prob
+    return _bernoulli(shape, device, drop_prob)
+
+
+def draw_mask(shape: torch.Size | tuple[int, ...], device: torch.device, drop_prob: float) -> torch.Tensor | None:
+    """The mask a caller hands a training kernel: drawn here, eagerly, before the kernel runs.
+
+    None where nothing is dropped, or under ``fused_rng``, where the kernel draws its own.
+    """
+    if drop_prob <= 0 or _IN_KERNEL_RNG:
+        return None
+    return qdrop_mask(torch.Size(shape), device, drop_prob)
+
+
+def qdrop_mix(xf: torch.Tensor, xq: torch.Tensor, drop_prob: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """QDrop: each element the float value where ``mask`` holds (drawn here if None), else the quantized one."""
+    if drop_prob <= 0:
+        return xq
+    keep = mask if mask is not None else qdrop_mask(xf.shape, xf.device, drop_prob)
+    return torch.where(keep, xf, xq)
 
 
 def _uniform_train(x, scale, zero_point, bits: int, drop_prob: float, out_dtype: torch.dtype | None = None,
-                   gelu: str | None = None):
+                   gelu: str | None = None, mask: torch.Tensor | None = None):
     xf = x.float()
     if gelu is not None:  # the quantizer's own input activation (``ActQuantizer.gelu``), fused with it
         xf = F.gelu(xf, approximate=gelu)
     xq = P.fake_quantize_uniform(xf, scale, zero_point, bits)
-    out = xq if drop_prob <= 0 else torch.where(qdrop_mask(xf, drop_prob), xf, xq)
-    return out.to(out_dtype or x.dtype)
+    return qdrop_mix(xf, xq, drop_prob, mask).to(out_dtype or x.dtype)
 
 
-def _log_train(x, delta, bits: int, base: str, drop_prob: float, out_dtype: torch.dtype | None = None):
+def _log_train(x, delta, bits: int, base: str, drop_prob: float, out_dtype: torch.dtype | None = None,
+               mask: torch.Tensor | None = None):
     xf = x.float()
     xq = P.fake_quantize_log(xf, delta, bits, base)
     xq = xf + (xq - xf).detach()  # STE: gradients reach the layers before the softmax
-    out = xq if drop_prob <= 0 else torch.where(qdrop_mask(xf, drop_prob), xf, xq)
-    return out.to(out_dtype or x.dtype)
+    return qdrop_mix(xf, xq, drop_prob, mask).to(out_dtype or x.dtype)
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -122,7 +148,8 @@ def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
-def _qkv_train(qkv, scale, zero_point, bits: int, drop_prob: float, out_dtype: torch.dtype | None = None):
+def _qkv_train(qkv, scale, zero_point, bits: int, drop_prob: float, out_dtype: torch.dtype | None = None,
+              mask: torch.Tensor | None = None):
     """q̂, k̂, v̂ from the ``[B, N, 3, H, D]`` projection, each ``[B, H, N, D]`` and contiguous.
 
     The three quantizers in one pass: ``scale``/``zero_point`` hold q's, k's and v's grid (shape
@@ -133,12 +160,12 @@ def _qkv_train(qkv, scale, zero_point, bits: int, drop_prob: float, out_dtype: t
     """
     x = qkv.float()
     xq = P.fake_quantize_uniform(x, scale.view(3, 1, 1), zero_point.view(3, 1, 1), bits)
-    out = xq if drop_prob <= 0 else torch.where(qdrop_mask(x, drop_prob), x, xq)
+    out = qdrop_mix(x, xq, drop_prob, mask)
     return out.to(out_dtype or qkv.dtype).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
 
 
 def _attn_probs_train(scores, scale: float, bias, groups: int, delta, bits: int, base: str, drop_prob: float,
-                      out_dtype: torch.dtype | None = None):
+                      out_dtype: torch.dtype | None = None, mask: torch.Tensor | None = None):
     """softmax(scores·scale + bias) on the log grid (with QDrop), in fp32 whatever ``scores``' type.
 
     ``groups`` > 0: ``bias`` is ``[groups, H, N, N]`` and row-block ``b`` of the scores takes
@@ -148,7 +175,7 @@ def _attn_probs_train(scores, scale: float, bias, groups: int, delta, bits: int,
     a = scores.float() * scale
     if bias is not None:
         a = (a.view(-1, groups, *a.shape[1:]) + bias).view(a.shape) if groups else a + bias
-    return _log_train(a.softmax(-1), delta, bits, base, drop_prob, out_dtype)
+    return _log_train(a.softmax(-1), delta, bits, base, drop_prob, out_dtype, mask)
 
 
 def _adaround_soft(w_floor, alpha, scale, zero_point, bits: int, out_dtype: torch.dtype | None = None):
@@ -285,7 +312,7 @@ class ActQuantizer(nn.Module):
         if self.enabled and not self.observing and not _EXPORTING:
             drop_prob = self.drop_prob if self.training else 0.0
             return _KERNELS["uniform"](x, self.scale, self.zero_point, self.bits, drop_prob, _matmul_dtype(x),
-                                       self.gelu)
+                                       self.gelu, draw_mask(x.shape, x.device, drop_prob))
         if self.gelu is not None:
             x = F.gelu(x, approximate=self.gelu)
         if self.observing:
@@ -342,7 +369,8 @@ class LogQuantizer(nn.Module):
         if _EXPORTING:
             return P.fake_quantize_log(x, self.delta, self.bits, self.base)
         drop_prob = self.drop_prob if self.training else 0.0
-        return _KERNELS["log"](x, self.delta, self.bits, self.base, drop_prob, _matmul_dtype(x))
+        return _KERNELS["log"](x, self.delta, self.bits, self.base, drop_prob, _matmul_dtype(x),
+                               draw_mask(x.shape, x.device, drop_prob))
 
     def prepare_export(self) -> None:
         pass

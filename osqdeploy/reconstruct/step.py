@@ -23,7 +23,7 @@ from torch import nn
 
 from ..adapters import State
 from ..config import CalibrationConfig
-from ..quant.modules import allow_recompiles, qdrop_mask
+from ..quant.modules import allow_recompiles, draw_mask, qdrop_mix
 
 
 @dataclass
@@ -112,7 +112,8 @@ class GroupStep:
         """One iteration, without host synchronisation (so it can be captured)."""
         it = self.counter
         idx = self.schedule.batches.index_select(0, it).squeeze(0)
-        inp = self.inputs(self.q_in, self.fp_in, idx, self.drop_prob)
+        masks = tuple(draw_mask((idx.shape[0], *t.shape[1:]), t.device, self.drop_prob) for t in self.q_in)
+        inp = self.inputs(self.q_in, self.fp_in, idx, self.drop_prob, masks)
         beta = self.schedule.beta.index_select(0, it).squeeze(0)
         reg_weight = self.schedule.reg_weight.index_select(0, it).squeeze(0)
         quantizers = [layer.weight_quantizer for layer in self.layers]
@@ -143,13 +144,14 @@ class GroupStep:
         self.body()
 
 
-def _batch_inputs(q_in: State, fp_in: State, idx: torch.Tensor, drop_prob: float) -> State:
+def _batch_inputs(q_in: State, fp_in: State, idx: torch.Tensor, drop_prob: float,
+                  masks: tuple[torch.Tensor | None, ...]) -> State:
     """The batch ``idx`` of the cached group inputs, QDrop-mixed elementwise with the float ones."""
     xq = tuple(t.index_select(0, idx) for t in q_in)
     if drop_prob <= 0:
         return xq
     xf = tuple(t.index_select(0, idx) for t in fp_in)
-    return tuple(torch.where(qdrop_mask(a, drop_prob), a, b) for a, b in zip(xq, xf, strict=True))
+    return tuple(qdrop_mix(b, a, drop_prob, m) for a, b, m in zip(xq, xf, masks, strict=True))
 
 
 def _loss(objective: Callable[..., torch.Tensor], out: torch.Tensor, target: torch.Tensor, idx: torch.Tensor,
