@@ -11,11 +11,16 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..quant.modules import _KERNELS, ActQuantizer, LogQuantizer, QuantLinear, _matmul_dtype, draw_mask, is_exporting
-
-
-def _drop(q: nn.Module) -> float:
-    return q.drop_prob if q.training else 0.0
+from ..quant.modules import (
+    _KERNELS,
+    ActQuantizer,
+    LogQuantizer,
+    QuantLinear,
+    _matmul_dtype,
+    active_drop,
+    draw_mask,
+    is_exporting,
+)
 
 
 class QuantMatMulAttention(nn.Module):
@@ -49,7 +54,7 @@ class QuantMatMulAttention(nn.Module):
     def fusable(self) -> bool:
         qkv = (self.q_quantizer, self.k_quantizer, self.v_quantizer)
         quantizing = all(q.enabled and not q.observing for q in (*qkv, self.attn_quantizer))
-        return quantizing and not is_exporting() and len({(q.bits, _drop(q)) for q in qkv}) == 1
+        return quantizing and not is_exporting() and len({(q.bits, active_drop(q)) for q in qkv}) == 1
 
     def fused_forward(self, qkv: torch.Tensor, bias: torch.Tensor | None = None, groups: int = 0) -> torch.Tensor:
         """The context ``[B, H, N, D]`` from the projection viewed ``[B, N, 3, H, D]`` (see ``fusable``).
@@ -59,13 +64,13 @@ class QuantMatMulAttention(nn.Module):
         qs = (self.q_quantizer, self.k_quantizer, self.v_quantizer)
         scale = torch.stack([q.scale for q in qs])
         zero_point = torch.stack([q.zero_point for q in qs])
-        drop = _drop(qs[0])
+        drop = active_drop(qs[0])
         q, k, v = _KERNELS["qkv"](qkv, scale, zero_point, qs[0].bits, drop, _matmul_dtype(qkv),
                                   draw_mask(qkv.shape, qkv.device, drop))
-        a = self.attn_quantizer
+        a, a_drop = self.attn_quantizer, active_drop(self.attn_quantizer)
         scores = q @ k.transpose(-2, -1)
-        probs = _KERNELS["attn_probs"](scores, self.scale, bias, groups, a.delta, a.bits, a.base, _drop(a),
-                                       _matmul_dtype(v), draw_mask(scores.shape, scores.device, _drop(a)))
+        probs = _KERNELS["attn_probs"](scores, self.scale, bias, groups, a.delta, a.bits, a.base, a_drop,
+                                       _matmul_dtype(v), draw_mask(scores.shape, scores.device, a_drop))
         return probs @ v
 
 

@@ -107,6 +107,11 @@ def qdrop_mask(shape: torch.Size, device: torch.device, drop_prob: float) -> tor
     return _bernoulli(shape, device, drop_prob)
 
 
+def active_drop(quantizer: nn.Module) -> float:
+    """The QDrop probability a quantizer applies now: its ``drop_prob`` in training mode, else 0."""
+    return quantizer.drop_prob if quantizer.training else 0.0
+
+
 def draw_mask(shape: torch.Size | tuple[int, ...], device: torch.device, drop_prob: float) -> torch.Tensor | None:
     """The mask a caller hands a training kernel: drawn here, eagerly, before the kernel runs.
 
@@ -310,7 +315,7 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enabled and not self.observing and not _EXPORTING:
-            drop_prob = self.drop_prob if self.training else 0.0
+            drop_prob = active_drop(self)
             return _KERNELS["uniform"](x, self.scale, self.zero_point, self.bits, drop_prob, _matmul_dtype(x),
                                        self.gelu, draw_mask(x.shape, x.device, drop_prob))
         if self.gelu is not None:
@@ -368,7 +373,7 @@ class LogQuantizer(nn.Module):
             return x
         if _EXPORTING:
             return P.fake_quantize_log(x, self.delta, self.bits, self.base)
-        drop_prob = self.drop_prob if self.training else 0.0
+        drop_prob = active_drop(self)
         return _KERNELS["log"](x, self.delta, self.bits, self.base, drop_prob, _matmul_dtype(x),
                                draw_mask(x.shape, x.device, drop_prob))
 
