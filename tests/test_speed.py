@@ -174,7 +174,7 @@ def test_qdrop_mask_is_a_seeded_one_byte_bernoulli_draw():
 
 
 def _codes(cuda_graph: bool, compile_: bool, tf32: bool = False, device: str = "cuda", plan: str = "blocks:3",
-           iters: int = 120, compile_group: bool = False, group: int = -1, **speed):
+           iters: int = 120, compile_group: bool = False, **speed):
     model = tiny_vit(depth=3)
     q = copy.deepcopy(model)
     adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
@@ -187,7 +187,7 @@ def _codes(cuda_graph: bool, compile_: bool, tf32: bool = False, device: str = "
     rec.initialize(x)
     results = rec.reconstruct(x)
     codes = torch.cat([m.weight_quantizer.w_int.flatten().cpu() for m in quant_layers([q.blocks])])
-    return codes, results[group]
+    return codes, results  # codes of all groups, and each group's result
 
 
 def test_compiled_group_step_makes_the_eager_steps_rounding_decisions():
@@ -195,18 +195,21 @@ def test_compiled_group_step_makes_the_eager_steps_rounding_decisions():
 
     The same QDrop masks are drawn (eager random), so only float reassociation in fused kernels
     separates the two: nearly every rounding decision of all three 1-block groups (which share
-    one compiled graph) agrees, and the first group's output error is the same.
+    one compiled graph) agrees, and the output error is the same.
     """
-    plain_codes, plain = _codes(cuda_graph=False, compile_=False, device="cpu", plan="blocks:1", iters=40, group=0)
+    plain_codes, plain = _codes(cuda_graph=False, compile_=False, device="cpu", plan="blocks:1", iters=40)
     torch._dynamo.reset()
     fused_codes, fused = _codes(cuda_graph=False, compile_=False, device="cpu", plan="blocks:1", iters=40,
-                                compile_group=True, group=0)
+                                compile_group=True)
     assert float((fused_codes == plain_codes).float().mean()) > 0.995
-    assert fused.mse_after == pytest.approx(plain.mse_after, rel=0.02)
-    # the first group's first step (the same inputs and masks): equal up to 4-bit activations that
-    # reassociation moved across a threshold. A later group's also depends on the codes of the
-    # groups before it: the last one's was 2.3 % apart on the GPU machine's CPU (torch 2.11), 1e-5 here
-    assert fused.loss_curve[0][1] == pytest.approx(plain.loss_curve[0][1], rel=1e-2)
+    # the first group (the same inputs and masks) and the end result. A later group's input also
+    # carries the rounding decisions reassociation moved in the groups before it: under torch 2.11
+    # the middle group's MSE ends 2.6 % apart and its first loss 3.4 % (2e-4 and 4e-7 under 2.14),
+    # while the draws stay in step (the generator's state after the run is the same)
+    for i in (0, -1):
+        assert fused[i].mse_after == pytest.approx(plain[i].mse_after, rel=0.02)
+    # the first step: equal up to 4-bit activations that reassociation moved across a threshold
+    assert fused[0].loss_curve[0][1] == pytest.approx(plain[0].loss_curve[0][1], rel=1e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on the GPU machine)")
@@ -214,28 +217,28 @@ def test_cuda_graph_replay_computes_exactly_what_the_eager_step_computes():
     plain_codes, plain = _codes(cuda_graph=False, compile_=False)
     graph_codes, graph = _codes(cuda_graph=True, compile_=False)
     assert torch.equal(plain_codes, graph_codes)
-    assert plain.loss_curve == graph.loss_curve
+    assert plain[-1].loss_curve == graph[-1].loss_curve
     fused_codes, fused = _codes(cuda_graph=True, compile_=True)
     # fused kernels reorder the step-size gradient's reduction: nearly all decisions agree
     assert float((fused_codes == plain_codes).float().mean()) > 0.99
-    assert fused.mse_after == pytest.approx(plain.mse_after, rel=0.1)
+    assert fused[-1].mse_after == pytest.approx(plain[-1].mse_after, rel=0.1)
     group_codes, group = _codes(cuda_graph=True, compile_=True, compile_group=True)
     assert float((group_codes == plain_codes).float().mean()) > 0.99
-    assert group.mse_after == pytest.approx(plain.mse_after, rel=0.1)
+    assert group[-1].mse_after == pytest.approx(plain[-1].mse_after, rel=0.1)
     # foreach Adam (the plain engine's) against the fused kernel: the same update, reordered
     foreach_codes, foreach = _codes(cuda_graph=False, compile_=False, fused_adam=False)
     assert float((foreach_codes == plain_codes).float().mean()) > 0.99
-    assert foreach.mse_after == pytest.approx(plain.mse_after, rel=0.1)
+    assert foreach[-1].mse_after == pytest.approx(plain[-1].mse_after, rel=0.1)
     # the default engine (fp16 autocast, TF32 elsewhere): operands rounded to fp16 move a few
     # decisions, as TF32's do (real ViT-S, DeiT-B, Swin-B group 0 on an H200: 99.8-99.99 % kept)
     default_codes, default = _codes(cuda_graph=True, compile_=True, tf32=True, autocast="auto")
     assert float((default_codes == plain_codes).float().mean()) > 0.98
-    assert default.mse_after == pytest.approx(plain.mse_after, rel=0.15)
+    assert default[-1].mse_after == pytest.approx(plain[-1].mse_after, rel=0.15)
     # other QDrop draws (fused_rng): a different sample of the same optimisation, not the same one
     for group_ in (False, True):
         rng_codes, rng = _codes(cuda_graph=True, compile_=True, compile_group=group_, fused_rng=True)
         assert float((rng_codes == plain_codes).float().mean()) > 0.9
-        assert rng.mse_after == pytest.approx(plain.mse_after, rel=0.25)
+        assert rng[-1].mse_after == pytest.approx(plain[-1].mse_after, rel=0.25)
 
 
 def test_tf32_is_switched_on_for_reconstruction_only():
