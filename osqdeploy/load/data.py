@@ -253,11 +253,7 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        path = self.files[index]
-        try:
-            img = load_rgb(path)
-        except OSError as e:
-            raise DataError(f"cannot decode {path}: {e}") from e
+        img = _decode(self.files[index])
         return (self.transform(img) if self.transform is not None else img), self.labels[index]
 
     def __repr__(self) -> str:
@@ -419,6 +415,7 @@ def _augmented_views(
 
 
 def _decode(path: Path) -> Image.Image:
+    """``load_rgb``, with a file Pillow cannot read reported as a DataError naming it."""
     try:
         return load_rgb(path)
     except OSError as e:
