@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import real_deit  # noqa: E402
 
-from osqdeploy.evaluate import TorchRuntime, UlpPerturbed, evaluate, parity  # noqa: E402
+from osqdeploy.evaluation import TorchRuntime, UlpPerturbed, evaluate, parity  # noqa: E402
 from osqdeploy.pipeline import load_run  # noqa: E402
 from osqdeploy.quant.modules import ACT_QUANTIZERS  # noqa: E402
 

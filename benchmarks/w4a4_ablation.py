@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from osqdeploy.adapters import adapter_for  # noqa: E402
 from osqdeploy.config import CalibrationConfig, QuantConfig  # noqa: E402
-from osqdeploy.evaluate import kl_divergence  # noqa: E402
+from osqdeploy.evaluation import kl_divergence  # noqa: E402
 from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform  # noqa: E402
 from osqdeploy.load.models import load_model  # noqa: E402
 from osqdeploy.plan import build_plan  # noqa: E402

@@ -28,10 +28,10 @@ from torch import nn
 
 from osqdeploy import __version__
 from osqdeploy.config import FAST_ITERS, CalibrationConfig, ConfigError, QuantConfig, fast_preset
-from osqdeploy.evaluate import EvalResult, OnnxRuntime, RuntimeLoadError, TorchRuntime, evaluate, parity, write_report
-from osqdeploy.evaluate.sensitivity import sensitivity as sensitivity_rows
-from osqdeploy.export import onnx_qdq
-from osqdeploy.export.onnx_qdq import ExportError, export_model
+from osqdeploy.evaluation import EvalResult, OnnxRuntime, RuntimeLoadError, TorchRuntime, evaluate, parity, write_report
+from osqdeploy.evaluation.sensitivity import sensitivity as sensitivity_rows
+from osqdeploy.onnx_export import onnx_qdq
+from osqdeploy.onnx_export.onnx_qdq import ExportError, export_model
 from osqdeploy.load import (
     CheckpointError,
     DataError,

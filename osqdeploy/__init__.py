@@ -2,8 +2,8 @@
 
 The package is laid out in the order data flows through it:
 ``load`` (models, images) → ``plan`` (reconstruction granularity) → ``reconstruct``
-(block/slice reconstruction) → ``run`` (the saved run directory) → ``export`` (QDQ ONNX)
-→ ``evaluate`` (accuracy and parity).  ``quant`` holds the quantizer arithmetic and the
+(block/slice reconstruction) → ``run`` (the saved run directory) → ``onnx_export`` (QDQ ONNX)
+→ ``evaluation`` (accuracy and parity).  ``quant`` holds the quantizer arithmetic and the
 fake-quant modules every stage shares; ``adapters`` holds the per-architecture knowledge.
 """
 

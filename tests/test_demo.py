@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from osqdeploy.evaluate import TorchRuntime, evaluate
+from osqdeploy.evaluation import TorchRuntime, evaluate
 from osqdeploy.load import demo
 from osqdeploy.load.data import ImageFiles, eval_transform
 from osqdeploy.load.models import ModelSpec, load_model, read_state_dict

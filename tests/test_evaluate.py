@@ -1,4 +1,4 @@
-"""Runtimes, evaluation, parity and reports (osqdeploy.evaluate)."""
+"""Runtimes, evaluation, parity and reports (osqdeploy.evaluation)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 from rich.console import Console
 from torch.utils.data import TensorDataset
 
-from osqdeploy.evaluate import (
+from osqdeploy.evaluation import (
     EvalResult,
     OnnxRuntime,
     RuntimeLoadError,
@@ -170,7 +170,7 @@ def test_auto_provider_picks_what_is_available(onnx_dynamic):
 
 
 def test_cuda_provider_is_asked_for_full_fp32_unless_tf32_is_wanted(monkeypatch):
-    from osqdeploy.evaluate import runtimes
+    from osqdeploy.evaluation import runtimes
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert runtimes._providers("cuda") == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
@@ -254,7 +254,7 @@ def test_flat_imagenet_folder_evaluates_with_imagenet_labels(tmp_path):
 
 
 def test_ulp_perturbation_moves_each_layer_output_by_at_most_one_ulp_and_is_seeded():
-    from osqdeploy.evaluate import UlpPerturbed
+    from osqdeploy.evaluation import UlpPerturbed
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 32))
@@ -272,7 +272,7 @@ def test_ulp_perturbation_moves_each_layer_output_by_at_most_one_ulp_and_is_seed
 
 
 def test_ulp_perturbation_refuses_runtimes_it_cannot_reach(onnx_dynamic):
-    from osqdeploy.evaluate import UlpPerturbed
+    from osqdeploy.evaluation import UlpPerturbed
 
     with pytest.raises(TypeError, match="TorchRuntime"):
         UlpPerturbed(OnnxRuntime(onnx_dynamic, provider="cpu"), seed=0)
@@ -283,7 +283,7 @@ def test_sensitivity_releases_each_role_and_block_and_restores_the_model():
 
     from osqdeploy.adapters import adapter_for
     from osqdeploy.config import CalibrationConfig, QuantConfig
-    from osqdeploy.evaluate.sensitivity import activation_sites, sensitivity
+    from osqdeploy.evaluation.sensitivity import activation_sites, sensitivity
     from osqdeploy.plan import build_plan
     from osqdeploy.reconstruct import Reconstructor, prepare_model
 
@@ -330,7 +330,7 @@ def test_sensitivity_releases_each_role_and_block_and_restores_the_model():
 
 
 def test_ulp_perturbation_of_chosen_inputs_moves_only_those():
-    from osqdeploy.evaluate import UlpPerturbed
+    from osqdeploy.evaluation import UlpPerturbed
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))

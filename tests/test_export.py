@@ -8,7 +8,7 @@ import torch
 from onnx import TensorProto
 
 from osqdeploy.config import CalibrationConfig, QuantConfig
-from osqdeploy.export.onnx_qdq import export_run, float_export
+from osqdeploy.onnx_export.onnx_qdq import export_run, float_export
 from osqdeploy.pipeline import calibrate, load_run
 from osqdeploy.quant.modules import ActQuantizer
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from osqdeploy.evaluate import OnnxRuntime, RuntimeLoadError
+from osqdeploy.evaluation import OnnxRuntime, RuntimeLoadError
 from osqdeploy.load.models import CheckpointError, load_model
 from osqdeploy.pipeline import load_run
 from osqdeploy.run import store

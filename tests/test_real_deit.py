@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from osqdeploy.config import CalibrationConfig, QuantConfig
-from osqdeploy.evaluate import OnnxRuntime, TorchRuntime, evaluate, parity
-from osqdeploy.export.onnx_qdq import export_run
+from osqdeploy.evaluation import OnnxRuntime, TorchRuntime, evaluate, parity
+from osqdeploy.onnx_export.onnx_qdq import export_run
 from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform
 from osqdeploy.load.models import load_model
 from osqdeploy.pipeline import calibrate, load_run

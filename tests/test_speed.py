@@ -255,7 +255,7 @@ def test_tf32_is_switched_on_for_reconstruction_only():
 
 
 def test_torch_runtime_evaluates_in_full_fp32_even_where_cudnn_defaults_to_tf32():
-    from osqdeploy.evaluate import TorchRuntime
+    from osqdeploy.evaluation import TorchRuntime
 
     seen = []
 

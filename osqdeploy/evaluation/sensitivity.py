@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from osqdeploy.evaluate.evaluator import evaluate
-from osqdeploy.evaluate.runtimes import TorchRuntime
+from osqdeploy.evaluation.evaluator import evaluate
+from osqdeploy.evaluation.runtimes import TorchRuntime
 from osqdeploy.quant.modules import ACT_QUANTIZERS
 
 __all__ = ["SensitivityRow", "activation_sites", "sensitivity"]

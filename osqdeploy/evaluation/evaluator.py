@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from osqdeploy.evaluate.runtimes import Runtime
+from osqdeploy.evaluation.runtimes import Runtime
 from osqdeploy.load.data import spread_indices
 from osqdeploy.run.store import atomic_write_bytes
 

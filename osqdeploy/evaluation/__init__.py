@@ -1,6 +1,6 @@
 """Evaluate: accuracy, throughput and logit parity of runtimes (PyTorch, ONNX Runtime)."""
 
-from osqdeploy.evaluate.evaluator import (
+from osqdeploy.evaluation.evaluator import (
     EvalResult,
     ParityReport,
     evaluate,
@@ -9,7 +9,7 @@ from osqdeploy.evaluate.evaluator import (
     parity,
     write_report,
 )
-from osqdeploy.evaluate.runtimes import OnnxRuntime, Runtime, RuntimeLoadError, TorchRuntime, UlpPerturbed
+from osqdeploy.evaluation.runtimes import OnnxRuntime, Runtime, RuntimeLoadError, TorchRuntime, UlpPerturbed
 
 __all__ = [
     "EvalResult",
