@@ -35,12 +35,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from osqdeploy.pipeline import calibrate, load_run  # noqa: E402
+
 from osqdeploy.config import CalibrationConfig, QuantConfig  # noqa: E402
 from osqdeploy.evaluation import OnnxRuntime, TorchRuntime, UlpPerturbed, evaluate, parity  # noqa: E402
-from osqdeploy.onnx_export.onnx_qdq import export_run  # noqa: E402
 from osqdeploy.load.data import ImageFiles, calibration_augment, calibration_tensor, eval_transform  # noqa: E402
 from osqdeploy.load.models import load_model  # noqa: E402
-from osqdeploy.pipeline import calibrate, load_run  # noqa: E402
+from osqdeploy.onnx_export.onnx_qdq import export_run  # noqa: E402
 from osqdeploy.run.store import MANIFEST  # noqa: E402
 
 

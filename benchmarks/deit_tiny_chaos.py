@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import real_deit  # noqa: E402
+from osqdeploy.pipeline import load_run  # noqa: E402
 
 from osqdeploy.evaluation import TorchRuntime, UlpPerturbed, evaluate, parity  # noqa: E402
-from osqdeploy.pipeline import load_run  # noqa: E402
 from osqdeploy.quant.modules import ACT_QUANTIZERS  # noqa: E402
 
 _BLOCK = re.compile(r"^(.*?blocks\.\d+)\.")

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import real_deit  # noqa: E402
+from osqdeploy.pipeline import load_run  # noqa: E402
 
 from osqdeploy.evaluation import kl_divergence  # noqa: E402
-from osqdeploy.pipeline import load_run  # noqa: E402
 from osqdeploy.quant import modules as M  # noqa: E402
 from osqdeploy.reconstruct.engine import tf32  # noqa: E402
 

@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from osqdeploy.evaluation import TorchRuntime, evaluate, parity  # noqa: E402
 from osqdeploy.pipeline import load_run  # noqa: E402
+
+from osqdeploy.evaluation import TorchRuntime, evaluate, parity  # noqa: E402
 
 
 def main() -> None:

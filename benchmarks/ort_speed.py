@@ -23,8 +23,8 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from osqdeploy.onnx_export.onnx_qdq import export_run, float_export  # noqa: E402
 from osqdeploy.load.models import load_model  # noqa: E402
+from osqdeploy.onnx_export.onnx_qdq import export_run, float_export  # noqa: E402
 from osqdeploy.run.store import read_manifest  # noqa: E402
 
 INTEGER_KERNELS = {"QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger", "QGemm", "DynamicQuantizeMatMul",

@@ -15,6 +15,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
@@ -25,8 +26,11 @@ from onnxscript import opset21 as op
 from torch import nn
 
 from .. import __version__
-from ..pipeline import LoadedRun, load_run
 from ..quant.modules import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, exporting
+from ..run.store import file_mode
+
+if TYPE_CHECKING:
+    from ..api import Run
 
 OPSET = 21
 MAX_IR_VERSION = 10  # ONNX Runtime refuses newer IR versions
@@ -122,7 +126,7 @@ def _input_size(model: nn.Module) -> tuple[int, int, int]:
     return (3, h, w)
 
 
-def export_model(run: LoadedRun, out: str | Path, batch_size: int | None = None, verify: bool = True) -> ExportInfo:
+def export_model(run: Run, out: str | Path, batch_size: int | None = None, verify: bool = True) -> ExportInfo:
     """Write ``run``'s deployed model as QDQ ONNX at ``out`` (atomically; checked before rename).
 
     ``batch_size=None`` exports a dynamic batch axis; an integer fixes it.
@@ -163,11 +167,11 @@ def export_model(run: LoadedRun, out: str | Path, batch_size: int | None = None,
     w_bits, a_bits = run.bits
     meta = {
         "osq_version": __version__,
-        "run_state_sha256": run.manifest.get("state_sha256", ""),
+        "run_state_sha256": run.manifest.state_sha256 or "",
         "w_bits": str(w_bits),
         "a_bits": str(a_bits),
-        "plan": run.manifest["plan"]["spec"],
-        "model": run.manifest["model"]["spec"]["timm_name"],
+        "plan": run.manifest.plan.spec,
+        "model": run.manifest.model.timm_name,
     }
     del proto.metadata_props[:]
     for k, v in meta.items():
@@ -187,6 +191,7 @@ def export_model(run: LoadedRun, out: str | Path, batch_size: int | None = None,
         onnx.save_model(proto, tmp)
         if verify:
             _verify_with_ort(tmp, model, example)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -216,11 +221,6 @@ def _verify_with_ort(path: str, model: nn.Module, example: torch.Tensor) -> None
         ref = model(example).numpy()
     if got.shape != ref.shape or not np.isfinite(got).all():
         raise ExportError(f"ONNX Runtime output has shape {got.shape} / non-finite values; expected {ref.shape}")
-
-
-def export_run(run_dir: str | Path, out: str | Path, batch_size: int | None = None) -> ExportInfo:
-    """Export a finished run directory (its original weights are not needed)."""
-    return export_model(load_run(run_dir), out, batch_size)
 
 
 def float_export(model: nn.Module, out: str | Path) -> int:

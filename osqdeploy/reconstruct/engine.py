@@ -78,6 +78,9 @@ class Callbacks:
 
     def on_group_end(self, result: GroupResult) -> None: ...
 
+    def on_stage_progress(self, stage: str, done: int, total: int) -> None:
+        """``done`` of ``total`` steps of a stage before reconstruction (e.g. "initialize": observer batches)."""
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -189,8 +192,10 @@ class Reconstructor:
         for layer in layers:
             layer.weight_quantizer.mode = "fp"
         n_obs = min(images.shape[0], self.cfg.extra.get("init_samples", 256))
-        for sl in self._batches(n_obs):
+        batches = list(self._batches(n_obs))
+        for i, sl in enumerate(batches):
             self.model(images[sl].to(self.device))
+            self.callbacks.on_stage_progress("initialize", i + 1, len(batches))
         for q in acts:
             q.finish_observation()
         for site in self.adapter.reparam_sites(self.model):
