@@ -1,10 +1,10 @@
-"""ONNX Runtime speed of an exported run against the float export of the same model (issue 3).
+"""ONNX Runtime speed of an exported run against the float export of the same model.
 
 It saves ORT's optimised graph to see which kernels ran: an 8-bit QDQ graph on the CPU provider
 should be fused into integer kernels (QLinearMatMul / MatMulInteger / QLinearConv, …), while ≤4-bit
 graphs run dequantize-then-float (ORT has no 4-bit activation kernels).
 
-    python benchmarks/ort_speed.py RUN_DIR --checkpoint WEIGHTS [--batch 32] [--threads N]
+    python -m benchmarks.ort_speed RUN_DIR --checkpoint WEIGHTS [--batch 32] [--threads N]
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +20,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from osqdeploy.onnx_export.onnx_qdq import export_run, float_export  # noqa: E402
-from osqdeploy.load.models import load_model  # noqa: E402
-from osqdeploy.run.store import read_manifest  # noqa: E402
+from osqdeploy.load.models import load_model
+from osqdeploy.onnx_export.onnx_qdq import export_run, float_export
+from osqdeploy.run.store import read_manifest
 
 INTEGER_KERNELS = {"QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger", "QGemm", "DynamicQuantizeMatMul",
                    "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul", "QAttention", "MatMulNBits"}
