@@ -26,7 +26,6 @@ from osqdeploy.evaluation import (
 )
 from osqdeploy.load.data import ImageFiles, eval_transform
 
-IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 TINY = dict(
     img_size=32,
     patch_size=8,
@@ -243,11 +242,10 @@ def test_report_json_and_table(model, dataset, tmp_path):
     assert "torch-fp32" in text and "noisy" in text and "agreement 100.00%" in text
 
 
-@pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir(), reason=f"ImageNet sample not found at {IMAGENET_SAMPLE}")
-def test_flat_imagenet_folder_evaluates_with_imagenet_labels(tmp_path):
+def test_flat_imagenet_folder_evaluates_with_imagenet_labels(tmp_path, imagenet_sample):
     model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, depth=1, num_classes=1000)
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 64, 64)}
-    data = ImageFiles(IMAGENET_SAMPLE, transform=eval_transform(model), max_files=8)
+    data = ImageFiles(imagenet_sample, transform=eval_transform(model), max_files=8)
     result = evaluate(TorchRuntime(model), data, batch_size=4, progress=False)
     assert result.n == 8 and result.labels.tolist() == data.labels
     assert all(label % 2 == 0 for label in data.labels) and result.top1 is not None

@@ -1,12 +1,10 @@
-"""The real-checkpoint path end to end: real DeiT-Tiny weights, real ImageNet images (issue 9).
+"""The real-checkpoint path end to end: real DeiT-Tiny weights, real ImageNet images .
 
 A handful of images and a few iterations: this checks the workflow and that nothing in it breaks
 a real network, not the accuracy of the full schedule (benchmarks/deit_tiny_accuracy.py does that).
 """
 
-from pathlib import Path
 
-import pytest
 
 from osqdeploy.api import calibrate, load_run
 from osqdeploy.api import export as export_run
@@ -15,18 +13,10 @@ from osqdeploy.evaluation import OnnxRuntime, TorchRuntime, evaluate, parity
 from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform
 from osqdeploy.load.models import load_model
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WEIGHTS = DATA / "weights" / "deit_tiny_patch16_224.pth"
-IMAGES = DATA / "imagenet-sample"
 
-pytestmark = pytest.mark.skipif(
-    not (WEIGHTS.is_file() and IMAGES.is_dir()), reason=f"real DeiT-Tiny weights and images not found under {DATA}"
-)
-
-
-def test_real_deit_tiny_w8a8_end_to_end(tmp_path):
-    loaded = load_model("deit_t", checkpoint=WEIGHTS)
-    data = ImageFiles(IMAGES, transform=eval_transform(loaded.model), max_files=96)
+def test_real_deit_tiny_w8a8_end_to_end(tmp_path, deit_tiny_weights, imagenet_sample):
+    loaded = load_model("deit_t", checkpoint=deit_tiny_weights)
+    data = ImageFiles(imagenet_sample, transform=eval_transform(loaded.model), max_files=96)
     calib_set, eval_set = data.split(eval_fraction=0.5, seed=0)
     assert not set(calib_set.files) & set(eval_set.files)
     calib = calibration_tensor(calib_set, 16, seed=0)
