@@ -53,8 +53,9 @@ from osqdeploy.adapters import adapter_for  # noqa: E402
 from osqdeploy.config import CalibrationConfig, QuantConfig  # noqa: E402
 from osqdeploy.load.models import load_model  # noqa: E402
 from osqdeploy.plan import build_plan  # noqa: E402
-from osqdeploy.quant import modules as M  # noqa: E402
-from osqdeploy.quant.modules import quant_layers  # noqa: E402
+from osqdeploy.quant import kernels as M  # noqa: E402
+from osqdeploy.quant.layers import quant_layers  # noqa: E402
+from osqdeploy.quant.mode import QuantMode, set_mode  # noqa: E402
 from osqdeploy.reconstruct import Callbacks, Reconstructor, prepare_model  # noqa: E402
 from osqdeploy.reconstruct.step import Schedule  # noqa: E402
 from osqdeploy.run import store  # noqa: E402
@@ -106,7 +107,8 @@ def group_flops(rec: Reconstructor, index: int, q_in) -> float:
         out.pow(2).sum().backward()
     for layer in layers:
         wq = layer.weight_quantizer
-        wq.mode, wq.alpha, wq.w_floor = "nearest", None, None
+        wq.alpha, wq.w_floor = None, None
+        set_mode(wq, QuantMode.NEAREST)
     return counter.get_total_flops()
 
 

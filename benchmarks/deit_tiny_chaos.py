@@ -29,7 +29,7 @@ import real_deit  # noqa: E402
 
 from osqdeploy.evaluation import TorchRuntime, UlpPerturbed, evaluate, parity  # noqa: E402
 from osqdeploy.pipeline import load_run  # noqa: E402
-from osqdeploy.quant.modules import ACT_QUANTIZERS  # noqa: E402
+from osqdeploy.quant.layers import ACT_QUANTIZERS  # noqa: E402
 
 _BLOCK = re.compile(r"^(.*?blocks\.\d+)\.")
 

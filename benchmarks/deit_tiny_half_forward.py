@@ -31,7 +31,7 @@ import real_deit  # noqa: E402
 
 from osqdeploy.evaluation import kl_divergence  # noqa: E402
 from osqdeploy.pipeline import load_run  # noqa: E402
-from osqdeploy.quant import modules as M  # noqa: E402
+from osqdeploy.quant import layers as M  # noqa: E402
 from osqdeploy.reconstruct.engine import tf32  # noqa: E402
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}

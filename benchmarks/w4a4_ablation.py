@@ -51,7 +51,8 @@ from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform  
 from osqdeploy.load.models import load_model  # noqa: E402
 from osqdeploy.plan import build_plan  # noqa: E402
 from osqdeploy.quant import primitives as P  # noqa: E402
-from osqdeploy.quant.modules import ActQuantizer, quantization_disabled  # noqa: E402
+from osqdeploy.quant.mode import QuantMode, quant_mode, set_mode  # noqa: E402
+from osqdeploy.quant.quantizers import ActQuantizer  # noqa: E402
 from osqdeploy.reconstruct import Reconstructor, prepare_model  # noqa: E402
 
 FAMILIES = {
@@ -154,7 +155,7 @@ def _fp_pass_with_hooks(model: nn.Module, hooks: dict, images: torch.Tensor, bs:
     """One full-precision pass over ``images`` with forward-pre hooks on the given modules."""
     handles = [m.register_forward_pre_hook(fn) for m, fn in hooks.items()]
     try:
-        with quantization_disabled(model):
+        with quant_mode(model, QuantMode.FLOAT):
             for i in range(0, images.shape[0], bs):
                 model(images[i : i + bs])
     finally:
@@ -168,11 +169,11 @@ def bias_correct(model: nn.Module, images: torch.Tensor, bs: int) -> None:
     mean output shift its quantization causes on calibration data, E[Q(x)]·Q(W)ᵀ − E[x]·Wᵀ.
 
     Means are over full-precision inputs. RTN only: the corrected bias would also shift the
-    full-precision targets of a later reconstruction (``quantization_disabled`` leaves biases alone).
+    full-precision targets of a later reconstruction (``QuantMode.FLOAT`` leaves biases alone).
     """
     layers = [m for b in model.blocks for m in (b.attn.qkv, b.proj, b.mlp.fc1, b.mlp.fc2)]
     sums = {id(m): [0.0, 0.0, 0] for m in layers}
-    enabled = {id(m): m.input_quantizer.enabled for m in layers}
+    enabled = {id(m): m.input_quantizer.mode is QuantMode.NEAREST for m in layers}
 
     def hook(m):
         def fn(_m, inp):
@@ -281,11 +282,7 @@ def run_config(cfg: dict, args, calib: torch.Tensor, images: torch.Tensor, label
             q.set_range(lo, hi)
     for fam in cfg["fp"]:
         for b in model.blocks:
-            q = FAMILIES[fam](b)
-            if fam.startswith("w_"):
-                q.mode = "fp"
-            else:
-                q.enabled = False
+            set_mode(FAMILIES[fam](b), QuantMode.FLOAT)
     groups = []
     if cfg["bc"]:
         if cfg["iters"] > 0:

@@ -10,7 +10,7 @@ from onnx import TensorProto
 from osqdeploy.config import CalibrationConfig, QuantConfig
 from osqdeploy.onnx_export.onnx_qdq import export_run, float_export
 from osqdeploy.pipeline import calibrate, load_run
-from osqdeploy.quant.modules import ActQuantizer
+from osqdeploy.quant.quantizers import ActQuantizer
 
 from conftest import images, loaded_tiny
 
