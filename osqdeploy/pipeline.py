@@ -5,7 +5,6 @@ only a run directory or an ONNX file, never in-memory calibration state.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -31,13 +30,6 @@ class PlanCallbacks(Callbacks):
     """Callbacks that also hear the plan before reconstruction starts."""
 
     def on_plan(self, plan: Plan, resumed_groups: int) -> None: ...
-
-
-def make_plan(model: nn.Module, qcfg: QuantConfig, ccfg: CalibrationConfig) -> Plan:
-    """The plan ``calibrate`` will use, built on a throw-away quantized copy of the model."""
-    probe = copy.deepcopy(model)
-    adapter = prepare_model(probe, qcfg, adapter_for)
-    return build_plan(ccfg.granularity, adapter.units(probe), ccfg.cross_stage)
 
 
 def _fingerprint(spec: dict, source: dict, qcfg: QuantConfig, ccfg: CalibrationConfig, images: torch.Tensor) -> str:
