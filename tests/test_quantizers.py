@@ -244,3 +244,52 @@ def test_edge_range_reaches_only_the_edge_layers_and_is_validated():
     prepare_model(model, QuantConfig(edge_range="minmax"), adapter_for)  # opt-in
     minmax = [q for q in act_quantizers([model]) if getattr(q, "range_minmax", False)]
     assert minmax == [model.patch_embed.proj.input_quantizer, model.head.input_quantizer]
+
+
+def test_quant_mode_switches_every_quantizer_and_restores_each_ones_own_mode():
+    from osqdeploy.quant.layers import QuantLinear
+    from osqdeploy.quant.mode import quant_mode
+
+    torch.manual_seed(0)
+    layer = QuantLinear(torch.nn.Linear(16, 8), w_bits=4, a_bits=4)
+    x = torch.randn(3, 16)
+    wq, aq = layer.weight_quantizer, layer.input_quantizer
+    wq.init_grid(layer.weight)
+    aq.set_range(x.min(), x.max())
+    set_mode(aq, QuantMode.NEAREST)
+    assert (wq.mode, aq.mode) == (QuantMode.NEAREST, QuantMode.NEAREST)
+    quantized = layer(x)
+    with quant_mode(layer, QuantMode.FLOAT):
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert (wq.mode, aq.mode) == (QuantMode.NEAREST, QuantMode.NEAREST)
+    assert torch.equal(layer(x), quantized)
+    with pytest.raises(ValueError, match="no mode 'hard'"):
+        set_mode(aq, QuantMode.HARD)  # rounding modes belong to weights
+    with pytest.raises(RuntimeError, match="init_adaround"):
+        set_mode(wq, QuantMode.SOFT)
+    with pytest.raises(RuntimeError, match="finalized"), quant_mode(layer, QuantMode.EXPORT):
+        pass
+    assert (wq.mode, aq.mode) == (QuantMode.NEAREST, QuantMode.NEAREST)  # restored after the failure too
+
+
+def test_export_mode_computes_the_deployed_layer_through_the_custom_ops():
+    from osqdeploy.quant.layers import QuantConv2d, QuantLinear
+    from osqdeploy.quant.mode import quant_mode
+
+    torch.manual_seed(0)
+    released = ActQuantizer(4)  # a quantizer left float exports as float
+    for layer, x in ((QuantLinear(torch.nn.Linear(16, 8), 4, 4), torch.randn(3, 16)),
+                     (QuantConv2d(torch.nn.Conv2d(3, 8, 4, stride=4), 4, 8), torch.randn(2, 3, 8, 8))):
+        layer.weight_quantizer.init_grid(layer.weight)
+        layer.weight_quantizer.finalize(layer.weight)
+        layer.input_quantizer.set_range(x.min(), x.max())
+        set_mode(layer.input_quantizer, QuantMode.NEAREST)
+        deployed = layer(x)
+        with quant_mode([layer, released], QuantMode.EXPORT):
+            assert layer.weight_quantizer.mode is QuantMode.EXPORT and released.mode is QuantMode.FLOAT
+            assert torch.allclose(layer(x), deployed, atol=1e-5)
+        assert layer.weight_quantizer.mode is QuantMode.INT
+    # a quantizer rebuilt from a saved run has no float weight: FLOAT keeps its integers
+    layer.weight_quantizer.make_deployable_structure()
+    with quant_mode(layer, QuantMode.FLOAT):
+        assert layer.weight_quantizer.mode is QuantMode.INT and layer.input_quantizer.mode is QuantMode.FLOAT
