@@ -51,8 +51,9 @@ from osqdeploy.adapters import adapter_for
 from osqdeploy.config import CalibrationConfig, QuantConfig
 from osqdeploy.load.models import load_model
 from osqdeploy.plan import build_plan
-from osqdeploy.quant import modules as M
-from osqdeploy.quant.modules import quant_layers
+from osqdeploy.quant import kernels as M
+from osqdeploy.quant.layers import quant_layers
+from osqdeploy.quant.mode import QuantMode, set_mode
 from osqdeploy.reconstruct import Callbacks, Reconstructor, prepare_model
 from osqdeploy.reconstruct.step import Schedule
 from osqdeploy.run import store
@@ -104,7 +105,8 @@ def group_flops(rec: Reconstructor, index: int, q_in) -> float:
         out.pow(2).sum().backward()
     for layer in layers:
         wq = layer.weight_quantizer
-        wq.mode, wq.alpha, wq.w_floor = "nearest", None, None
+        wq.alpha, wq.w_floor = None, None
+        set_mode(wq, QuantMode.NEAREST)
     return counter.get_total_flops()
 
 

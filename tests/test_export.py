@@ -11,7 +11,7 @@ from osqdeploy.api import calibrate, load_run
 from osqdeploy.api import export as export_run
 from osqdeploy.config import CalibrationConfig, QuantConfig
 from osqdeploy.onnx_export.onnx_qdq import float_export
-from osqdeploy.quant.modules import ActQuantizer
+from osqdeploy.quant.quantizers import ActQuantizer
 
 from conftest import images, loaded_tiny
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from osqdeploy.load.models import _first_line
-from osqdeploy.quant.modules import QuantConv2d, QuantLinear
+from osqdeploy.quant.layers import QuantConv2d, QuantLinear
 from osqdeploy.reconstruct.engine import tf32
 
 __all__ = ["OnnxRuntime", "Runtime", "RuntimeLoadError", "TorchRuntime", "UlpPerturbed"]

@@ -1,7 +1,7 @@
 """Saved run → QDQ ONNX that ONNX Runtime executes with the run's exact grids.
 
-torch's exporter traces the deployed fake-quant model; the two custom ops of
-``quant.modules`` become ``QuantizeLinear→DequantizeLinear`` (activations) and per-channel
+torch's exporter traces the deployed fake-quant model in ``QuantMode.EXPORT``; the two custom
+ops of ``quant.kernels`` become ``QuantizeLinear→DequantizeLinear`` (activations) and per-channel
 ``DequantizeLinear`` of integer initializers (weights). The tracer only knows 8-bit integer
 types, so a pass over the graph then retypes every ≤4-bit initializer to UINT4 (opset 21),
 found by the module path of its quantizer, which torch keeps as the initializer's name. The
@@ -26,7 +26,9 @@ from onnxscript import opset21 as op
 from torch import nn
 
 from .. import __version__
-from ..quant.modules import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, exporting
+from ..quant.layers import quant_layers
+from ..quant.mode import QuantMode, quant_mode
+from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..run.store import file_mode
 
 if TYPE_CHECKING:
@@ -133,16 +135,13 @@ def export_model(run: Run, out: str | Path, batch_size: int | None = None, verif
     """
     out = Path(out)
     model = copy.deepcopy(run.model).cpu().eval()
-    for m in model.modules():
-        if isinstance(m, (ActQuantizer, QuantLinear, QuantConv2d)):
-            m.prepare_export()
-        if isinstance(m, (QuantLinear, QuantConv2d)):
-            m.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # integers replace it
+    for layer in quant_layers([model]):
+        layer.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # integers replace it
     size = _input_size(model)
     example = torch.randn(batch_size or 2, *size)
     dynamic = batch_size is None
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
-    with exporting(), torch.no_grad():
+    with quant_mode(model, QuantMode.EXPORT), torch.no_grad():
         try:
             program = torch.onnx.export(
                 model,
@@ -183,7 +182,7 @@ def export_model(run: Run, out: str | Path, batch_size: int | None = None, verif
         raise ExportError(f"exported graph failed the ONNX checker: {e}") from None
 
     n_qdq = sum(1 for n in proto.graph.node if n.op_type == "QuantizeLinear")
-    n_act = sum(1 for m in model.modules() if isinstance(m, ActQuantizer) and m.enabled)
+    n_act = sum(1 for m in model.modules() if isinstance(m, ActQuantizer) and m.mode is QuantMode.NEAREST)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)

@@ -33,7 +33,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ..quant.modules import QUANT_LAYERS, act_quantizers
+from ..quant.layers import QUANT_LAYERS, act_quantizers
+from ..quant.mode import QuantMode, set_mode
 from . import manifest as manifest_io
 from .manifest import MANIFEST, RUN_FORMAT, RUN_FORMAT_VERSION, Manifest, RunError
 
@@ -243,8 +244,7 @@ def load_deployed(run_dir: Path, model: nn.Module, manifest: Manifest) -> None:
         raise RunError(
             f"{path}: state does not match the model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
-    for q in act_quantizers([model]):
-        q.enabled = True
+    set_mode(act_quantizers([model]), QuantMode.NEAREST)
 
 
 @dataclass
@@ -327,10 +327,9 @@ def load_checkpoint_state(run_dir: Path, model: nn.Module, ck: Checkpoint) -> No
             if mode == "int":
                 m.weight_quantizer.make_deployable_structure()
                 m.weight_quantizer.float_available = True
-            m.weight_quantizer.mode = mode
+            set_mode(m.weight_quantizer, QuantMode(mode))
     model.load_state_dict(state, strict=True)
-    for q in act_quantizers([model]):
-        q.enabled = True
+    set_mode(act_quantizers([model]), QuantMode.NEAREST)
 
 
 def checkpointed_groups(run_dir: Path) -> int | None:
