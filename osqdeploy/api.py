@@ -157,13 +157,15 @@ def calibration_config(recipe: str, **overrides: Any) -> CalibrationConfig:
 
 
 def calibration_images(
-    data: str | Path | ImageFiles, model: nn.Module, samples: int = 1024, seed: int = 0, augment: bool = True
+    data: str | Path | ImageFiles, model: nn.Module | LoadedModel, samples: int = 1024, seed: int = 0,
+    augment: bool = True,
 ) -> torch.Tensor:
     """``samples`` images of a folder in the model's own preprocessing, ``[N, 3, H, W]``.
 
     A folder with fewer images is made up to ``samples`` with seeded random crops and flips of them
     (``augment``); the same arguments always give the same tensor.
     """
+    model = model.model if isinstance(model, LoadedModel) else model
     files = data if isinstance(data, ImageFiles) else scan_images(data, samples)
     files.transform = eval_transform(model)
     return calibration_tensor(files, samples, seed, augment=calibration_augment(model) if augment else None)
@@ -603,6 +605,21 @@ class EvalReport:
             "results": [r.to_dict() for r in self.results.values()],
             "parity": self.parity.to_dict() if self.parity else None,
         }
+
+    def summary(self) -> str:
+        """One line per runtime (top-1, KL to fp32, images/s), then parity and the noise verdict."""
+        lines = []
+        for name, r in self.results.items():
+            kl = self.kl_to_fp32.get(name)
+            top1 = "-" if r.top1 is None else f"{r.top1:.2f}%"
+            lines.append(f"{name:12s} top-1 {top1:>7s}  KL to fp32 {'-' if kl is None else f'{kl:.4f}':>7s}  "
+                         f"{r.images_per_s:,.0f} images/s")
+        if self.parity is not None:
+            lines.append(f"torch-quant vs onnxruntime: top-1 agreement {self.parity.top1_agreement:.2f}%, "
+                         f"KL {self.parity.kl_divergence:.4f}")
+        if self.noise is not None:
+            lines.append(self.noise.sentence("torch-quant", "onnxruntime", self.n))
+        return "\n".join(lines)
 
     def write(self, path: str | Path) -> Path:
         """The report as JSON (atomically), without the logits."""
