@@ -6,6 +6,7 @@ Starting processes costs seconds here, so one spawn of 2 ranks does every 2-rank
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -22,12 +23,13 @@ from osqdeploy.distributed import DistContext, DistributedError, launch, scale_g
 from osqdeploy.evaluation import TorchRuntime, evaluate
 from osqdeploy.load.data import ImageFiles, eval_transform
 from osqdeploy.load.models import load_model
+from osqdeploy.pipeline import calibrate
 from osqdeploy.plan import build_plan
 from osqdeploy.quant.modules import quant_layers
-from osqdeploy.reconstruct import Reconstructor, prepare_model
+from osqdeploy.reconstruct import Callbacks, Reconstructor, prepare_model
 from osqdeploy.sweep import SweepError, SweepSpec, parse_bits
 
-from conftest import images, tiny_vit
+from conftest import images, loaded_tiny, tiny_vit
 
 CPU = torch.device("cpu")
 ITERS = 24
@@ -230,3 +232,53 @@ def _dies(ctx: DistContext) -> None:
 def test_a_rank_dying_stops_the_others_with_one_line():
     with pytest.raises(DistributedError, match=r"rank 1 died \(exit code 7\); the other ranks were stopped"):
         launch(_dies, processes=2, device_type="cpu")
+
+
+# -- the calibration entry point: rank 0 writes, a killed run resumes --------------------------------
+
+
+# without QDrop every draw is shared, so two ranks compute what one process does
+PIPELINE_CFG = CalibrationConfig(samples=16, batch_size=8, iters=6, granularity="blocks:1", drop_prob=0.0)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAfterFirstGroup(Callbacks):
+    def on_group_end(self, result) -> None:
+        raise _Stop  # on every rank, after rank 0 checkpointed the group, as a kill between groups would
+
+
+def _pipeline_runs(ctx: DistContext, root: str) -> dict:
+    torch.set_num_threads(1)
+    ccfg = PIPELINE_CFG
+    x = images(16, 32)
+
+    def run(where: str, callbacks=None) -> dict:
+        loaded = loaded_tiny(depth=2)
+        return calibrate(loaded, x, QuantConfig(4, 4), ccfg, Path(root) / where, callbacks=callbacks, dist=ctx)
+
+    whole = run("whole")
+    try:
+        run("killed", _StopAfterFirstGroup())
+    except _Stop:
+        pass
+    written = sorted(p.name for p in (Path(root) / "killed").iterdir())
+    resumed = run("killed")
+    return {"whole": whole, "resumed": resumed, "written_before_resume": written}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("dist" not in inspect.signature(calibrate).parameters,
+                    reason="pipeline.calibrate does not take a process group")
+def test_two_rank_run_is_written_by_rank_0_and_resumes_after_an_interruption(tmp_path):
+    found = launch(_pipeline_runs, str(tmp_path), processes=2, device_type="cpu")
+    whole, resumed = found["whole"], found["resumed"]
+    assert whole["status"] == resumed["status"] == "complete"
+    assert resumed["resumed_from_group"] == 1
+    assert "checkpoint" in " ".join(found["written_before_resume"])
+    assert resumed["state_sha256"] == whole["state_sha256"]  # the same codes and steps, bit for bit
+    single = calibrate(loaded_tiny(depth=2), images(16, 32), QuantConfig(4, 4),
+                       PIPELINE_CFG, tmp_path / "one")
+    assert single["output_mse"] == pytest.approx(whole["output_mse"], rel=1e-5)
