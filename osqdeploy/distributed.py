@@ -167,19 +167,19 @@ class DistContext:
     def average_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Replace each tensor by its mean over the ranks, in one all-reduce of a flat buffer.
 
-        Host-synchronisation free (NCCL can run it inside a captured CUDA graph); the sum is
-        divided by the world size afterwards, since gloo has no AVG reduction.
+        Host-synchronisation free (NCCL can run it inside a captured CUDA graph). NCCL averages
+        itself; gloo has no AVG reduction, so there the sum is divided by the world size.
         """
         if not self.active or not tensors:
             return
         flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        dist.all_reduce(flat)
-        flat.mul_(1.0 / self.world)
-        offset = 0
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t))
-            offset += n
+        if self.backend == "nccl":
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+        else:
+            dist.all_reduce(flat)
+            flat.mul_(1.0 / self.world)
+        parts = flat.split([t.numel() for t in tensors])
+        torch._foreach_copy_(list(tensors), [p.view_as(t) for p, t in zip(parts, tensors, strict=True)])
 
     def average_gradients(self, optimizers: Sequence[torch.optim.Optimizer], loss: torch.Tensor) -> torch.Tensor:
         """Average the gradients of every parameter of ``optimizers`` over the ranks, and ``loss`` with them.
