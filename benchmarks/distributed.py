@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from osqdeploy.adapters import adapter_for  # noqa: E402
 from osqdeploy.config import CalibrationConfig, QuantConfig  # noqa: E402
-from osqdeploy.distributed import DistContext, launch, scale_global_batch  # noqa: E402
+from osqdeploy.distributed import SWEEP_TIMEOUT, DistContext, launch, scale_global_batch  # noqa: E402
 from osqdeploy.evaluation import TorchRuntime, evaluate  # noqa: E402
 from osqdeploy.load.models import load_model  # noqa: E402
 from osqdeploy.plan import build_plan  # noqa: E402
@@ -193,7 +193,7 @@ def main() -> None:
                              eval_limit=64)
             for n in (1, args.gpus):
                 report[f"sweep_{n}_gpu"] = launch(_sweep, spec, str(Path(tmp) / f"sweep{n}"), processes=n,
-                                                  device_type=device_type)
+                                                  device_type=device_type, timeout=SWEEP_TIMEOUT)
                 print(f"sweep on {n} GPU(s): {report[f'sweep_{n}_gpu']['seconds']} s", flush=True)
 
     _print(report, args.gpus)

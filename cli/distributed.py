@@ -5,6 +5,7 @@ Thin wiring: the sweep is :mod:`osqdeploy.sweep`, the processes are :mod:`osqdep
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,7 +15,14 @@ import typer
 from rich.console import Console
 
 from osqdeploy.config import ConfigError
-from osqdeploy.distributed import DistContext, DistributedError, check_gpus, launch
+from osqdeploy.distributed import (
+    DEFAULT_TIMEOUT,
+    SWEEP_TIMEOUT,
+    DistContext,
+    DistributedError,
+    check_gpus,
+    launch,
+)
 from osqdeploy.load.data import DataError
 from osqdeploy.sweep import SweepError, SweepSpec, check_config, format_table, run_sweep
 
@@ -45,7 +53,7 @@ def device_type_for(gpus: int | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def on_gpus(gpus: int | None, fn: Callable[..., Any], *args: Any) -> Any:
+def on_gpus(gpus: int | None, fn: Callable[..., Any], *args: Any, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Any:
     """Run ``fn(ctx, *args)`` on ``gpus`` ranks (or on torchrun's) and return rank 0's result.
 
     ``fn`` must be a module-level function (it is pickled into the spawned processes); it builds
@@ -54,7 +62,7 @@ def on_gpus(gpus: int | None, fn: Callable[..., Any], *args: Any) -> Any:
     """
     try:
         device_type = device_type_for(gpus)
-        return launch(fn, *args, processes=gpus or 1, device_type=device_type)
+        return launch(fn, *args, processes=gpus or 1, device_type=device_type, timeout=timeout)
     except DistributedError as e:
         raise _exit(f"error: {e}", 2 if "GPUs but this machine has" in str(e) else 1) from None
 
@@ -115,7 +123,7 @@ def sweep(
         raise _exit(f"error: {e}", 2) from None
     n_jobs = len(spec.jobs())
     out.print(f"[bold]osq sweep[/] {n_jobs} jobs → {out_dir}", highlight=False)
-    table = on_gpus(gpus, _sweep_rank, spec, str(out_dir))
+    table = on_gpus(gpus, _sweep_rank, spec, str(out_dir), timeout=SWEEP_TIMEOUT)
     if table is None:  # a torchrun rank other than 0
         return
     out.print(format_table(table))

@@ -49,6 +49,8 @@ __all__ = [
 
 # a rank that stops answering (killed, hung) fails the others' next collective after this long
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+# sweeps: a rank whose queue ran dry waits at the final exchange for the longest job of the others
+SWEEP_TIMEOUT = datetime.timedelta(days=2)
 # QDrop masks of rank r are drawn from the group's seed plus r times this: independent draws per rank
 RANK_SEED_STRIDE = 1_000_003
 
@@ -321,7 +323,7 @@ def init_process_group(rank: int, world: int, local_rank: int, device_type: str,
     return DistContext(rank, world, local_rank, device, backend)
 
 
-def from_environment(device_type: str = "auto") -> DistContext:
+def from_environment(device_type: str = "auto", timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> DistContext:
     """This process' context under ``torchrun`` (joining the group), or a single process otherwise."""
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -330,7 +332,8 @@ def from_environment(device_type: str = "auto") -> DistContext:
     if not _under_torchrun():
         return DistContext.single("cuda" if device_type == "cuda" else "cpu")
     return init_process_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                              int(os.environ.get("LOCAL_RANK", 0)), device_type, init_method="env://")
+                              int(os.environ.get("LOCAL_RANK", 0)), device_type, init_method="env://",
+                              timeout=timeout)
 
 
 def shutdown() -> None:
@@ -345,8 +348,9 @@ def _free_port() -> int:
 
 
 def _worker(local_rank: int, fn: Callable[..., Any], args: tuple, world: int, device_type: str, port: int,
-            result_path: str) -> None:
-    ctx = init_process_group(local_rank, world, local_rank, device_type, init_method=f"tcp://127.0.0.1:{port}")
+            result_path: str, timeout: datetime.timedelta) -> None:
+    ctx = init_process_group(local_rank, world, local_rank, device_type, init_method=f"tcp://127.0.0.1:{port}",
+                             timeout=timeout)
     try:
         result = fn(ctx, *args)
         if ctx.is_main:
@@ -367,17 +371,19 @@ def check_gpus(gpus: int) -> None:
         )
 
 
-def launch(fn: Callable[..., Any], *args: Any, processes: int = 1, device_type: str = "cuda") -> Any:
+def launch(fn: Callable[..., Any], *args: Any, processes: int = 1, device_type: str = "cuda",
+           timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Any:
     """Run ``fn(ctx, *args)`` on ``processes`` ranks of this host and return rank 0's result.
 
     Under ``torchrun`` the ranks already exist: ``fn`` runs in this process with its context
     (``processes`` is ignored; torchrun's --nproc-per-node decides). With one process ``fn``
     runs here. Otherwise one process per rank is spawned (NCCL on ``cuda`` devices 0..N-1, gloo
     on ``cpu``); if one of them dies or raises, the others are stopped and a
-    :class:`DistributedError` names the rank.
+    :class:`DistributedError` names the rank. ``timeout``: how long a collective waits for the
+    slowest rank before it fails.
     """
     if _under_torchrun():
-        ctx = from_environment(device_type)
+        ctx = from_environment(device_type, timeout)
         try:
             return fn(ctx, *args)
         finally:
@@ -391,8 +397,8 @@ def launch(fn: Callable[..., Any], *args: Any, processes: int = 1, device_type: 
     with tempfile.TemporaryDirectory(prefix="osq-launch-") as tmp:
         result_path = str(Path(tmp) / "result.pkl")
         try:
-            mp.spawn(_worker, args=(fn, args, processes, device_type, _free_port(), result_path), nprocs=processes,
-                     join=True)
+            mp.spawn(_worker, args=(fn, args, processes, device_type, _free_port(), result_path, timeout),
+                     nprocs=processes, join=True)
         except mp.ProcessRaisedException as e:
             raise DistributedError(f"rank {e.error_index} failed: {_child_error(e.msg)}") from None
         except mp.ProcessExitedException as e:
