@@ -8,6 +8,7 @@ script gets the same answers. Stages meet only through artifacts: a run director
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ from torch import nn
 
 from .adapters import Adapter, adapter_for
 from .config import CalibrationConfig, ConfigError, QuantConfig
+from .distributed import DistContext
 from .evaluation import EvalResult, OnnxRuntime, ParityReport, TorchRuntime, kl_divergence, parity, write_report
 from .evaluation import evaluate as evaluate_runtime
 from .load.data import DataError, ImageFiles, calibration_augment, calibration_tensor, eval_transform
@@ -335,7 +337,8 @@ class _Checkpointer(Callbacks):
 
     def on_group_end(self, result: GroupResult) -> None:
         self.groups.append(result.to_dict())
-        store.save_checkpoint(
+        if self.write:
+            store.save_checkpoint(
             self.run_dir,
             self.model,
             result.index + 1,
@@ -356,6 +359,7 @@ def calibrate(
     callbacks: Callbacks | None = None,
     resume: bool = True,
     data_info: dict | None = None,
+    dist: DistContext | None = None,
 ) -> Run:
     """Quantize ``model`` by granularity-aware reconstruction; returns the saved :class:`Run`.
 
@@ -364,6 +368,9 @@ def calibrate(
     The model is quantized in place. Every finished group is checkpointed in ``run_dir`` (a fresh
     temporary directory when None; :meth:`Run.save` copies it elsewhere), and a later call with the
     same settings, weights and images continues from the first unfinished group.
+
+    With ``dist`` (several ranks, :mod:`osqdeploy.distributed`) each rank takes its share of every
+    batch, gradients are averaged, and only the first rank writes the run directory.
     """
     loaded = as_loaded(model)
     qcfg, ccfg = quant or QuantConfig(), calibration or CalibrationConfig()
@@ -374,23 +381,32 @@ def calibrate(
     if images.ndim != 4 or images.shape[0] == 0:
         raise DataError("calibration needs a non-empty batch of images [N, 3, H, W]")
     callbacks = callbacks or Callbacks()
-    run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="osq-run-"))
-    check_run_dir(run_dir)
-    store.check_writable(run_dir)
     device = resolve_device(ccfg.device)
+    dist = dist or DistContext.single(device)
+    writer = dist.is_main
+    if run_dir is None:
+        run_dir = tempfile.mkdtemp(prefix="osq-run-") if writer else ""
+        if dist.active:
+            run_dir = dist.broadcast_object(str(run_dir))
+    run_dir = Path(run_dir)
+    if writer:
+        check_run_dir(run_dir)
+        store.check_writable(run_dir)
     # the manifest (and a resume's identity) records the precision actually run, not "auto"
     ccfg = replace(ccfg, autocast=ccfg.autocast_on(device.type))
     images = images.float().cpu()
     net = loaded.model.eval()
     fingerprint = _fingerprint(loaded, qcfg, ccfg, images)
+    dist.require_same(fingerprint, "calibration images, model and settings")
     stage = callbacks.on_stage if isinstance(callbacks, PlanCallbacks) else (lambda name: None)
 
-    with store.run_lock(run_dir):
+    with store.run_lock(run_dir) if writer else contextlib.nullcontext():
         old = store.read_raw_manifest(run_dir)
         if old.get("status") == RunStatus.COMPLETE.value:
             raise store.RunError(f"{run_dir} already holds a finished run; choose another run directory")
         # before anything is computed or the manifest rewritten: a checkpoint of other settings is refused
         ck = store.read_checkpoint(run_dir, fingerprint, _changed_settings(old, qcfg, ccfg)) if resume else None
+        dist.require_same(str(ck.done_groups if ck else None), "checkpoint in the run directory")
         t0 = time.perf_counter()
         stages: dict[str, float] = {}
         stage("prepare")
@@ -423,8 +439,8 @@ def calibrate(
         prior = ck.groups if ck else []
         if isinstance(callbacks, PlanCallbacks):
             callbacks.on_plan(plan, ck.done_groups if ck else 0)
-        checkpointer = _Checkpointer(callbacks, run_dir, net, fingerprint, prior, adapter, plan)
-        rec = Reconstructor(net, adapter, plan, ccfg, device, checkpointer)
+        checkpointer = _Checkpointer(callbacks, run_dir, net, fingerprint, prior, adapter, plan, write=writer)
+        rec = Reconstructor(net, adapter, plan, ccfg, device, checkpointer, dist=dist)
         stages["prepare"] = time.perf_counter() - t0  # outlier probe, float logits, quantized structure
         stage("initialize")
         if ck:
@@ -432,7 +448,8 @@ def calibrate(
             done = ck.done_groups
         else:
             rec.initialize(images)
-            store.save_checkpoint(run_dir, net, 0, [], fingerprint)
+            if writer:
+                store.save_checkpoint(run_dir, net, 0, [], fingerprint)
             done = 0
         stages["initialize"] = time.perf_counter() - t0 - stages["prepare"]  # or reload the checkpoint
         stage("reconstruct")
@@ -453,10 +470,12 @@ def calibrate(
             seconds=round(time.perf_counter() - t0, 3),
             stage_seconds={k: round(v, 3) for k, v in stages.items()},
             resumed_from_group=done,
-            state_sha256=store.save_deployed(run_dir, net),
+            state_sha256=store.save_deployed(run_dir, net) if writer else None,
         )
-        store.write_manifest(run_dir, manifest)
-        store.clear_checkpoint(run_dir)
+        if writer:
+            store.write_manifest(run_dir, manifest)
+            store.clear_checkpoint(run_dir)
+    dist.barrier()
     return Run(net, adapter, manifest, run_dir)
 
 
@@ -638,12 +657,14 @@ def evaluate(
     batch_size: int = 64,
     limit: int | None = None,
     progress: bool = False,
+    dist: DistContext | None = None,
 ) -> EvalReport:
     """Measure ``runtime`` and every reference at hand on the same labelled images.
 
     References: torch-fp32 when the original weights are still available and unchanged, torch-quant
     from the run, onnxruntime from the ONNX file. An ONNX file exported from another run than ``run``
     is refused before anything runs. ``data`` defaults to the evaluation folder the run recorded.
+    With ``dist`` each rank evaluates a contiguous shard and every rank gets the gathered totals.
     """
     if runtime not in ("onnxruntime", "torch-quant", "torch-fp32"):
         raise ConfigError(f"runtime must be onnxruntime, torch-quant or torch-fp32, got {runtime!r}")
@@ -651,7 +672,7 @@ def evaluate(
         raise ConfigError("the onnxruntime runtime needs an ONNX file: export the run first, or use torch-quant")
     if run is None and runtime != "onnxruntime":
         raise ConfigError(f"{runtime} needs the run the ONNX file was exported from")
-    dev = resolve_device(str(device))
+    dev = dist.device if dist is not None and dist.active else resolve_device(str(device))
     quant = (run if isinstance(run, Run) else load_run(run, dev)) if run is not None else None
     if quant is not None and onnx is not None:
         recorded = onnx_run_sha(onnx)

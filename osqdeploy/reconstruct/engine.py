@@ -29,6 +29,7 @@ from torch import nn
 
 from ..adapters import Adapter, State, Unit
 from ..config import CalibrationConfig, ConfigError, QuantConfig
+from ..distributed import DistContext
 from ..plan import Plan
 from ..quant.kernels import fused_quantizers
 from ..quant.layers import act_quantizers, quant_layers
@@ -139,8 +140,12 @@ class Reconstructor:
         device: torch.device,
         callbacks: Callbacks | None = None,
         objective: Objective | None = None,
+        dist: DistContext | None = None,
     ):
         ccfg.validate()
+        # several ranks: each holds the whole group and computes its shard of every global batch
+        self.dist = dist or DistContext.single(device)
+        self.dist.batch_shard(ccfg.batch_size)
         # Reconstruction learns only the rounding variables and activation steps (each set to
         # require gradients while its group is optimised). Frozen, the float parameters cost no
         # backward kernels: timm's LayerNorm affines and Swin's position-bias tables would
@@ -199,6 +204,7 @@ class Reconstructor:
         for layer in self.adapter.edge_layers(self.model):
             layer.weight_quantizer.finalize(layer.weight)
         set_mode(acts, QuantMode.NEAREST)
+        self.dist.broadcast_state([self.model])  # every rank starts from rank 0's grids, bit for bit
 
     # -- stage 2: reconstruction --------------------------------------------------------------
 
@@ -240,7 +246,7 @@ class Reconstructor:
         acts = act_quantizers(roots)
         t0 = time.perf_counter()
         # Reseeding per group makes a resumed run draw the same batches and drop masks.
-        torch.manual_seed(cfg.seed * 100_003 + index)
+        torch.manual_seed(cfg.seed * 100_003 + index + self.dist.rng_offset)  # QDrop draws: per rank
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + index)
 
         with quant_mode(self.model, QuantMode.FLOAT):
@@ -263,6 +269,7 @@ class Reconstructor:
         nearest = [layer.weight_quantizer.nearest_codes(layer.weight) for layer in layers]
         for layer in layers:
             layer.weight_quantizer.finalize(layer.weight)
+        self.dist.require_same_state(roots, f"rounding codes and steps after group {index}")
         flipped = sum(
             int((nr != layer.weight_quantizer.w_int.float()).sum()) for nr, layer in zip(nearest, layers, strict=True)
         )
@@ -323,7 +330,7 @@ class Reconstructor:
         schedule = Schedule.build(cfg, q_in[0].shape[0], gen, self.device)
         step = GroupStep(
             lambda s: self._run_group(group, s), layers, step_params, q_in, fp_in, target,
-            self.objective, schedule, cfg, self.device, weight=weight,
+            self.objective, schedule, cfg, self.device, weight=weight, dist=self.dist,
         )
         curve: list[tuple[int, float]] = []
         first_logged = 0.0
