@@ -159,7 +159,10 @@ def calibration_config(recipe: str, **overrides: Any) -> CalibrationConfig:
 
 
 def calibration_images(
-    data: str | Path | ImageFiles, model: nn.Module | LoadedModel, samples: int = 1024, seed: int = 0,
+    data: str | Path | ImageFiles,
+    model: nn.Module | LoadedModel,
+    samples: int = 1024,
+    seed: int = 0,
     augment: bool = True,
 ) -> torch.Tensor:
     """``samples`` images of a folder in the model's own preprocessing, ``[N, 3, H, W]``.
@@ -244,14 +247,18 @@ def calibration_inputs(
         files, eval_data = ImageFiles(paths.train_dir), eval_data or paths.val_dir
     images = calibration_images(files, loaded.model, ccfg.samples, ccfg.seed, augment=augment)
     n = int(images.shape[0])
-    return CalibrationInputs(loaded, images, {
-        "calib_dir": str(Path(files.root or data or "").resolve()),
-        "calib_layout": files.layout,
-        "calib_images": n,
-        "calib_files": len(files),
-        "augmented_views": n - min(len(files), n),
-        "eval_dir": str(Path(eval_data).resolve()) if eval_data is not None else None,
-    })
+    return CalibrationInputs(
+        loaded,
+        images,
+        {
+            "calib_dir": str(Path(files.root or data or "").resolve()),
+            "calib_layout": files.layout,
+            "calib_images": n,
+            "calib_files": len(files),
+            "augmented_views": n - min(len(files), n),
+            "eval_dir": str(Path(eval_data).resolve()) if eval_data is not None else None,
+        },
+    )
 
 
 def as_loaded(model: LoadedModel | nn.Module) -> LoadedModel:
@@ -319,8 +326,10 @@ class _Checkpointer(Callbacks):
         prior: list[dict],
         adapter: Adapter,
         plan: Plan,
+        write: bool = True,
     ):
         self.inner, self.run_dir, self.model, self.fingerprint = inner, run_dir, model, fingerprint
+        self.write = write  # of several ranks, only the first writes
         self.groups = list(prior)
         names = {id(m): n for n, m in model.named_modules()}
         units = {u.name: u for u in adapter.units(model)}
@@ -339,13 +348,13 @@ class _Checkpointer(Callbacks):
         self.groups.append(result.to_dict())
         if self.write:
             store.save_checkpoint(
-            self.run_dir,
-            self.model,
-            result.index + 1,
-            self.groups,
-            self.fingerprint,
-            changed=self.changed[result.index],
-        )
+                self.run_dir,
+                self.model,
+                result.index + 1,
+                self.groups,
+                self.fingerprint,
+                changed=self.changed[result.index],
+            )
         self.inner.on_group_end(result)
 
 
@@ -434,7 +443,8 @@ def calibrate(
             data=data_info or {},
             outliers=outliers,
         )
-        store.write_manifest(run_dir, manifest)
+        if writer:
+            store.write_manifest(run_dir, manifest)
 
         prior = ck.groups if ck else []
         if isinstance(callbacks, PlanCallbacks):
@@ -631,11 +641,15 @@ class EvalReport:
         for name, r in self.results.items():
             kl = self.kl_to_fp32.get(name)
             top1 = "-" if r.top1 is None else f"{r.top1:.2f}%"
-            lines.append(f"{name:12s} top-1 {top1:>7s}  KL to fp32 {'-' if kl is None else f'{kl:.4f}':>7s}  "
-                         f"{r.images_per_s:,.0f} images/s")
+            lines.append(
+                f"{name:12s} top-1 {top1:>7s}  KL to fp32 {'-' if kl is None else f'{kl:.4f}':>7s}  "
+                f"{r.images_per_s:,.0f} images/s"
+            )
         if self.parity is not None:
-            lines.append(f"torch-quant vs onnxruntime: top-1 agreement {self.parity.top1_agreement:.2f}%, "
-                         f"KL {self.parity.kl_divergence:.4f}")
+            lines.append(
+                f"torch-quant vs onnxruntime: top-1 agreement {self.parity.top1_agreement:.2f}%, "
+                f"KL {self.parity.kl_divergence:.4f}"
+            )
         if self.noise is not None:
             lines.append(self.noise.sentence("torch-quant", "onnxruntime", self.n))
         return "\n".join(lines)
