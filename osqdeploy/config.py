@@ -102,7 +102,7 @@ METHODS: dict[Method, dict] = {
     Method.FISHER: dict(loss="fisher", kl_groups=0, output_tuning_iters=0),
     Method.PREDICTION: dict(loss="mse", kl_groups=1, kl_weight=1.0, output_tuning_iters=0),
     Method.OUTPUT_TUNED: dict(loss="mse", kl_groups=0, output_tuning_iters=1000, output_tuning="steps+affine",
-                              output_tuning_lr=1e-5),
+                              output_tuning_lr=1e-3),
 }
 
 
@@ -154,12 +154,13 @@ class CalibrationConfig:
     # Output-level tuning after block reconstruction (reconstruct/output_tuning.py): Adam on the
     # whole quantized model, minimising the KL divergence of its predictions from the float
     # model's on the calibration images, for ``output_tuning_iters`` batches. "steps" learns the
-    # activation steps (at ``lr_act``); "steps+affine" also the LayerNorm gains and biases and the
-    # layers' biases, which stay float in the deployed graph (at ``output_tuning_lr``). The
-    # integer weights never change. Off in the paper's method.
+    # activation steps; "steps+affine" also the LayerNorm gains and biases and the layers' biases,
+    # which stay float in the deployed graph. The integer weights never change.
+    # ``output_tuning_lr`` is relative: each tensor's Adam rate is it times the tensor's mean
+    # magnitude. Off in the paper's method.
     output_tuning_iters: int = 0
     output_tuning: str = "steps"
-    output_tuning_lr: float = 1e-5
+    output_tuning_lr: float = 1e-3
     # Speed features (issue 5), used on CUDA devices only. TF32 matmuls change float rounding;
     # replaying each group's training step as a CUDA graph changes nothing that is computed
     # (reconstruct/step.py); compiled quantizer kernels fuse the same arithmetic (quant/modules.py).

@@ -8,12 +8,13 @@ that are cheap to move and stay what they are in deployment: the activation step
 ``CalibrationConfig.output_tuning='steps+affine'`` the LayerNorm gains and biases and the
 layers' biases (float in the exported graph). The integer weights are final and untouched.
 
-It runs in fp32 (no autocast: a few hundred full-model steps, not 20,000 per group), through the
+It runs in fp32 (no autocast: a thousand full-model steps, not 20,000 per group), through the
 same ``run_steps`` as the group steps, so on CUDA it replays one captured iteration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import CalibrationConfig
-from ..quant.modules import ActQuantizer, act_quantizers, fused_quantizers, quant_layers, quantization_disabled
+from ..quant.modules import ActQuantizer, act_quantizers, quant_layers, quantization_disabled
 from .objective import prediction_kl
 from .step import Schedule, run_steps
 
@@ -68,9 +69,10 @@ class OutputStep:
         self.steps = steps
         cuda = device.type == "cuda"
         adam = dict(capturable=cuda, fused=True if cuda and cfg.fused_adam else None)
-        groups = [{"params": steps, "lr": cfg.lr_act}]
-        if affine:
-            groups.append({"params": affine, "lr": cfg.output_tuning_lr})
+        # Adam moves a parameter by about its learning rate per step, so each tensor's rate is
+        # relative to its own size: activation steps of one model differ by 100x, and one
+        # absolute rate would freeze the large ones or throw the small ones about.
+        groups = [{"params": [p], "lr": cfg.output_tuning_lr * _size(p)} for p in steps + affine]
         self.optimizer = torch.optim.Adam(groups, **adam)
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.rec = torch.zeros((), device=device)
@@ -93,6 +95,11 @@ class OutputStep:
         self.body()
 
 
+def _size(p: torch.Tensor) -> float:
+    """A tensor's typical magnitude: its mean absolute value (a tiny floor for an all-zero bias)."""
+    return max(float(p.detach().abs().mean()), 1e-6)
+
+
 @torch.no_grad()
 def _kl(model: nn.Module, images: torch.Tensor, fp_logits: torch.Tensor, batch: int) -> float:
     n = images.shape[0]
@@ -101,21 +108,25 @@ def _kl(model: nn.Module, images: torch.Tensor, fp_logits: torch.Tensor, batch: 
     return total / n
 
 
-def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
-                 device: torch.device) -> OutputTuningResult:
+def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig, device: torch.device,
+                 reference: nn.Module | None = None) -> OutputTuningResult:
     """Run ``cfg.output_tuning_iters`` steps of output-level tuning on ``model`` (finished groups), in place.
 
-    Batches are drawn from a generator seeded by ``cfg.seed``, so a calibration repeats exactly
-    on the same device. If the tuned model's KL on the calibration images is not below the
-    starting one (or is not finite), the starting values are restored: the stage never leaves
-    the model further from the float predictions on the data it saw.
+    ``reference`` is the float model whose predictions are fitted; by default ``model`` itself with
+    quantization disabled, which needs its float weights (a model rebuilt from a saved run has
+    integers only: pass the float model). Batches are drawn from a generator seeded by
+    ``cfg.seed``, so a calibration repeats exactly on the same device. If the tuned model's KL on
+    the calibration images is not below the starting one (or is not finite), the starting values
+    are restored: the stage never leaves the model further from the float predictions on the
+    data it saw. Every parameter of ``model`` is left frozen (``requires_grad=False``).
     """
     t0 = time.perf_counter()
-    model.eval()
+    model.eval().requires_grad_(False)
     images = images.to(device, torch.float32)
     bs = min(cfg.batch_size, images.shape[0])
-    with torch.no_grad(), quantization_disabled(model):
-        fp_logits = torch.cat([model(images[i : i + bs]).float() for i in range(0, images.shape[0], bs)])
+    with torch.no_grad(), (quantization_disabled(model) if reference is None else contextlib.nullcontext()):
+        ref = model if reference is None else reference.eval().to(device)
+        fp_logits = torch.cat([ref(images[i : i + bs]).float() for i in range(0, images.shape[0], bs)])
     steps, affine = tuned_parameters(model, cfg.output_tuning)
     params = steps + affine
     start = [p.detach().clone() for p in params]
@@ -132,21 +143,23 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
         curve.append((it, float(step.rec)))
 
     log_every = max(1, iters // 50)
-    cuda = device.type == "cuda"
+    graph = cfg.cuda_graph and device.type == "cuda"
+    # The quantizers run their eager arithmetic, not fused_quantizers' compiled kernels: replayed
+    # in a graph, their extra kernels cost microseconds a step, where compiling each quantizer's
+    # fp32 variants afresh would cost more seconds than the whole stage.
     try:
-        with fused_quantizers(cfg.compile and cuda, cfg.fused_rng):
-            try:
-                run_steps(step, iters, cfg.cuda_graph and cuda, on_log, log_every)
-            except RuntimeError as e:
-                if not (cfg.cuda_graph and cuda):
-                    raise
-                # a model whose forward cannot be captured still tunes, eagerly, from where it stopped
-                warnings.warn(f"output tuning could not be captured as a CUDA graph ({e}); continuing eagerly",
-                              RuntimeWarning, stacklevel=2)
-                for it in range(int(step.counter), iters):
-                    step.eager()
-                    if it % log_every == 0 or it == iters - 1:
-                        on_log(it)
+        try:
+            run_steps(step, iters, graph, on_log, log_every)
+        except RuntimeError as e:
+            if not graph:
+                raise
+            # a model whose forward cannot be captured still tunes, eagerly, from where it stopped
+            warnings.warn(f"output tuning could not be captured as a CUDA graph ({e}); continuing eagerly",
+                          RuntimeWarning, stacklevel=2)
+            for it in range(int(step.counter), iters):
+                step.eager()
+                if it % log_every == 0 or it == iters - 1:
+                    on_log(it)
     finally:
         step.zero_grad()
         for p in params:
