@@ -123,11 +123,11 @@ OPTIONS = {
 
 @pytest.mark.parametrize("option", OPTIONS)
 def test_each_option_repeats_itself_exactly_for_a_seed(option):
-    model = tiny_vit(depth=2)
-    settings = {**OPTIONS[option], "output_tuning_iters": 20} if "output_tuning_iters" in OPTIONS[option] \
+    model = tiny_vit(depth=1)
+    settings = {**OPTIONS[option], "output_tuning_iters": 10} if "output_tuning_iters" in OPTIONS[option] \
         else OPTIONS[option]
-    a, _ = _calibrate(model, iters=20, n=32, seed=4, **settings)
-    b, _ = _calibrate(model, iters=20, n=32, seed=4, **settings)
+    a, _ = _calibrate(model, iters=10, n=16, seed=4, **settings)
+    b, _ = _calibrate(model, iters=10, n=16, seed=4, **settings)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -138,6 +138,7 @@ def paper_kl():
     return model, _held_out_kl(model, _calibrate(model)[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["prediction", "tuned_steps", "tuned_affine"])
 def test_option_brings_held_out_predictions_closer_to_float_than_the_paper_schedule(paper_kl, option):
     # Tiny ViT, planted outliers, W4A4, blocks:1, 60 iterations a group, 64 calibration images,
@@ -147,3 +148,27 @@ def test_option_brings_held_out_predictions_closer_to_float_than_the_paper_sched
     model, paper = paper_kl
     quantized, _ = _calibrate(model, **OPTIONS[option])
     assert _held_out_kl(model, quantized) < paper
+
+
+@pytest.mark.slow
+def test_output_tuned_run_exports_what_its_fake_quant_model_computes(tmp_path):
+    import onnxruntime as ort
+
+    from osqdeploy.onnx_export.onnx_qdq import export_run
+    from osqdeploy.pipeline import calibrate, load_run
+
+    from conftest import loaded_tiny
+
+    ccfg = CalibrationConfig(samples=32, batch_size=16, iters=20).with_method(Method.OUTPUT_TUNED)
+    ccfg.output_tuning_iters = 30
+    manifest = calibrate(loaded_tiny("vit"), images(32, 32), QuantConfig(4, 4), ccfg, tmp_path / "run")
+    assert manifest["calibration"]["output_tuning"] == "steps+affine"
+    export_run(tmp_path / "run", tmp_path / "model.onnx")
+    x = images(128, 32, seed=11)
+    with torch.no_grad():
+        ref = load_run(tmp_path / "run").model(x).numpy()
+    got = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x.numpy()})[0]
+    # the bounds of tests/test_export.py: tuned steps, LayerNorms and biases are what the file holds
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    assert abs(got - ref).max() <= 0.03 * (ref.max() - ref.min())
