@@ -134,9 +134,9 @@ def run_job(job: Job, args: argparse.Namespace) -> Iterator[tuple[dict, Path, ob
     """
     import torch
 
+    from osqdeploy.api import calibrate, load_run
     from osqdeploy.evaluation import TorchRuntime, evaluate
     from osqdeploy.load import ImageFiles, calibration_augment, calibration_tensor, eval_transform, load_model
-    from osqdeploy.pipeline import calibrate, load_run
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
@@ -164,7 +164,7 @@ def run_job(job: Job, args: argparse.Namespace) -> Iterator[tuple[dict, Path, ob
         "calib_output_mse": manifest.get("output_mse"),
     }
     row, q = _measure(load_run(run_dir, device).model, ref, eval_set, device, args)
-    yield ({**base, "job": job.name, "variant": job.variant, "method": manifest["calibration"].get("method"),
+    yield ({**base, "job": job.name, "variant": job.variant, "method": ccfg.method.value,
             "calib_seconds": round(calib_seconds, 2), "calibration": manifest["calibration"], **row}, run_dir, ref, q)
     for kind in args.post_tuning:
         row, tuned_dir, q = _post_tuned(job, kind, run_dir, calib, fp.model, ccfg, calib_seconds, ref, eval_set,
@@ -185,7 +185,7 @@ def _post_tuned(job: Job, kind: str, run_dir: Path, calib, float_model, ccfg, ca
 
     import torch
 
-    from osqdeploy.pipeline import load_run
+    from osqdeploy.api import load_run
     from osqdeploy.reconstruct.output_tuning import tune_outputs
     from osqdeploy.run import store
 
@@ -203,8 +203,7 @@ def _post_tuned(job: Job, kind: str, run_dir: Path, calib, float_model, ccfg, ca
         shutil.rmtree(tuned_dir)
     shutil.copytree(run_dir, tuned_dir)
     manifest = json.loads((tuned_dir / "run.json").read_text())
-    manifest["calibration"] = tcfg.to_dict()
-    manifest["output_tuning"] = result.to_dict()
+    manifest["calibration"] = {f.name: getattr(tcfg, f.name) for f in fields(tcfg)}  # the manifest's record
     manifest["state_sha256"] = store.save_deployed(tuned_dir, run.model)
     store.atomic_write_json(tuned_dir / "run.json", manifest)
     row, q = _measure(run.model, ref, eval_set, device, args)
@@ -225,12 +224,12 @@ def _measure(model, ref, eval_set, device: str, args: argparse.Namespace):
 
 def _ort(row: dict, run_dir: Path, ref, q, eval_set, args: argparse.Namespace) -> dict:
     """The run exported to ONNX and evaluated in ONNX Runtime on the CPU, against its fake-quant model."""
+    from osqdeploy.api import export
     from osqdeploy.evaluation import OnnxRuntime, evaluate, parity
-    from osqdeploy.onnx_export.onnx_qdq import export_run
 
     onnx_path = Path(args.out) / "onnx" / f"{row['job']}.onnx"
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    export_run(run_dir, onnx_path)
+    export(run_dir, onnx_path)
     o = evaluate(OnnxRuntime(onnx_path, provider="cpu", intra_op_num_threads=args.ort_threads), eval_set,
                  progress=False, limit=args.limit_eval)
     if not args.keep_onnx:

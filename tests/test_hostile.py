@@ -8,10 +8,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from osqdeploy.api import load_run
+from osqdeploy.config import CalibrationConfig, QuantConfig
 from osqdeploy.evaluation import OnnxRuntime, RuntimeLoadError
 from osqdeploy.load.models import CheckpointError, load_model
-from osqdeploy.pipeline import load_run
+from osqdeploy.plan import Plan
 from osqdeploy.run import store
+from osqdeploy.run.manifest import Manifest, ModelInfo, RunStatus
 
 
 class _Exploit:
@@ -34,14 +37,12 @@ def test_a_malicious_checkpoint_is_refused_and_never_executed(tmp_path):
 
 
 def _manifest(state_sha: str) -> dict:
-    return store.new_manifest(
-        status="complete",
-        model={"spec": {"timm_name": "vit_tiny_patch16_224",
-                        "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}}},
-        quant={"w_bits": 4, "a_bits": 4, "edge_bits": 8, "attn_log_base": "sqrt2", "reparam": True},
-        plan={"spec": "blocks:1", "groups": [], "cross_stage": False},
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    return Manifest(
+        status=RunStatus.COMPLETE, model=ModelInfo("vit_tiny_patch16_224", kwargs), family="vit",
+        quant=QuantConfig(4, 4), calibration=CalibrationConfig(), plan=Plan("blocks:1", []), device="cpu",
         state_sha256=state_sha,
-    )
+    ).to_dict()
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -18,14 +18,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from osqdeploy.distributed import DistContext
 from osqdeploy.evaluation.runtimes import Runtime
 from osqdeploy.load.data import spread_indices
 from osqdeploy.run.store import atomic_write_bytes
 
-__all__ = ["EvalResult", "ParityReport", "evaluate", "format_table", "parity", "write_report"]
+__all__ = ["EvalResult", "ParityReport", "evaluate", "parity", "write_report"]
 
 
 @dataclass
@@ -78,17 +78,24 @@ def evaluate(
     progress: bool = True,
     limit: int | None = None,
     num_workers: int = 0,
+    dist: DistContext | None = None,
 ) -> EvalResult:
     """Run ``dataset`` through ``runtime``; keep logits, measure top-1/top-5 and throughput.
 
     Throughput counts only the runtime calls (not decoding or transforms), after one untimed
     warm-up call on the first batch, which absorbs lazy initialisation and autotuning.
-    ``limit`` evaluates that many images spread evenly over the dataset.
+    ``limit`` evaluates that many images spread evenly over the dataset. With ``dist`` of several
+    ranks each runs whole batches of its contiguous shard and every rank returns the gathered
+    result: the logits of a single process, image for image, and the throughput of all ranks.
     """
     if limit is not None and limit < len(dataset):
         dataset = Subset(dataset, spread_indices(len(dataset), limit))
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
+    dist = dist or DistContext()
+    if dist.active:
+        dataset = Subset(dataset, dist.shard(len(dataset), align=batch_size))
+        progress = progress and dist.is_main
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     all_logits: list[torch.Tensor] = []
     all_labels: list[torch.Tensor] = []
@@ -108,8 +115,11 @@ def evaluate(
             all_logits.append(logits.detach().float().cpu())
             all_labels.append(labels)
             bar.update(task, advance=len(images))
-    logits = torch.cat(all_logits)
-    labels = torch.cat(all_labels)
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    if dist.active:  # a rank's shard can be empty when there are fewer batches than ranks
+        logits, labels = dist.gather_rows(logits), dist.gather_rows(labels)
+        seconds = dist.max_float(seconds)
     top1, top5 = _accuracy(logits, labels, runtime.name)
     return EvalResult(
         runtime=runtime.name,
@@ -197,30 +207,6 @@ def write_report(
     path = Path(path)
     atomic_write_bytes(path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
     return path
-
-
-def format_table(
-    results: Sequence[EvalResult], parity: ParityReport | None = None, title: str | None = "Evaluation"
-) -> Table:
-    """A rich table of the results; the parity summary goes in its caption."""
-    table = Table(title=title)
-    table.add_column("runtime")
-    table.add_column("images", justify="right")
-    table.add_column("top-1 %", justify="right")
-    table.add_column("top-5 %", justify="right")
-    table.add_column("images/s", justify="right")
-    for r in results:
-        table.add_row(r.runtime, str(r.n), _pct(r.top1), _pct(r.top5), f"{r.images_per_s:,.1f}")
-    if parity is not None:
-        table.caption = (
-            f"{parity.b} vs {parity.a}: top-1 agreement {parity.top1_agreement:.2f}%, "
-            f"max |Δlogit| {parity.max_abs_logit_diff:.3g}, mean |Δlogit| {parity.mean_abs_logit_diff:.3g}"
-        )
-    return table
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def _progress_bar(enabled: bool) -> Progress:

@@ -29,8 +29,11 @@ from torch import nn
 
 from ..adapters import Adapter, State, Unit
 from ..config import CalibrationConfig, ConfigError, QuantConfig
+from ..distributed import DistContext
 from ..plan import Plan
-from ..quant.modules import act_quantizers, fused_quantizers, quant_layers, quantization_disabled
+from ..quant.kernels import fused_quantizers
+from ..quant.layers import act_quantizers, quant_layers
+from ..quant.mode import QuantMode, quant_mode, set_mode
 from ..quant.reparam import reparameterize_norm
 from .objective import Objective, PredictionAwareMSE, make_objective
 from .output_tuning import OutputTuningResult, tune_outputs
@@ -55,19 +58,13 @@ class GroupResult:
     # group's float target and initial MSE), "first_step" (setting up the optimisation and its
     # first iteration, which compiles any quantizer kernel of a new shape), "steps" (the other
     # iterations, graph capture included), "finish" (hardening, the next group's input, the
-    # final MSE). Empty in runs recorded before session 7.
+    # final MSE).
     phases: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["loss_curve"] = [list(p) for p in self.loss_curve]
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GroupResult:
-        d = dict(d)
-        d["loss_curve"] = [tuple(p) for p in d.get("loss_curve", [])]
-        return cls(**d)
 
 
 class Callbacks:
@@ -78,6 +75,9 @@ class Callbacks:
     def on_iter(self, index: int, it: int, loss: float | None) -> None: ...
 
     def on_group_end(self, result: GroupResult) -> None: ...
+
+    def on_stage_progress(self, stage: str, done: int, total: int) -> None:
+        """``done`` of ``total`` steps of a stage before reconstruction (e.g. "initialize": observer batches)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -141,8 +141,12 @@ class Reconstructor:
         device: torch.device,
         callbacks: Callbacks | None = None,
         objective: Objective | None = None,
+        dist: DistContext | None = None,
     ):
         ccfg.validate()
+        # several ranks: each holds the whole group and computes its shard of every global batch
+        self.dist = dist or DistContext.single(device)
+        self.dist.batch_shard(ccfg.batch_size)
         # Reconstruction learns only the rounding variables and activation steps (each set to
         # require gradients while its group is optimised). Frozen, the float parameters cost no
         # backward kernels: timm's LayerNorm affines and Swin's position-bias tables would
@@ -186,13 +190,13 @@ class Reconstructor:
         """Observe ranges on full-precision data, reparameterise, set weight grids."""
         acts = act_quantizers([self.model])
         layers = quant_layers([self.model])
-        for q in acts:
-            q.enabled, q.observing = False, True
-        for layer in layers:
-            layer.weight_quantizer.mode = "fp"
+        set_mode(self.model, QuantMode.FLOAT)
+        set_mode(acts, QuantMode.OBSERVE)
         n_obs = min(images.shape[0], self.cfg.extra.get("init_samples", 256))
-        for sl in self._batches(n_obs):
+        batches = list(self._batches(n_obs))
+        for i, sl in enumerate(batches):
             self.model(images[sl].to(self.device))
+            self.callbacks.on_stage_progress("initialize", i + 1, len(batches))
         for q in acts:
             q.finish_observation()
         for site in self.adapter.reparam_sites(self.model):
@@ -201,8 +205,8 @@ class Reconstructor:
             layer.weight_quantizer.init_grid(layer.weight)
         for layer in self.adapter.edge_layers(self.model):
             layer.weight_quantizer.finalize(layer.weight)
-        for q in acts:
-            q.enabled = True
+        set_mode(acts, QuantMode.NEAREST)
+        self.dist.broadcast_state([self.model])  # every rank starts from rank 0's grids, bit for bit
 
     # -- stage 2: reconstruction --------------------------------------------------------------
 
@@ -210,11 +214,11 @@ class Reconstructor:
         """Quantized and full-precision inputs of group ``done_groups`` for all images."""
         images = images.to(self.device)
         q_state = self._propagate(lambda s: self.adapter.stem(self.model, s[0]), (images,))
-        with quantization_disabled(self.model):
+        with quant_mode(self.model, QuantMode.FLOAT):
             fp_state = self._propagate(lambda s: self.adapter.stem(self.model, s[0]), (images,))
         for group in self.groups[:done_groups]:
             q_state = self._propagate(lambda s, g=group: self._run_group(g, s), q_state)
-            with quantization_disabled(self.model):
+            with quant_mode(self.model, QuantMode.FLOAT):
                 fp_state = self._propagate(lambda s, g=group: self._run_group(g, s), fp_state)
         return q_state, fp_state
 
@@ -227,7 +231,7 @@ class Reconstructor:
             self.callbacks.on_group_end(result)
         if self.cfg.output_tuning_iters:  # after the last group's checkpoint: a resume tunes again
             with tf32(self.cfg.tf32 and self.device.type == "cuda"):
-                self.output_tuning = tune_outputs(self.model, images, self.cfg, self.device)
+                self.output_tuning = tune_outputs(self.model, images, self.cfg, self.device, dist=self.dist)
         return results
 
     def _group_mse(self, group: list[Unit], q_in: State, target: torch.Tensor) -> float:
@@ -247,10 +251,10 @@ class Reconstructor:
         acts = act_quantizers(roots)
         t0 = time.perf_counter()
         # Reseeding per group makes a resumed run draw the same batches and drop masks.
-        torch.manual_seed(cfg.seed * 100_003 + index)
+        torch.manual_seed(cfg.seed * 100_003 + index + self.dist.rng_offset)  # QDrop draws: per rank
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + index)
 
-        with quantization_disabled(self.model):
+        with quant_mode(self.model, QuantMode.FLOAT):
             fp_out = self._propagate(lambda s: self._run_group(group, s), fp_in)
         target = fp_out[-1]
         mse_before = self._group_mse(group, q_in, target)  # its float() waits for the device
@@ -271,6 +275,7 @@ class Reconstructor:
         nearest = [layer.weight_quantizer.nearest_codes(layer.weight) for layer in layers]
         for layer in layers:
             layer.weight_quantizer.finalize(layer.weight)
+        self.dist.require_same_state(roots, f"rounding codes and steps after group {index}")
         flipped = sum(
             int((nr != layer.weight_quantizer.w_int.float()).sum()) for nr, layer in zip(nearest, layers, strict=True)
         )
@@ -316,7 +321,7 @@ class Reconstructor:
         def head(out: torch.Tensor) -> torch.Tensor:
             return self.adapter.tail(self.model, self._run_group(rest, (out,)))
 
-        with quantization_disabled(self.model):
+        with quant_mode(self.model, QuantMode.FLOAT):
             fp_logits = self._propagate(lambda s: (head(s[-1]).float(),), fp_out)[0]
         n = min(fp_out[0].shape[0], 256)  # the balance is measured on round-to-nearest, as mse_before
         start = self._propagate(lambda s: self._run_group(group, s), _slice(q_in, slice(0, n)))[-1]
@@ -333,7 +338,7 @@ class Reconstructor:
         rest = [u for g in self.groups[index + 1 :] for u in g]
         gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + index + 7)
         grads = []
-        with quantization_disabled(self.model), torch.enable_grad():
+        with quant_mode(self.model, QuantMode.FLOAT), torch.enable_grad():
             for sl in self._batches(fp_out[0].shape[0]):
                 state = list(_slice(fp_out, sl))
                 state[-1] = state[-1].detach().requires_grad_(True)
@@ -360,7 +365,7 @@ class Reconstructor:
         schedule = Schedule.build(cfg, q_in[0].shape[0], gen, self.device)
         step = GroupStep(
             lambda s: self._run_group(group, s), layers, step_params, q_in, fp_in, target,
-            objective or self.objective, schedule, cfg, self.device, weight=weight,
+            objective or self.objective, schedule, cfg, self.device, weight=weight, dist=self.dist,
         )
         curve: list[tuple[int, float]] = []
         first_logged = 0.0
@@ -394,8 +399,7 @@ class Reconstructor:
         for p in step_params:
             p.requires_grad_(False)
             p.grad = None
-        for layer in layers:
-            layer.weight_quantizer.mode = "hard"
+        set_mode([layer.weight_quantizer for layer in layers], QuantMode.HARD)
         return curve, first_logged
 
 

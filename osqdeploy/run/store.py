@@ -33,23 +33,37 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .. import __version__
-from ..quant.modules import QUANT_LAYERS, act_quantizers
+from ..quant.layers import QUANT_LAYERS, act_quantizers
+from ..quant.mode import QuantMode, set_mode
+from . import manifest as manifest_io
+from .manifest import MANIFEST, RUN_FORMAT, RUN_FORMAT_VERSION, Manifest, RunError
 
-RUN_FORMAT = "osqdeploy-run"
-RUN_FORMAT_VERSION = 1
-MANIFEST = "run.json"
+__all__ = ["MANIFEST", "RUN_FORMAT", "RUN_FORMAT_VERSION", "Manifest", "OutputError", "RunError", "RunLockedError"]
+
 STATE = "state.safetensors"
 CHECKPOINT = "checkpoint"
 LOCK = ".lock"
 
 
-class RunError(ValueError):
-    """A run directory that cannot be used (missing, corrupt, unfinished, other version)."""
-
-
 class RunLockedError(RunError):
     """Another live process is writing this run."""
+
+
+class OutputError(RunError):
+    """An output location that cannot be written (permissions, a file in the way, a read-only disk)."""
+
+
+def check_writable(directory: Path) -> None:
+    """Prove that files can be created in ``directory`` (or, while it does not exist yet, in the nearest
+    existing folder above it), before long work starts; creates nothing."""
+    directory = Path(directory).absolute()
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"cannot write to {directory}: {probe} is a file; nothing was written")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {directory}: {probe} is not writable; nothing was written")
 
 
 # --- atomic file writes -------------------------------------------------------------------------
@@ -68,11 +82,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def file_mode() -> int:
+    """The mode ``open()`` would give a new file (0644 under the usual umask): temporary files are
+    created 0600, and a run or an ONNX file must stay readable by a serving process of another user."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, file_mode())
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -158,42 +181,24 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
-# --- manifest -----------------------------------------------------------------------------------
+# --- manifest ----------------------------------------------------------------------------------
 
 
-def read_manifest(run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
-    path = run_dir / MANIFEST
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: no such run directory")
-    if not path.is_file():
-        raise RunError(f"{run_dir}: not a run directory (no {MANIFEST})")
+def read_manifest(run_dir: Path) -> Manifest:
+    return manifest_io.read(run_dir)
+
+
+def read_raw_manifest(run_dir: Path) -> dict:
+    """The manifest of an interrupted run as plain JSON (to name the settings that changed); {} if unreadable."""
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise RunError(f"{path}: corrupt manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT:
-        raise RunError(f"{path}: not an osqdeploy run manifest")
-    version = manifest.get("format_version")
-    if version != RUN_FORMAT_VERSION:
-        raise RunError(
-            f"{run_dir}: run format version {version} (osq {manifest.get('osq_version', '?')}); this osq "
-            f"({__version__}) reads version {RUN_FORMAT_VERSION} — re-run `osq calibrate`"
-        )
-    return manifest
+        data = json.loads((Path(run_dir) / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-def phase_totals(manifest: dict) -> dict[str, float]:
-    """Seconds per reconstruction phase (``GroupResult.phases``) summed over the run's groups."""
-    totals: dict[str, float] = {}
-    for group in manifest.get("groups", []):
-        for phase, seconds in (group.get("phases") or {}).items():
-            totals[phase] = totals.get(phase, 0.0) + seconds
-    return totals
-
-
-def new_manifest(**fields: object) -> dict:
-    return {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "osq_version": __version__, **fields}
+def write_manifest(run_dir: Path, manifest: Manifest) -> None:
+    atomic_write_json(Path(run_dir) / MANIFEST, manifest.to_dict())
 
 
 # --- state --------------------------------------------------------------------------------------
@@ -220,13 +225,13 @@ def save_deployed(run_dir: Path, model: nn.Module) -> str:
     return save_tensors(Path(run_dir) / STATE, deployed_state(model), {"format": RUN_FORMAT})
 
 
-def load_deployed(run_dir: Path, model: nn.Module, manifest: dict) -> None:
+def load_deployed(run_dir: Path, model: nn.Module, manifest: Manifest) -> None:
     """Load a deployed state into a model prepared with the run's quant config."""
     path = Path(run_dir) / STATE
     if not path.is_file():
         raise RunError(f"{run_dir}: missing {STATE}")
     digest = sha256_file(path)
-    if digest != manifest.get("state_sha256"):
+    if digest != manifest.state_sha256:
         raise RunError(f"{path}: checksum mismatch (file changed or damaged since calibration)")
     state = load_tensors(path)
     for m in model.modules():
@@ -239,8 +244,7 @@ def load_deployed(run_dir: Path, model: nn.Module, manifest: dict) -> None:
         raise RunError(
             f"{path}: state does not match the model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
-    for q in act_quantizers([model]):
-        q.enabled = True
+    set_mode(act_quantizers([model]), QuantMode.NEAREST)
 
 
 @dataclass
@@ -323,10 +327,18 @@ def load_checkpoint_state(run_dir: Path, model: nn.Module, ck: Checkpoint) -> No
             if mode == "int":
                 m.weight_quantizer.make_deployable_structure()
                 m.weight_quantizer.float_available = True
-            m.weight_quantizer.mode = mode
+            set_mode(m.weight_quantizer, QuantMode(mode))
     model.load_state_dict(state, strict=True)
-    for q in act_quantizers([model]):
-        q.enabled = True
+    set_mode(act_quantizers([model]), QuantMode.NEAREST)
+
+
+def checkpointed_groups(run_dir: Path) -> int | None:
+    """How many groups an unfinished run's checkpoint holds (None when there is none or it is unreadable)."""
+    try:
+        done = json.loads((Path(run_dir) / CHECKPOINT / "progress.json").read_text())["done_groups"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    return done if isinstance(done, int) and not isinstance(done, bool) and done >= 0 else None
 
 
 def clear_checkpoint(run_dir: Path) -> None:
