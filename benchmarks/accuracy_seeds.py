@@ -162,7 +162,7 @@ def run_job(job: Job, args: argparse.Namespace) -> Iterator[tuple[dict, Path, ob
         "calib_output_mse": manifest.get("output_mse"),
     }
     row, q = _measure(load_run(run_dir, device).model, ref, eval_set, device, args)
-    yield ({**base, "job": job.name, "variant": job.variant, "method": manifest["calibration"].get("method"),
+    yield ({**base, "job": job.name, "variant": job.variant, "method": ccfg.method.value,
             "calib_seconds": round(calib_seconds, 2), "calibration": manifest["calibration"], **row}, run_dir, ref, q)
     for kind in args.post_tuning:
         row, tuned_dir, q = _post_tuned(job, kind, run_dir, calib, fp.model, ccfg, calib_seconds, ref, eval_set,
@@ -221,12 +221,12 @@ def _measure(model, ref, eval_set, device: str, args: argparse.Namespace):
 
 def _ort(row: dict, run_dir: Path, ref, q, eval_set, args: argparse.Namespace) -> dict:
     """The run exported to ONNX and evaluated in ONNX Runtime on the CPU, against its fake-quant model."""
-    from osqdeploy.api import export as export_run
+    from osqdeploy.api import export
     from osqdeploy.evaluation import OnnxRuntime, evaluate, parity
 
     onnx_path = Path(args.out) / "onnx" / f"{row['job']}.onnx"
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    export_run(run_dir, onnx_path)
+    export(run_dir, onnx_path)
     o = evaluate(OnnxRuntime(onnx_path, provider="cpu", intra_op_num_threads=args.ort_threads), eval_set,
                  progress=False, limit=args.limit_eval)
     if not args.keep_onnx:

@@ -154,16 +154,15 @@ def test_option_brings_held_out_predictions_closer_to_float_than_the_paper_sched
 def test_output_tuned_run_exports_what_its_fake_quant_model_computes(tmp_path):
     import onnxruntime as ort
 
-    from osqdeploy.api import calibrate, load_run
-    from osqdeploy.onnx_export.onnx_qdq import export_run
+    from osqdeploy.api import calibrate, export, load_run
 
     from conftest import loaded_tiny
 
     ccfg = CalibrationConfig(samples=32, batch_size=16, iters=20).with_method(Method.OUTPUT_TUNED)
     ccfg.output_tuning_iters = 30
-    manifest = calibrate(loaded_tiny("vit"), images(32, 32), QuantConfig(4, 4), ccfg, tmp_path / "run")
-    assert manifest["calibration"]["output_tuning"] == "steps+affine"
-    export_run(tmp_path / "run", tmp_path / "model.onnx")
+    run = calibrate(loaded_tiny("vit"), images(32, 32), QuantConfig(4, 4), ccfg, tmp_path / "run")
+    assert run.manifest.calibration.output_tuning == "steps+affine"
+    export(tmp_path / "run", tmp_path / "model.onnx")
     x = images(128, 32, seed=11)
     with torch.no_grad():
         ref = load_run(tmp_path / "run").model(x).numpy()

@@ -231,7 +231,7 @@ class Reconstructor:
             self.callbacks.on_group_end(result)
         if self.cfg.output_tuning_iters:  # after the last group's checkpoint: a resume tunes again
             with tf32(self.cfg.tf32 and self.device.type == "cuda"):
-                self.output_tuning = tune_outputs(self.model, images, self.cfg, self.device)
+                self.output_tuning = tune_outputs(self.model, images, self.cfg, self.device, dist=self.dist)
         return results
 
     def _group_mse(self, group: list[Unit], q_in: State, target: torch.Tensor) -> float:

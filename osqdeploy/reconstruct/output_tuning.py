@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import CalibrationConfig
+from ..distributed import DistContext
 from ..quant.layers import act_quantizers, quant_layers
 from ..quant.mode import QuantMode, quant_mode
 from ..quant.quantizers import ActQuantizer
@@ -66,8 +67,9 @@ class OutputStep:
 
     def __init__(self, model: nn.Module, images: torch.Tensor, fp_logits: torch.Tensor, batches: torch.Tensor,
                  steps: list[nn.Parameter], affine: list[nn.Parameter], cfg: CalibrationConfig,
-                 device: torch.device):
+                 device: torch.device, dist: DistContext):
         self.model, self.images, self.fp_logits, self.batches = model, images, fp_logits, batches
+        self.dist, self.shard = dist, dist.batch_shard(batches.shape[1])  # data parallel: a shard of each batch
         self.steps = steps
         cuda = device.type == "cuda"
         adam = dict(capturable=cuda, fused=True if cuda and cfg.fused_adam else None)
@@ -83,9 +85,10 @@ class OutputStep:
         self.optimizer.zero_grad(set_to_none=True)
 
     def body(self) -> None:
-        idx = self.batches.index_select(0, self.counter).squeeze(0)
+        idx = self.batches.index_select(0, self.counter).squeeze(0)[self.shard]
         loss = prediction_kl(self.fp_logits.index_select(0, idx), self.model(self.images.index_select(0, idx)))
         loss.backward()
+        loss = self.dist.average_gradients([self.optimizer], loss)
         self.optimizer.step()
         with torch.no_grad():
             torch._foreach_clamp_min_(self.steps, 1e-8)
@@ -111,7 +114,7 @@ def _kl(model: nn.Module, images: torch.Tensor, fp_logits: torch.Tensor, batch: 
 
 
 def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig, device: torch.device,
-                 reference: nn.Module | None = None) -> OutputTuningResult:
+                 reference: nn.Module | None = None, dist: DistContext | None = None) -> OutputTuningResult:
     """Run ``cfg.output_tuning_iters`` steps of output-level tuning on ``model`` (finished groups), in place.
 
     ``reference`` is the float model whose predictions are fitted; by default ``model`` itself with
@@ -120,8 +123,11 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
     ``cfg.seed``, so a calibration repeats exactly on the same device. If the tuned model's KL on
     the calibration images is not below the starting one (or is not finite), the starting values
     are restored: the stage never leaves the model further from the float predictions on the
-    data it saw. Every parameter of ``model`` is left frozen (``requires_grad=False``).
+    data it saw. Every parameter of ``model`` is left frozen (``requires_grad=False``). Under data
+    parallelism (``dist``) each rank takes its shard of every batch and the gradients are averaged,
+    so all ranks make the same updates, as in the group steps.
     """
+    dist = dist or DistContext.single(device)
     t0 = time.perf_counter()
     model.eval().requires_grad_(False)
     images = images.to(device, torch.float32)
@@ -137,7 +143,7 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
     batches = Schedule.build(replace(cfg, iters=cfg.output_tuning_iters), images.shape[0], gen, device).batches
     for p in params:
         p.requires_grad_(True)
-    step = OutputStep(model, images, fp_logits, batches, steps, affine, cfg, device)
+    step = OutputStep(model, images, fp_logits, batches, steps, affine, cfg, device, dist)
     curve: list[tuple[int, float]] = []
     iters = cfg.output_tuning_iters
 
