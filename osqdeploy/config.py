@@ -14,6 +14,9 @@ POST_GELU_RANGES = ("mse", "mse_max")
 EDGE_RANGES = ("mse", "minmax")
 
 
+MAX_SEED = 2**47 - 1  # seed * 100003 + group index stays within torch's 64-bit seeds
+
+
 class ConfigError(ValueError):
     """A configuration value outside what the method supports."""
 
@@ -158,6 +161,10 @@ class CalibrationConfig:
             raise ConfigError(f"autocast must be one of {', '.join(AUTOCASTS)}, got {self.autocast!r}")
         if not self.loss_scale > 0:
             raise ConfigError(f"loss scale must be > 0, got {self.loss_scale}")
+        # torch seeds are 64-bit and reconstruction seeds group i with seed * 100003 + i: a larger
+        # seed would fail only once reconstruction starts
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be an integer in 0..{MAX_SEED} (47 bits), got {self.seed!r}")
 
     def autocast_on(self, device_type: str) -> str:
         """The autocast mode a reconstruction on ``device_type`` runs: "auto" resolved."""

@@ -19,9 +19,13 @@ checksum matches. Tensors are stored with safetensors, so loading a run never ex
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import resource
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -34,6 +38,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..io import os_reason
 from ..quant.modules import QUANT_LAYERS, act_quantizers
 
 RUN_FORMAT = "osqdeploy-run"
@@ -52,7 +57,47 @@ class RunLockedError(RunError):
     """Another live process is writing this run."""
 
 
+# --- errors of the file system -----------------------------------------------------------------
+
+
+class OutputError(RunError):
+    """A file osq writes could not be written (permissions, full disk, size limit, read-only).
+
+    Writes go to a temporary name and are renamed into place, so the message can promise that
+    nothing was lost: the file it names keeps its previous content, if it had any.
+    """
+
+
+def output_error(path: str | Path, e: OSError) -> OutputError:
+    return OutputError(
+        f"cannot write {path}: {os_reason(e)}; nothing was lost (its previous content, if any, is unchanged)"
+    )
+
+
+def read_error(path: str | Path, e: OSError) -> RunError:
+    return RunError(f"cannot read {path}: {os_reason(e)}")
+
+
 # --- atomic file writes -------------------------------------------------------------------------
+
+# Temporary files of atomic writes: ``.<name>.osq-<random>.tmp`` beside the target, so that an
+# interrupted write's leftovers are recognisable and removed when the run is next written.
+TMP_INFIX = ".osq-"
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` sets it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,32 +113,129 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; renamed onto ``path`` when the block succeeds.
+
+    The file gets the mode a plain ``open`` would give (0666 less the umask; ``mkstemp`` alone
+    makes it 0600). Any OSError, from creating the folder to the rename, becomes an
+    :class:`OutputError` naming ``path``; on any failure the temporary file is removed.
+    """
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # mkdir's word for a file standing where a folder should be
+            raise OSError(errno.ENOTDIR, "not a folder") from None
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_INFIX}", suffix=TMP_SUFFIX)
+        tmp = Path(name)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
+        yield tmp
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise output_error(path, e) from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def remove_orphans(folder: Path) -> list[Path]:
+    """Delete the temporary files interrupted atomic writes left in ``folder``; returns them.
+
+    Only for folders osq alone writes, under the run's lock: a temporary file there then belongs
+    to no live write. Names of the older ``mkstemp`` pattern (``.<name>.<random>.tmp``) count too.
+    """
+    removed = []
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for parent in (path, *path.parents):
+        if parent.exists():
+            return parent
+    return Path(path.anchor or ".")
+
+
+def check_writable(path: str | Path, folder: bool = False, need_bytes: int = 0) -> None:
+    """Refuse an output location osq could not write, before any long work starts.
+
+    ``folder``: ``path`` is a folder to create or fill (a run directory); else a file to create or
+    replace (an ONNX export). The check writes and removes a small probe file where the output
+    would go (the one test that holds for read-only mounts, ACLs and root alike), and compares
+    ``need_bytes`` with the free space there and the process's file-size limit.
+    """
+    path = Path(path).expanduser().absolute()
+    try:
+        if folder and path.exists() and not path.is_dir():
+            raise OSError(errno.ENOTDIR, "not a folder")
+        if not folder and path.is_dir():
+            raise OSError(errno.EISDIR, "is a folder")
+        where = _existing_ancestor(path if folder else path.parent)
+        if not where.is_dir():
+            raise OSError(errno.ENOTDIR, "not a folder")
+        fd, probe = tempfile.mkstemp(dir=where, prefix=f".osq-probe{TMP_INFIX}", suffix=TMP_SUFFIX)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        free = shutil.disk_usage(where).free
+        limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {os_reason(e)}; nothing was written") from None
+    if need_bytes > free:
+        raise OutputError(
+            f"cannot write {path}: it needs about {_mib(need_bytes)} and {where} has {_mib(free)} free; "
+            "nothing was written"
+        )
+    if limit != resource.RLIM_INFINITY and need_bytes > limit:
+        raise OutputError(
+            f"cannot write {path}: it needs about {_mib(need_bytes)} and the file-size limit (ulimit -f) is "
+            f"{_mib(limit)}; nothing was written"
+        )
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes; an unreadable file is a :class:`RunError` naming it."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise read_error(path, e) from None
     return h.hexdigest()
 
 
@@ -108,7 +250,11 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
+        with open(path, "rb"):  # an unreadable file is unreadable, not damaged
+            pass
         return safetensors.torch.load_file(str(path))
+    except OSError as e:
+        raise read_error(path, e) from None
     except Exception as e:  # safetensors raises several types for damaged files
         raise RunError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
 
@@ -130,12 +276,12 @@ def _pid_alive(pid: int) -> bool:
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Exclusive writer lock; a lock left by a dead process on this host is taken over."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname()}
     for _ in range(2):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
             try:
                 holder = json.loads(lock.read_text())
@@ -149,10 +295,19 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                 f"{run_dir} is being written by process {pid} on {host}; wait for it or remove {lock} "
                 "if that process is gone"
             ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+        except OSError as e:
+            raise output_error(lock, e) from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except OSError as e:
+            lock.unlink(missing_ok=True)
+            raise output_error(lock, e) from None
         break
     try:
+        # holding the lock, no other write is live: temporary files here are an interrupted one's
+        for folder in (run_dir, run_dir / CHECKPOINT):
+            remove_orphans(folder)
         yield
     finally:
         lock.unlink(missing_ok=True)
@@ -169,9 +324,13 @@ def read_manifest(run_dir: Path) -> dict:
     if not path.is_file():
         raise RunError(f"{run_dir}: not a run directory (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise RunError(f"{path}: corrupt manifest ({e})") from None
+        text = path.read_bytes()
+    except OSError as e:
+        raise read_error(path, e) from None
+    try:
+        manifest = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RunError(f"{path}: corrupt manifest ({_one_line(e)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT:
         raise RunError(f"{path}: not an osqdeploy run manifest")
     version = manifest.get("format_version")
@@ -270,7 +429,10 @@ def save_checkpoint(
     if changed is None:
         digest, deltas = save_tensors(ck / "state.safetensors", _dedupe(dict(state))), []
     else:
-        info = json.loads(progress.read_text())
+        try:
+            info = json.loads(progress.read_bytes())
+        except OSError as e:
+            raise read_error(progress, e) from None
         digest, deltas = info["sha256"], list(info.get("deltas", []))
         prefixes = tuple(f"{name}." for name in changed)
         name = f"delta-{done_groups:04d}.safetensors"
@@ -297,9 +459,14 @@ def read_checkpoint(run_dir: Path, fingerprint: str, changed: list[str] | None =
     if not progress.is_file():
         return None
     try:
-        info = json.loads(progress.read_text())
-    except (OSError, ValueError) as e:
-        raise RunError(f"{progress}: corrupt checkpoint ({e}); delete {ck} to start over") from None
+        text = progress.read_bytes()
+    except OSError as e:
+        raise read_error(progress, e) from None
+    try:
+        info = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RunError(f"{progress}: corrupt checkpoint ({_one_line(e)}); delete {ck} to start over") from None
+    _check_progress(info, progress, ck)
     if info.get("fingerprint") != fingerprint:
         what = ", ".join(changed) if changed else "the same settings, other weights or calibration images"
         raise RunError(
@@ -313,6 +480,81 @@ def read_checkpoint(run_dir: Path, fingerprint: str, changed: list[str] | None =
     return Checkpoint(info["done_groups"], info["groups"], info["modes"], [f for f, _ in files])
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DELTA = re.compile(r"^delta-\d{4,}\.safetensors$")
+WEIGHT_MODES = ("fp", "nearest", "soft", "hard", "int")
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+_GROUP_FIELDS = {"index", "units", "iters", "mse_before", "mse_after", "seconds", "loss_curve", "flipped", "phases"}
+
+
+def group_record_problem(group: object, position: int) -> str | None:
+    """What is wrong with one group's record (``GroupResult.to_dict``) at ``position``, or None."""
+    if not isinstance(group, dict):
+        return f"group {position} is not a record"
+    unknown = sorted(set(group) - _GROUP_FIELDS, key=str)
+    missing = sorted({"index", "units", "iters", "mse_before", "mse_after", "seconds"} - set(group))
+    if unknown or missing:
+        return f"group {position} record has unknown fields {unknown} or lacks {missing}"
+    if type(group["index"]) is not int or group["index"] != position:
+        return f"group {position} record says index {group['index']!r}"
+    if not isinstance(group["units"], list) or not all(isinstance(u, str) for u in group["units"]):
+        return f"group {position} units are not a list of names"
+    if type(group["iters"]) is not int or group["iters"] < 0:
+        return f"group {position} iterations {group['iters']!r} are not a count"
+    if not all(_number(group.get(k, 0.0)) for k in ("mse_before", "mse_after", "seconds", "flipped")):
+        return f"group {position} losses, seconds or flipped fraction are not numbers"
+    curve = group.get("loss_curve", [])
+    if not isinstance(curve, list) or not all(
+        isinstance(p, list) and len(p) == 2 and type(p[0]) is int and _number(p[1]) for p in curve
+    ):
+        return f"group {position} loss curve is not a list of [iteration, loss]"
+    phases = group.get("phases", {})
+    if not isinstance(phases, dict) or not all(isinstance(k, str) and _number(v) for k, v in phases.items()):
+        return f"group {position} phases are not seconds by name"
+    return None
+
+
+def _check_progress(info: object, progress: Path, ck: Path) -> None:
+    """Every field of the progress record by type and range: a damaged one is refused in one line."""
+
+    def bad(what: str) -> RunError:
+        return RunError(f"{progress}: damaged checkpoint record ({what}); delete {ck} to start over")
+
+    if not isinstance(info, dict):
+        raise bad("not a JSON object")
+    done = info.get("done_groups")
+    if type(done) is not int or done < 0:
+        raise bad(f"done_groups {done!r} is not a count")
+    groups = info.get("groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise bad("groups is not a list of records")
+    if len(groups) != done:
+        raise bad(f"done_groups {done} but {len(groups)} group records")
+    for i, group in enumerate(groups):
+        problem = group_record_problem(group, i)
+        if problem:
+            raise bad(problem)
+    modes = info.get("modes")
+    if not isinstance(modes, dict) or not all(isinstance(k, str) and v in WEIGHT_MODES for k, v in modes.items()):
+        raise bad(f"modes must map layer names to one of {', '.join(WEIGHT_MODES)}")
+    for key in ("fingerprint", "sha256"):
+        if not isinstance(info.get(key), str) or not _SHA256.match(info[key]):
+            raise bad(f"{key} is not a sha256")
+    deltas = info.get("deltas", [])
+    if not isinstance(deltas, list) or not all(
+        isinstance(d, dict) and isinstance(d.get("file"), str) and _DELTA.match(d["file"])
+        and isinstance(d.get("sha256"), str) and _SHA256.match(d["sha256"]) for d in deltas
+    ):
+        raise bad("deltas must list delta-NNNN.safetensors files with their sha256")
+    if len(deltas) > done:
+        raise bad(f"{len(deltas)} deltas for {done} finished groups")
+
+
 def load_checkpoint_state(run_dir: Path, model: nn.Module, ck: Checkpoint) -> None:
     state: dict[str, torch.Tensor] = {}
     for name in ck.files:  # the full state, then each group's delta in order
@@ -324,7 +566,12 @@ def load_checkpoint_state(run_dir: Path, model: nn.Module, ck: Checkpoint) -> No
                 m.weight_quantizer.make_deployable_structure()
                 m.weight_quantizer.float_available = True
             m.weight_quantizer.mode = mode
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # the record's layer modes and the saved tensors disagree
+        detail = " ".join(str(e).split())[:200]
+        raise RunError(f"{Path(run_dir) / CHECKPOINT}: checkpoint does not fit the model ({detail}); delete it "
+                       "to start over") from None
     for q in act_quantizers([model]):
         q.enabled = True
 
