@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from osqdeploy.config import CalibrationConfig, ConfigError
+from osqdeploy.config import CalibrationConfig, ConfigError, QuantConfig
 from osqdeploy.evaluation import OnnxRuntime, RuntimeLoadError
 from osqdeploy.load import data as data_module
 from osqdeploy.load.data import (
@@ -38,7 +38,8 @@ from osqdeploy.load.data import (
     load_rgb,
 )
 from osqdeploy.load.models import CheckpointError, content_fingerprint, load_model, source_changes
-from osqdeploy.pipeline import load_run
+from osqdeploy.pipeline import calibrate, load_run
+from osqdeploy.reconstruct import Callbacks
 from osqdeploy.run import store
 from osqdeploy.run.integrity import OnnxMismatchError, check_onnx_for_run, check_onnx_input, onnx_info
 
@@ -539,3 +540,42 @@ def test_fuzzed_values_of_the_progress_record_give_a_run_error_or_resume(checkpo
         store.load_checkpoint_state(run_dir, _quantized_tiny(), ck)
     except store.RunError as e:
         _one_line(e)
+
+
+# -- a resume trusts nothing it has not verified ----------------------------------------------------
+
+
+class _StopAfterFirstGroup(Callbacks):
+    def on_group_end(self, result):
+        raise KeyboardInterrupt
+
+
+def test_a_resume_after_the_weights_file_changed_in_place_is_refused_naming_the_file(tmp_path):
+    from conftest import images, plant_outliers
+
+    kwargs = dict(TINY, depth=2, embed_dim=64)
+    torch.manual_seed(0)
+    weights = tmp_path / "weights.pth"
+    torch.save(plant_outliers(load_model("vit_tiny_patch16_224", pretrained=False, model_kwargs=kwargs).model)
+               .state_dict(), weights)
+    original = weights.read_bytes()
+    qcfg, ccfg = QuantConfig(4, 4), CalibrationConfig(samples=16, batch_size=8, iters=4, granularity="blocks:1")
+    run_dir = tmp_path / "run"
+
+    def attempt(callbacks=None):
+        loaded = load_model("vit_tiny_patch16_224", checkpoint=weights, model_kwargs=kwargs)
+        return calibrate(loaded, images(16, 32), qcfg, ccfg, run_dir, callbacks)
+
+    with pytest.raises(KeyboardInterrupt):
+        attempt(_StopAfterFirstGroup())
+    interrupted = _snapshot(run_dir)
+    state = torch.load(weights, weights_only=True)
+    state["head.bias"] += 0.5  # other weights, same path, same size
+    torch.save(state, weights)
+    with pytest.raises(store.RunError) as info:
+        attempt()
+    message = _one_line(info.value)
+    assert f"weights file {weights}" in message and "changed since the interrupted run read it" in message
+    assert _snapshot(run_dir) == interrupted  # nothing of the interrupted run was touched
+    weights.write_bytes(original)  # the weights it read, back in place: it resumes
+    assert attempt()["resumed_from_group"] == 1

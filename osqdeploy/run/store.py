@@ -449,6 +449,28 @@ def save_checkpoint(
             stale.unlink()
 
 
+def changed_weights(run_dir: Path) -> list[str]:
+    """The weights file the run's manifest records, if its contents changed since it was read.
+
+    The manifest keeps the path and the sha256 of the bytes calibration loaded
+    (``LoadedModel.source``); a file overwritten in place keeps its path, not its digest.
+    """
+    try:
+        source = json.loads((Path(run_dir) / MANIFEST).read_bytes())["model"]["source"]
+        path, recorded = source.get("checkpoint") or source.get("demo"), source["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    if not isinstance(path, str) or not isinstance(recorded, str):
+        return []
+    try:
+        now = sha256_file(Path(path))
+    except RunError:
+        return [f"weights file {path} is gone or unreadable"]
+    if now == recorded:
+        return []
+    return [f"weights file {path} changed since the interrupted run read it (sha256 {recorded[:12]}… → {now[:12]}…)"]
+
+
 def read_checkpoint(run_dir: Path, fingerprint: str, changed: list[str] | None = None) -> Checkpoint | None:
     """The checkpoint to resume from, or None if there is none; refuses one from other settings.
 
@@ -468,10 +490,11 @@ def read_checkpoint(run_dir: Path, fingerprint: str, changed: list[str] | None =
         raise RunError(f"{progress}: corrupt checkpoint ({_one_line(e)}); delete {ck} to start over") from None
     _check_progress(info, progress, ck)
     if info.get("fingerprint") != fingerprint:
+        changed = list(changed or []) + changed_weights(run_dir)
         what = ", ".join(changed) if changed else "the same settings, other weights or calibration images"
         raise RunError(
-            f"{run_dir} holds a checkpoint of a calibration with other settings ({what}); rerun with the "
-            f"interrupted run's settings to resume it, use another --run-dir, or delete {ck} to start over"
+            f"{run_dir} holds a checkpoint of a calibration with other inputs ({what}); rerun with the "
+            f"interrupted run's inputs to resume it, use another --run-dir, or delete {ck} to start over"
         )
     files = [("state.safetensors", info.get("sha256"))] + [(d["file"], d["sha256"]) for d in info.get("deltas", [])]
     for name, digest in files:
