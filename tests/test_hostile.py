@@ -579,3 +579,107 @@ def test_a_resume_after_the_weights_file_changed_in_place_is_refused_naming_the_
     assert _snapshot(run_dir) == interrupted  # nothing of the interrupted run was touched
     weights.write_bytes(original)  # the weights it read, back in place: it resumes
     assert attempt()["resumed_from_group"] == 1
+
+
+# -- the whole run is covered by its checksum ------------------------------------------------------
+
+
+def _reseal(run_dir: Path, manifest: dict) -> None:
+    """Write ``manifest`` as calibration would have: sealed into the state file, whose sha256 it records."""
+    tensors = store.load_tensors(run_dir / store.STATE)
+    body = {k: v for k, v in manifest.items() if k != "state_sha256"}
+    metadata = {"format": store.RUN_FORMAT, store.SEAL_KEY: store.manifest_checksum(body)}
+    manifest = {**body, "state_sha256": store.save_tensors(run_dir / store.STATE, tensors, metadata)}
+    (run_dir / store.MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def sealed_run(tmp_path_factory):
+    from conftest import images, loaded_tiny
+
+    run_dir = tmp_path_factory.mktemp("sealed") / "run"
+    ccfg = CalibrationConfig(samples=8, batch_size=8, iters=2, granularity="blocks:1")
+    manifest = calibrate(loaded_tiny("vit", depth=2), images(8, 32), QuantConfig(4, 4), ccfg, run_dir)
+    _reseal(run_dir, manifest)
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["quant"].update(a_bits=8),
+        lambda m: m["groups"].pop(),
+        lambda m: m["groups"][0].update(mse_after=0.0),
+        lambda m: m["plan"].update(spec="blocks:2"),
+        lambda m: m["model"]["spec"]["kwargs"].update(num_classes=11),
+        lambda m: m.update(output_top1_agreement=1.0),
+    ],
+    ids=["a_bits", "drop a group", "a group's loss", "plan", "model spec", "reported agreement"],
+)
+def test_an_edited_manifest_is_damaged_not_another_model(sealed_run, tmp_path, edit):
+    run_dir = tmp_path / "run"
+    shutil.copytree(sealed_run, run_dir)
+    assert store.verify_run(run_dir).status == "complete"
+    manifest = json.loads((run_dir / store.MANIFEST).read_text())
+    edit(manifest)
+    (run_dir / store.MANIFEST).write_text(json.dumps(manifest))
+    before = _snapshot(run_dir)
+    health = store.verify_run(run_dir)
+    assert health.status == "damaged" and not health.ok
+    _one_line(RuntimeError(health.reason))
+    with pytest.raises(store.RunError) as info:
+        load_run(run_dir)
+    _one_line(info.value)
+    assert _snapshot(run_dir) == before
+
+
+def test_verify_run_tells_complete_in_progress_and_damaged_apart(sealed_run, checkpointed, tmp_path):
+    assert store.verify_run(sealed_run).status == "complete"
+    (tmp_path / "state-gone").mkdir()
+    shutil.copy(sealed_run / store.MANIFEST, tmp_path / "state-gone" / store.MANIFEST)
+    health = store.verify_run(tmp_path / "state-gone")
+    assert health.status == "damaged" and "missing" in health.reason
+    ck_dir, _ = checkpointed
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(ck_dir, unfinished)
+    manifest = json.loads((sealed_run / store.MANIFEST).read_text())
+    manifest["status"] = "in_progress"
+    (unfinished / store.MANIFEST).write_text(json.dumps(manifest))
+    assert store.verify_run(unfinished) == store.RunHealth("in_progress", manifest=manifest, resumable_groups=1)
+    progress = unfinished / store.CHECKPOINT / "progress.json"
+    record = json.loads(progress.read_text())
+    record["groups"].append({**record["groups"][0], "index": 1})  # "done" a group never reconstructed
+    record["done_groups"] = 2
+    progress.write_text(json.dumps(record))
+    health = store.verify_run(unfinished)
+    assert health.status == "damaged" and "does not match the state it describes" in health.reason
+    with pytest.raises(store.RunError, match="not a run directory"):
+        store.verify_run(tmp_path)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_values_of_run_json_give_a_run_error_or_a_model(sealed_run, tmp_path_factory, data):
+    run_dir = tmp_path_factory.mktemp("fuzz") / "run"
+    shutil.copytree(sealed_run, run_dir)
+    manifest = json.loads((run_dir / store.MANIFEST).read_text())
+    for _ in range(data.draw(st.integers(1, 3))):
+        holder = manifest
+        key = data.draw(st.sampled_from(sorted(holder)))
+        while isinstance(holder[key], (dict, list)) and holder[key] and data.draw(st.booleans()):
+            holder = holder[key]
+            key = data.draw(st.sampled_from(sorted(holder) if isinstance(holder, dict) else range(len(holder))))
+        if isinstance(holder, dict) and data.draw(st.booleans()):
+            del holder[key]
+        else:
+            holder[key] = data.draw(JSON_VALUES)
+    if data.draw(st.booleans()):  # forged consistently: only the field checks stand in the way
+        _reseal(run_dir, manifest)
+    else:
+        (run_dir / store.MANIFEST).write_text(json.dumps(manifest))
+    health = store.verify_run(run_dir)
+    assert health.status in ("complete", "in_progress", "damaged")
+    try:
+        load_run(run_dir)
+    except store.RunError as e:
+        _one_line(e)

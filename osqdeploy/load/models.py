@@ -43,6 +43,7 @@ __all__ = [
     "LoadedModel",
     "ModelRecipe",
     "ModelSpec",
+    "ModelSpecError",
     "RecipeError",
     "UnknownModelError",
     "WeightsUnavailableError",
@@ -71,6 +72,10 @@ class RecipeError(ValueError):
 
 class UnknownModelError(ValueError):
     """The name is neither a recipe, an alias, nor a timm model name."""
+
+
+class ModelSpecError(ValueError):
+    """timm cannot build the architecture a spec names."""
 
 
 class CheckpointError(ValueError):
@@ -107,8 +112,17 @@ class ModelSpec:
         return cls(timm_name=data["timm_name"], kwargs=dict(data.get("kwargs") or {}))
 
     def create(self) -> nn.Module:
-        """Build the architecture with random weights, in eval mode."""
-        return timm.create_model(self.timm_name, pretrained=False, **_as_timm_kwargs(self.kwargs)).eval()
+        """Build the architecture with random weights, in eval mode.
+
+        A name or kwargs timm cannot build (a damaged run's spec, a typo in a recipe) is a
+        :class:`ModelSpecError`: timm itself raises anything from KeyError to AssertionError.
+        """
+        try:
+            return timm.create_model(self.timm_name, pretrained=False, **_as_timm_kwargs(self.kwargs)).eval()
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise ModelSpecError(f"timm cannot build {self.timm_name} with {self.kwargs!r}: {_first_line(e)}") from e
 
 
 @dataclass

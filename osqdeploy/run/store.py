@@ -339,7 +339,94 @@ def read_manifest(run_dir: Path) -> dict:
             f"{run_dir}: run format version {version} (osq {manifest.get('osq_version', '?')}); this osq "
             f"({__version__}) reads version {RUN_FORMAT_VERSION} — re-run `osq calibrate`"
         )
+    problem = manifest_problem(manifest)
+    if problem:
+        raise RunError(f"{path}: damaged manifest ({problem})")
     return manifest
+
+
+STATUSES = ("in_progress", "complete")
+
+
+def _is_sha256(x: object) -> bool:
+    return isinstance(x, str) and bool(_SHA256.match(x))
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a manifest's fields, by type and range, or None.
+
+    Every field a later stage reads is checked here, once, so that nothing downstream meets a
+    string where it expects a count. Fields of an unfinished run may be absent.
+    """
+    from ..config import CalibrationConfig, QuantConfig
+
+    status = manifest.get("status")
+    if status not in STATUSES:
+        return f"status {status!r} is not one of {', '.join(STATUSES)}"
+    complete = status == "complete"
+    model = manifest.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("spec"), dict):
+        return "model.spec is missing"
+    spec = model["spec"]
+    if not isinstance(spec.get("timm_name"), str) or not spec["timm_name"]:
+        return "model.spec.timm_name is not a name"
+    if not isinstance(spec.get("kwargs", {}), dict):
+        return "model.spec.kwargs is not a table"
+    if not isinstance(model.get("source", {}), dict) or not isinstance(model.get("recipe"), (str, type(None))):
+        return "model.source or model.recipe has the wrong type"
+    for key, cls in (("quant", QuantConfig), ("calibration", CalibrationConfig)):
+        if key not in manifest and not complete:
+            continue
+        values = manifest.get(key)
+        if not isinstance(values, dict):
+            return f"{key} is not a table"
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known - {"bf16"}, key=str)
+        if unknown:
+            return f"{key} has unknown fields {unknown}"
+        if key == "quant" and not {"w_bits", "a_bits"} <= set(values):
+            return "quant lacks w_bits or a_bits"
+        try:
+            config = cls(**values) if cls is QuantConfig else cls.from_dict(values)
+            config.validate()
+        except (TypeError, ValueError) as e:
+            return f"{key}: {_one_line(e)}"
+    plan = manifest.get("plan")
+    if plan is not None or complete:
+        if not isinstance(plan, dict) or not isinstance(plan.get("spec"), str):
+            return "plan.spec is missing"
+        groups = plan.get("groups")
+        if not isinstance(groups, list) or not all(
+            isinstance(g, list) and g and all(isinstance(u, str) for u in g) for g in groups
+        ):
+            return "plan.groups is not a list of lists of unit names"
+    for key in ("family", "device", "osq_version"):
+        if key in manifest and not isinstance(manifest[key], str):
+            return f"{key} is not a string"
+    if not isinstance(manifest.get("data", {}), dict):
+        return "data is not a table"
+    if complete:
+        groups = manifest.get("groups")
+        if not isinstance(groups, list):
+            return "groups is not a list"
+        for i, group in enumerate(groups):
+            problem = group_record_problem(group, i)
+            if problem:
+                return problem
+        if len(groups) != len(plan["groups"]):
+            return f"{len(groups)} group records for a plan of {len(plan['groups'])} groups"
+        if not _is_sha256(manifest.get("state_sha256")):
+            return "state_sha256 is not a sha256"
+        mse, agreement = manifest.get("output_mse"), manifest.get("output_top1_agreement")
+        if not (_number(mse) and mse >= 0) or not (_number(agreement) and 0.0 <= agreement <= 1.0):
+            return "output_mse or output_top1_agreement is out of range"
+        for key in ("seconds", "resumed_from_group"):
+            if key in manifest and not (_number(manifest[key]) and manifest[key] >= 0):
+                return f"{key} is not a non-negative number"
+        stages = manifest.get("stage_seconds", {})
+        if not isinstance(stages, dict) or not all(isinstance(k, str) and _number(v) for k, v in stages.items()):
+            return "stage_seconds is not seconds by name"
+    return None
 
 
 def phase_totals(manifest: dict) -> dict[str, float]:
@@ -374,19 +461,70 @@ def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def save_deployed(run_dir: Path, model: nn.Module) -> str:
-    """Write the deployed state; returns its sha256 for the manifest."""
-    return save_tensors(Path(run_dir) / STATE, deployed_state(model), {"format": RUN_FORMAT})
+# The manifest's fields that say what the run is and what it measured. Their checksum is stored in
+# the state file's metadata, and the state file's sha256 in the manifest: editing either file alone
+# (``quant.a_bits``, a group, the status) makes the run damaged, not a different model under the
+# same label. Timings, versions and the device are not covered: they describe, they do not decide.
+SEALED_FIELDS = (
+    "format", "format_version", "status", "model", "family", "quant", "calibration", "plan", "groups", "data",
+    "output_mse", "output_top1_agreement",
+)
+SEAL_KEY = "manifest_sha256"
+
+
+def canonical_sha256(obj: object) -> str:
+    """sha256 of ``obj`` as canonical JSON (sorted keys, no spaces): equal for equal JSON values."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """The checksum of a manifest's :data:`SEALED_FIELDS` (absent ones count as absent)."""
+    return canonical_sha256({k: manifest[k] for k in SEALED_FIELDS if k in manifest})
+
+
+def tensor_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file, without reading its tensors."""
+    try:
+        with open(path, "rb"):
+            pass
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except OSError as e:
+        raise read_error(path, e) from None
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise RunError(f"{path}: cannot read tensors ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def save_deployed(run_dir: Path, model: nn.Module, manifest: dict | None = None) -> str:
+    """Write the deployed state, sealing ``manifest`` (final but for ``state_sha256``) into its metadata.
+
+    Returns the state's sha256, for the manifest.
+    """
+    metadata = {"format": RUN_FORMAT}
+    if manifest is not None:
+        metadata[SEAL_KEY] = manifest_checksum(manifest)
+    return save_tensors(Path(run_dir) / STATE, deployed_state(model), metadata)
+
+
+def check_sealed(run_dir: Path, manifest: dict) -> None:
+    """Refuse a run whose state file or sealed manifest fields changed since calibration wrote them."""
+    path = Path(run_dir) / STATE
+    if not path.is_file():
+        raise RunError(f"{run_dir}: damaged run: missing {STATE}")
+    if sha256_file(path) != manifest.get("state_sha256"):
+        raise RunError(f"{path}: checksum mismatch (file changed or damaged since calibration)")
+    sealed = tensor_metadata(path).get(SEAL_KEY)
+    if sealed is not None and sealed != manifest_checksum(manifest):
+        raise RunError(
+            f"{Path(run_dir) / MANIFEST}: damaged run: its settings, plan, groups or status differ from what "
+            "calibration recorded"
+        )
 
 
 def load_deployed(run_dir: Path, model: nn.Module, manifest: dict) -> None:
     """Load a deployed state into a model prepared with the run's quant config."""
     path = Path(run_dir) / STATE
-    if not path.is_file():
-        raise RunError(f"{run_dir}: missing {STATE}")
-    digest = sha256_file(path)
-    if digest != manifest.get("state_sha256"):
-        raise RunError(f"{path}: checksum mismatch (file changed or damaged since calibration)")
+    check_sealed(run_dir, manifest)
     state = load_tensors(path)
     for m in model.modules():
         if isinstance(m, QUANT_LAYERS):
@@ -425,9 +563,11 @@ def save_checkpoint(
     ck = Path(run_dir) / CHECKPOINT
     progress = ck / "progress.json"
     modes = {n: m.weight_quantizer.mode for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
+    # the record's meaning, sealed into the tensor file written with it (see _record_checksum)
+    seal = {SEAL_KEY: _record_checksum(done_groups, groups, modes, fingerprint)}
     state = model.state_dict()
     if changed is None:
-        digest, deltas = save_tensors(ck / "state.safetensors", _dedupe(dict(state))), []
+        digest, deltas = save_tensors(ck / "state.safetensors", _dedupe(dict(state)), seal), []
     else:
         try:
             info = json.loads(progress.read_bytes())
@@ -437,7 +577,7 @@ def save_checkpoint(
         prefixes = tuple(f"{name}." for name in changed)
         name = f"delta-{done_groups:04d}.safetensors"
         part = {k: v for k, v in state.items() if k.startswith(prefixes)}
-        deltas.append({"file": name, "sha256": save_tensors(ck / name, _dedupe(part))})
+        deltas.append({"file": name, "sha256": save_tensors(ck / name, _dedupe(part), seal)})
     atomic_write_json(
         progress,
         {"done_groups": done_groups, "groups": groups, "modes": modes, "fingerprint": fingerprint, "sha256": digest,
@@ -447,6 +587,12 @@ def save_checkpoint(
     for stale in ck.glob("delta-*.safetensors"):  # of an older full state
         if stale.name not in listed:
             stale.unlink()
+
+
+def _record_checksum(done_groups: object, groups: object, modes: object, fingerprint: object) -> str:
+    """Checksum of what a progress record means; the newest tensor file of the checkpoint keeps it, so
+    an edited ``done_groups``, group record or layer mode no longer matches the tensors it describes."""
+    return canonical_sha256([done_groups, groups, modes, fingerprint])
 
 
 def changed_weights(run_dir: Path) -> list[str]:
@@ -472,10 +618,26 @@ def changed_weights(run_dir: Path) -> list[str]:
 
 
 def read_checkpoint(run_dir: Path, fingerprint: str, changed: list[str] | None = None) -> Checkpoint | None:
-    """The checkpoint to resume from, or None if there is none; refuses one from other settings.
+    """The checkpoint to resume from, or None if there is none; refuses one from other inputs.
 
     ``changed`` names the settings known to differ (from the interrupted run's manifest), for the message.
     """
+    ck = Path(run_dir) / CHECKPOINT
+    info = _read_progress(run_dir)
+    if info is None:
+        return None
+    if info.get("fingerprint") != fingerprint:
+        changed = list(changed or []) + changed_weights(run_dir)
+        what = ", ".join(changed) if changed else "the same settings, other weights or calibration images"
+        raise RunError(
+            f"{run_dir} holds a checkpoint of a calibration with other inputs ({what}); rerun with the "
+            f"interrupted run's inputs to resume it, use another --run-dir, or delete {ck} to start over"
+        )
+    return _verified_checkpoint(run_dir, info)
+
+
+def _read_progress(run_dir: Path) -> dict | None:
+    """The progress record, checked field by field; None when there is no checkpoint."""
     ck = Path(run_dir) / CHECKPOINT
     progress = ck / "progress.json"
     if not progress.is_file():
@@ -489,18 +651,65 @@ def read_checkpoint(run_dir: Path, fingerprint: str, changed: list[str] | None =
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise RunError(f"{progress}: corrupt checkpoint ({_one_line(e)}); delete {ck} to start over") from None
     _check_progress(info, progress, ck)
-    if info.get("fingerprint") != fingerprint:
-        changed = list(changed or []) + changed_weights(run_dir)
-        what = ", ".join(changed) if changed else "the same settings, other weights or calibration images"
-        raise RunError(
-            f"{run_dir} holds a checkpoint of a calibration with other inputs ({what}); rerun with the "
-            f"interrupted run's inputs to resume it, use another --run-dir, or delete {ck} to start over"
-        )
+    return info
+
+
+def _verified_checkpoint(run_dir: Path, info: dict) -> Checkpoint:
+    """The checkpoint ``info`` describes, once its files and its seal match it."""
+    ck = Path(run_dir) / CHECKPOINT
     files = [("state.safetensors", info.get("sha256"))] + [(d["file"], d["sha256"]) for d in info.get("deltas", [])]
     for name, digest in files:
         if not (ck / name).is_file() or sha256_file(ck / name) != digest:
             raise RunError(f"{ck}: checkpoint state damaged ({name}); delete {ck} to start over")
+    sealed = tensor_metadata(ck / files[-1][0]).get(SEAL_KEY)
+    if sealed != _record_checksum(info["done_groups"], info["groups"], info["modes"], info["fingerprint"]):
+        raise RunError(
+            f"{ck / 'progress.json'}: damaged checkpoint record (it does not match the state it describes); "
+            f"delete {ck} to start over"
+        )
     return Checkpoint(info["done_groups"], info["groups"], info["modes"], [f for f, _ in files])
+
+
+@dataclass(frozen=True)
+class RunHealth:
+    """What ``osq inspect`` reports about a run directory before reading anything else from it.
+
+    ``status``: "complete" (finished, every check passed), "in_progress" (unfinished;
+    ``resumable_groups`` finished groups wait in a sound checkpoint, None without one) or
+    "damaged" (``reason`` says what failed; nothing in it should be trusted).
+    """
+
+    status: str
+    reason: str = ""
+    manifest: dict | None = None
+    resumable_groups: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "damaged"
+
+
+def verify_run(run_dir: str | Path) -> RunHealth:
+    """Check a run directory end to end: manifest fields, state checksum and seal, checkpoint.
+
+    Raises :class:`RunError` only when ``run_dir`` is not a run directory at all; everything else
+    is a :class:`RunHealth`.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / MANIFEST).is_file():
+        read_manifest(run_dir)  # raises the right "no such / not a run directory" error
+    try:
+        manifest = read_manifest(run_dir)
+        if manifest["status"] == "complete":
+            check_sealed(run_dir, manifest)
+            return RunHealth("complete", manifest=manifest)
+        info = _read_progress(run_dir)
+        if info is None:
+            return RunHealth("in_progress", manifest=manifest)
+        return RunHealth("in_progress", manifest=manifest,
+                         resumable_groups=_verified_checkpoint(run_dir, info).done_groups)
+    except RunError as e:
+        return RunHealth("damaged", reason=str(e))
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
