@@ -300,10 +300,12 @@ def test_orphaned_temporary_files_are_removed_when_the_run_is_next_written(tmp_p
                tmp_path / store.CHECKPOINT / ".progress.json.osq-q9.tmp"]
     for p in orphans:
         p.write_bytes(b"half a write")
+    (tmp_path / ".notes.tmp").write_bytes(b"someone else's")
     before = (tmp_path / store.MANIFEST).read_bytes()
     with store.run_lock(tmp_path):
         assert not any(p.exists() for p in orphans)
     assert (tmp_path / store.MANIFEST).read_bytes() == before
+    assert (tmp_path / ".notes.tmp").read_bytes() == b"someone else's"
 
 
 def _full_disk(*_args):
@@ -683,3 +685,13 @@ def test_fuzzed_values_of_run_json_give_a_run_error_or_a_model(sealed_run, tmp_p
         load_run(run_dir)
     except store.RunError as e:
         _one_line(e)
+
+
+def test_run_bytes_bounds_the_checkpoint_a_calibration_writes(tmp_path):
+    torch.manual_seed(0)
+    float_model = load_model("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY).model
+    total, largest = store.run_bytes(float_model)
+    store.save_checkpoint(tmp_path, _quantized_tiny(), 0, [], "f" * 64)
+    written = (tmp_path / store.CHECKPOINT / "state.safetensors").stat().st_size
+    assert written <= largest <= total
+    assert largest < 4 * written  # an estimate, not a blanket refusal

@@ -118,13 +118,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode one image file into 8-bit RGB, within ``MAX_DECODE_PIXELS`` (see there)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel budget bounds it
-        with Image.open(path) as img:
-            _within_budget(img, path)
-            img.load()
-            return to_rgb(img)
+    """Decode one image file into 8-bit RGB, within ``MAX_DECODE_PIXELS`` (see there).
+
+    Runs on decoding threads, so Pillow's bomb warning (above 89 megapixels, before any draft) is
+    not silenced here: ``warnings.catch_warnings`` is process-wide state, not a thread's.
+    """
+    with Image.open(path) as img:
+        _within_budget(img, path)
+        img.load()
+        return to_rgb(img)
 
 
 def _draft_scale(img: Image.Image) -> int | None:

@@ -161,11 +161,13 @@ def remove_orphans(folder: Path) -> list[Path]:
     """Delete the temporary files interrupted atomic writes left in ``folder``; returns them.
 
     Only for folders osq alone writes, under the run's lock: a temporary file there then belongs
-    to no live write. Names of the older ``mkstemp`` pattern (``.<name>.<random>.tmp``) count too.
+    to no live write. Names of the older ``mkstemp`` pattern (``.<name>.<random>.tmp``) of the run's
+    own files count too; other hidden files are left alone.
     """
+    ours = (f".{MANIFEST}.", f".{STATE}.", ".progress.json.", ".delta-")
     removed = []
     for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
-        if p.is_file():
+        if p.is_file() and (TMP_INFIX in p.name or p.name.startswith(ours)):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
@@ -178,14 +180,16 @@ def _existing_ancestor(path: Path) -> Path:
     return Path(path.anchor or ".")
 
 
-def check_writable(path: str | Path, folder: bool = False, need_bytes: int = 0) -> None:
+def check_writable(path: str | Path, folder: bool = False, need_bytes: int = 0, largest_file: int = 0) -> None:
     """Refuse an output location osq could not write, before any long work starts.
 
     ``folder``: ``path`` is a folder to create or fill (a run directory); else a file to create or
     replace (an ONNX export). The check writes and removes a small probe file where the output
     would go (the one test that holds for read-only mounts, ACLs and root alike), and compares
-    ``need_bytes`` with the free space there and the process's file-size limit.
+    ``need_bytes`` with the free space there and ``largest_file`` (default ``need_bytes``) with the
+    process's file-size limit (``ulimit -f``, which applies to each file).
     """
+    largest_file = largest_file or need_bytes
     path = Path(path).expanduser().absolute()
     try:
         if folder and path.exists() and not path.is_dir():
@@ -211,11 +215,21 @@ def check_writable(path: str | Path, folder: bool = False, need_bytes: int = 0) 
             f"cannot write {path}: it needs about {_mib(need_bytes)} and {where} has {_mib(free)} free; "
             "nothing was written"
         )
-    if limit != resource.RLIM_INFINITY and need_bytes > limit:
+    if limit != resource.RLIM_INFINITY and largest_file > limit:
         raise OutputError(
-            f"cannot write {path}: it needs about {_mib(need_bytes)} and the file-size limit (ulimit -f) is "
-            f"{_mib(limit)}; nothing was written"
+            f"cannot write {path}: it needs files of about {_mib(largest_file)} and the file-size limit "
+            f"(ulimit -f) is {_mib(limit)}; nothing was written"
         )
+
+
+def run_bytes(model: nn.Module) -> tuple[int, int]:
+    """(total, largest file) a calibration of the float ``model`` writes to its run directory, estimated.
+
+    The checkpoint's full state holds every float weight and a rounding variable of the same size
+    for each (the largest file); its deltas add about as much again, and the deployed state less.
+    """
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 5 * weights, 2 * weights
 
 
 def _one_line(e: BaseException, limit: int = 160) -> str:
