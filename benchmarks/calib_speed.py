@@ -1,4 +1,4 @@
-"""Calibration speed (issue 5): seconds per 1,000 iterations per group, projected totals, TFLOP/s.
+"""Calibration speed: seconds per 1,000 iterations per group, projected totals, TFLOP/s.
 
 Random weights are fine for timing. For each model it builds the paper's `auto` plan at W4A4 and
 runs the real engine (initialisation, cached group inputs, every group's reconstruction) with a
@@ -28,8 +28,8 @@ projection also counts drawing the full schedule's batches (once per group, on t
 ``--end-to-end DIR`` then runs the real thing per model: ``osq calibrate MODEL --bits 4 4 --data DIR``
 at the paper's schedule on random weights saved as a checkpoint, timed from process start to exit.
 
-    python benchmarks/calib_speed.py --models vit_s deit_b swin_b --measure-iters 200
-    python benchmarks/calib_speed.py --models vit_s --modes --end-to-end /path/to/images [--e2e-args '--autocast off']
+    python -m benchmarks.calib_speed --models vit_s deit_b swin_b --measure-iters 200
+    python -m benchmarks.calib_speed --models vit_s --modes --end-to-end /path/to/images [--e2e-args '--autocast off']
 """
 
 from __future__ import annotations
@@ -47,17 +47,16 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from osqdeploy.adapters import adapter_for  # noqa: E402
-from osqdeploy.config import CalibrationConfig, QuantConfig  # noqa: E402
-from osqdeploy.load.models import load_model  # noqa: E402
-from osqdeploy.plan import build_plan  # noqa: E402
-from osqdeploy.quant import modules as M  # noqa: E402
-from osqdeploy.quant.modules import quant_layers  # noqa: E402
-from osqdeploy.reconstruct import Callbacks, Reconstructor, prepare_model  # noqa: E402
-from osqdeploy.reconstruct.step import Schedule  # noqa: E402
-from osqdeploy.run import store  # noqa: E402
+from osqdeploy.adapters import adapter_for
+from osqdeploy.config import CalibrationConfig, QuantConfig
+from osqdeploy.load.models import load_model
+from osqdeploy.plan import build_plan
+from osqdeploy.quant import kernels as M
+from osqdeploy.quant.layers import quant_layers
+from osqdeploy.quant.mode import QuantMode, set_mode
+from osqdeploy.reconstruct import Callbacks, Reconstructor, prepare_model
+from osqdeploy.reconstruct.step import Schedule
+from osqdeploy.run import store
 
 OFF = dict(autocast="off")
 MODES = {
@@ -106,7 +105,8 @@ def group_flops(rec: Reconstructor, index: int, q_in) -> float:
         out.pow(2).sum().backward()
     for layer in layers:
         wq = layer.weight_quantizer
-        wq.mode, wq.alpha, wq.w_floor = "nearest", None, None
+        wq.alpha, wq.w_floor = None, None
+        set_mode(wq, QuantMode.NEAREST)
     return counter.get_total_flops()
 
 
@@ -280,12 +280,12 @@ def end_to_end(model_name: str, data: Path, work: Path, extra: list[str]) -> dic
     if proc.returncode != 0:
         raise RuntimeError(f"osq calibrate {recipe.name} exited with {proc.returncode}")
     manifest = store.read_manifest(run_dir)
-    cal = manifest["calibration"]
-    return {"model": model_name, "wall_min": round(wall / 60, 2), "calibrate_min": round(manifest["seconds"] / 60, 2),
-            "groups": len(manifest["groups"]), "iters": cal["iters"], "samples": cal["samples"],
-            "batch_size": cal["batch_size"], "autocast": cal.get("autocast", "off"), "device": manifest["device"],
-            "stage_s": manifest.get("stage_seconds"),
-            "group_phases_s": {k: round(v, 1) for k, v in store.phase_totals(manifest).items()}}
+    cal = manifest.calibration
+    return {"model": model_name, "wall_min": round(wall / 60, 2), "calibrate_min": round(manifest.seconds / 60, 2),
+            "groups": len(manifest.groups), "iters": cal.iters, "samples": cal.samples,
+            "batch_size": cal.batch_size, "autocast": cal.autocast, "device": manifest.device,
+            "stage_s": manifest.stage_seconds,
+            "group_phases_s": {k: round(v, 1) for k, v in manifest.phase_totals().items()}}
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Real-model accuracy (issue 9): DeiT-Tiny at W4A4/W6A6/W8A8 on real ImageNet images.
+"""Real-model accuracy: DeiT-Tiny at W4A4/W6A6/W8A8 on real ImageNet images.
 
 The 500 sample images are split once (seeded) into a calibration part and an evaluation part
 that never overlap; every number printed is top-1 on the evaluation part. For each
@@ -6,7 +6,7 @@ configuration it calibrates through the library the CLI uses, reloads the saved 
 fake-quant numbers are those of the artifact), exports QDQ ONNX and evaluates it in ONNX
 Runtime (CPU, and CUDA when the provider is present).
 
-    python benchmarks/deit_tiny_accuracy.py --images ../shared/data/imagenet-sample \
+    python -m benchmarks.deit_tiny_accuracy --images ../shared/data/imagenet-sample \
         --checkpoint ../shared/data/weights/deit_tiny_patch16_224.pth --iters 20000 \
         --configs 4,4,auto 4,4,blocks:1 6,6,auto 8,8,auto --out results/
 
@@ -15,7 +15,9 @@ CalibrationConfig (``6,6,auto,edge_range=minmax``). ``--augment`` (the default, 
 calibrate``) fills the calibration set up to ``--calib-samples`` with random crops and flips of
 the calibration part (never of the evaluation part). Each row also gives the KL divergence of the
 fake-quant predictions from the fp32 ones on the evaluation part, which ranks runs more stably
-than top-1 on a few hundred images.
+than top-1 on a few hundred images; ``--calib-kl`` adds the same KL on the calibration part's
+own images (un-augmented), which shows how far a reconstruction fitted its calibration images
+rather than the task (round-to-nearest has the same KL on both parts).
 
 A configuration whose run directory already holds a finished run is not calibrated again: it is
 reloaded and evaluated (its calibration time is the one its manifest recorded), so the ONNX
@@ -27,21 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from osqdeploy.config import CalibrationConfig, QuantConfig  # noqa: E402
-from osqdeploy.evaluation import OnnxRuntime, TorchRuntime, UlpPerturbed, evaluate, parity  # noqa: E402
-from osqdeploy.onnx_export.onnx_qdq import export_run  # noqa: E402
-from osqdeploy.load.data import ImageFiles, calibration_augment, calibration_tensor, eval_transform  # noqa: E402
-from osqdeploy.load.models import load_model  # noqa: E402
-from osqdeploy.pipeline import calibrate, load_run  # noqa: E402
-from osqdeploy.run.store import MANIFEST  # noqa: E402
+from osqdeploy.api import calibrate, load_run
+from osqdeploy.api import export as export_run
+from osqdeploy.config import CalibrationConfig, QuantConfig
+from osqdeploy.evaluation import OnnxRuntime, TorchRuntime, UlpPerturbed, evaluate, parity
+from osqdeploy.load.data import ImageFiles, calibration_augment, calibration_tensor, eval_transform
+from osqdeploy.load.models import load_model
+from osqdeploy.run.store import MANIFEST
 
 
 def main() -> None:
@@ -63,6 +62,8 @@ def main() -> None:
                     help="ONNX Runtime providers to evaluate (CUDA only where this onnxruntime has it)")
     ap.add_argument("--dither", type=int, default=0, metavar="K",
                     help="also evaluate torch fake-quant under K seeds of one-ulp noise on its layer outputs")
+    ap.add_argument("--calib-kl", action="store_true",
+                    help="also give the KL to fp32 on the calibration part's images (overfitting check)")
     ap.add_argument("--only-finished", action="store_true",
                     help="skip configurations whose run has not finished (never calibrate)")
     ap.add_argument("--out", default="results/deit_tiny")
@@ -86,7 +87,9 @@ def main() -> None:
     rows: list[dict] = []
     fp_res = evaluate(TorchRuntime(fp.model, device=device, name="torch-fp32"), eval_set, progress=False)
     print(f"fp32 top-1 {fp_res.top1:.2f}  top-5 {fp_res.top5:.2f}")
-    if args.ort:  # imported only when asked for: the GPU machine has no onnxruntime until one is carried
+    fp_calib = (evaluate(TorchRuntime(fp.model, device=device, name="torch-fp32"), calib_set, progress=False)
+                if args.calib_kl else None)
+    if args.ort:  # imported only when asked for: a GPU host may lack onnxruntime
         import onnxruntime as ort
 
         providers = ort.get_available_providers()
@@ -125,13 +128,16 @@ def main() -> None:
         q_rt = TorchRuntime(run.model, device=device, name="torch-quant")
         q_res = evaluate(q_rt, eval_set, progress=False)
         row = {
-            "model": args.model, "bits": f"W{w}A{a}", "plan": manifest["plan"]["spec"], "iters": args.iters,
+            "model": args.model, "bits": f"W{w}A{a}", "plan": manifest.plan.spec, "iters": args.iters,
             "fp32": fp_res.top1, "fake_quant": q_res.top1, "calib_seconds": round(calib_s, 1),
             "kl": parity(fp_res, q_res).kl_divergence,
-            "calib_images": manifest.get("calibration", {}).get("samples"), "settings": settings,
-            "groups": [(g["mse_before"], g["mse_after"]) for g in manifest["groups"]],
+            "calib_images": manifest.calibration.samples, "settings": settings,
+            "groups": [(g["mse_before"], g["mse_after"]) for g in manifest.groups],
             "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         }
+        if fp_calib is not None:
+            q_calib = evaluate(TorchRuntime(run.model, device=device, name="torch-quant"), calib_set, progress=False)
+            row["kl_calibration_images"] = parity(fp_calib, q_calib).kl_divergence
         if args.dither:
             row["fake_quant_ulp"] = _dithered(q_rt, eval_set, args.dither)
         if args.ort:

@@ -1,4 +1,4 @@
-"""The ``--fast`` preset against the paper's schedule (issue 5): final-output MSE on the test models.
+"""The ``--fast`` preset against the paper's schedule: final-output MSE on the test models.
 
 Calibrates the tiny planted-outlier ViT and Swin the tests use (W4A4, ``auto`` plan, 128
 calibration images, batch 32) at the full schedule (20,000 iterations per group) and at fewer
@@ -7,8 +7,8 @@ relative to the full schedule. Held-out inputs are the 1,024 the tests use (the 
 per-image error is heavy-tailed, so fewer would be noise). CPU is fine but slow (the full Swin
 schedule is 12 groups); ``--jobs 2`` runs two calibrations side by side, one thread each.
 
-    python benchmarks/fast_preset.py --preset --seeds 0 1 2 --device cuda --jobs 6 --out fast_preset.json
-    python benchmarks/fast_preset.py --iters 2000 3000 20000 --set lr_round=0.01 --seeds 0 1 2 --device cuda
+    python -m benchmarks.fast_preset --preset --seeds 0 1 2 --device cuda --jobs 6 --out fast_preset.json
+    python -m benchmarks.fast_preset --iters 2000 3000 20000 --set lr_round=0.01 --seeds 0 1 2 --device cuda
 
 ``--preset`` compares ``osq calibrate --fast`` (``osqdeploy.config.fast_preset``) with the full
 schedule; ``--set`` tries other settings for the shorter runs. One seed is not enough: the MSE
@@ -24,22 +24,17 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from osqdeploy.adapters import adapter_for  # noqa: E402
-from osqdeploy.config import CalibrationConfig, QuantConfig, fast_preset  # noqa: E402
-from osqdeploy.plan import build_plan  # noqa: E402
-from osqdeploy.reconstruct import Reconstructor, logits, prepare_model  # noqa: E402
-
-from conftest import images, tiny_swin, tiny_vit  # noqa: E402
+from osqdeploy.adapters import adapter_for
+from osqdeploy.config import CalibrationConfig, QuantConfig, fast_preset
+from osqdeploy.plan import build_plan
+from osqdeploy.reconstruct import Reconstructor, logits, prepare_model
+from tests.conftest import images, tiny_swin, tiny_vit
 
 FULL = CalibrationConfig().iters  # the paper schedule
 MODELS = {"tiny_vit": (tiny_vit, 32), "tiny_swin": (tiny_swin, 56)}

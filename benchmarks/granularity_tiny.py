@@ -1,4 +1,4 @@
-"""Why does the 3-block plan lose to 1-block on the tiny test ViT? (issue 2 acceptance diagnostics)
+"""Reconstruction plans on the tiny test ViT: final-output MSE against round-to-nearest.
 
 Runs W4A4 reconstruction of the test suite's tiny ViT (depth 6, planted outlier channels) for
 every combination of plan, iteration count, calibration seed and configuration variant asked
@@ -6,7 +6,7 @@ for, and prints the final-output (logit) MSE against full precision on held-out 
 metric of ``tests/test_reconstruct.py``) and on the calibration inputs, with the ratio to
 round-to-nearest. A variant is a name plus ``CalibrationConfig`` overrides, e.g.
 
-    python benchmarks/granularity_tiny.py --specs blocks:1 blocks:3 --iters 400 --seeds 0 1 2 \
+    python -m benchmarks.granularity_tiny --specs blocks:1 blocks:3 --iters 400 --seeds 0 1 2 \
         --variant base --variant "lr=lr_round=3e-3"
 
 CPU, one thread per run; ``--jobs 2`` runs two configurations side by side.
@@ -19,25 +19,19 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+import torch  # noqa: E402  (after the thread count is set)
 
 from osqdeploy.adapters import adapter_for  # noqa: E402
 from osqdeploy.config import CalibrationConfig, QuantConfig  # noqa: E402
 from osqdeploy.plan import build_plan  # noqa: E402
 from osqdeploy.reconstruct import Reconstructor, logits, prepare_model  # noqa: E402
-
-from conftest import images, tiny_vit  # noqa: E402
+from tests.conftest import images, tiny_vit  # noqa: E402
 
 CPU = torch.device("cpu")
 SIZE = 32

@@ -1,10 +1,10 @@
-"""ONNX Runtime speed of an exported run against the float export of the same model (issue 3).
+"""ONNX Runtime speed of an exported run against the float export of the same model.
 
 It saves ORT's optimised graph to see which kernels ran: an 8-bit QDQ graph on the CPU provider
 should be fused into integer kernels (QLinearMatMul / MatMulInteger / QLinearConv, …), while ≤4-bit
 graphs run dequantize-then-float (ORT has no 4-bit activation kernels).
 
-    python benchmarks/ort_speed.py RUN_DIR --checkpoint WEIGHTS [--batch 32] [--threads N]
+    python -m benchmarks.ort_speed RUN_DIR --checkpoint WEIGHTS [--batch 32] [--threads N]
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +20,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from osqdeploy.onnx_export.onnx_qdq import export_run, float_export  # noqa: E402
-from osqdeploy.load.models import load_model  # noqa: E402
-from osqdeploy.run.store import read_manifest  # noqa: E402
+from osqdeploy.api import export as export_run
+from osqdeploy.load.models import load_model
+from osqdeploy.onnx_export.onnx_qdq import float_export
+from osqdeploy.run.store import read_manifest
 
 INTEGER_KERNELS = {"QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger", "QGemm", "DynamicQuantizeMatMul",
                    "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul", "QAttention", "MatMulNBits"}
@@ -63,7 +61,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp())
     quant_path = work / "quant.onnx"
     info = export_run(args.run_dir, quant_path)
-    name = manifest["model"]["recipe"] or manifest["model"]["spec"]["timm_name"]
+    name = manifest.model.recipe or manifest.model.timm_name
     loaded = load_model(name, checkpoint=args.checkpoint)
     float_path = work / "float.onnx"
     float_bytes = float_export(loaded.model, float_path)
@@ -72,7 +70,7 @@ def main() -> None:
     t_float, _ = time_session(float_path, batch, args.threads, args.reps)
     t_quant, ops = time_session(quant_path, batch, args.threads, args.reps)
     fused = {k: v for k, v in ops.items() if k in INTEGER_KERNELS}
-    print(f"model {manifest['model']['spec']['timm_name']}  W{info.w_bits}A{info.a_bits}  batch {args.batch}  "
+    print(f"model {manifest.model.timm_name}  W{info.w_bits}A{info.a_bits}  batch {args.batch}  "
           f"ORT {ort.__version__}  threads {args.threads or 'default'}")
     print("| export | size (MB) | median ms / batch | images/s |")
     print("|---|---|---|---|")

@@ -1,7 +1,7 @@
 """What ``osq calibrate`` shows while it works: the plan, a bar per group, and the summary.
 
-The engine reports through :class:`osqdeploy.pipeline.PlanCallbacks` and knows nothing of
-terminals; everything rich lives here, so the library stays quiet when it is used as a library.
+The engine reports through :class:`osqdeploy.api.PlanCallbacks` and knows nothing of terminals;
+everything rich lives here, so the library stays quiet when it is used as a library.
 """
 
 from __future__ import annotations
@@ -10,10 +10,18 @@ import re
 from types import TracebackType
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from osqdeploy.pipeline import PlanCallbacks
+from osqdeploy.api import PlanCallbacks
 from osqdeploy.plan import Plan
 from osqdeploy.reconstruct import GroupResult
 
@@ -81,17 +89,29 @@ def summary_table(groups: list[dict]) -> Table:
     return table
 
 
-class CalibrationProgress(PlanCallbacks):
-    """Prints the plan when it is known, then one progress bar per group with the live loss.
+STAGES = {
+    "prepare": "preparing (outlier probe, float reference, quantized structure)",
+    "initialize": "initialising (activation ranges, RepQ-ViT reparameterisation, weight grids)",
+    "reconstruct": "reconstructing",
+    "check": "checking the quantized output against fp32",
+}
 
-    Use as a context manager around ``osqdeploy.pipeline.calibrate``: the bars are drawn on
+
+class CalibrationProgress(PlanCallbacks):
+    """Prints the plan when it is known, then a bar per stage and per group (live loss, ETA) under an
+    overall bar for the whole reconstruction.
+
+    Use as a context manager around ``osqdeploy.api.calibrate``: the bars are drawn on
     ``console`` (stderr in the CLI, so that stdout holds only the tables).  When that is not a
     terminal (a log file, CI) there are no bars, only one line per finished group: a redrawn bar
     in a log is noise.
     """
 
-    def __init__(self, console: Console, plan_console: Console | None = None) -> None:
+    def __init__(self, console: Console, plan_console: Console | None = None, iters_per_group: int = 0) -> None:
         self.console = console
+        self.iters_per_group = iters_per_group
+        self.overall: TaskID | None = None
+        self.stage_task: TaskID | None = None
         self.plan_console = plan_console or console
         self.progress = Progress(
             TextColumn("{task.description}"),
@@ -99,10 +119,13 @@ class CalibrationProgress(PlanCallbacks):
             MofNCompleteColumn(),
             TextColumn("{task.fields[loss]}"),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             console=console,
             disable=not console.is_terminal,
         )
         self.tasks: dict[int, tuple[TaskID, int]] = {}
+        self.finished: set[int] = set()
         self.plan: Plan | None = None
 
     def __enter__(self) -> CalibrationProgress:
@@ -120,7 +143,27 @@ class CalibrationProgress(PlanCallbacks):
             self.plan_console.print(
                 f"Resuming: {resumed_groups} of {len(plan.groups)} groups restored from the run's checkpoint."
             )
+        remaining = len(plan.groups) - resumed_groups
+        if remaining and self.iters_per_group:
+            self.overall = self.progress.add_task(
+                "[bold]calibration", total=remaining * self.iters_per_group, loss=f"{remaining} groups"
+            )
+
+    def on_stage(self, name: str) -> None:
+        if self.stage_task is not None:
+            self.progress.remove_task(self.stage_task)
+            self.stage_task = None
+        if name == "reconstruct":
+            return
+        if self.progress.disable:
+            self.console.print(STAGES.get(name, name), highlight=False)
+            return
         self.progress.start()
+        self.stage_task = self.progress.add_task(STAGES.get(name, name), total=None, loss="")
+
+    def on_stage_progress(self, stage: str, done: int, total: int) -> None:
+        if self.stage_task is not None:
+            self.progress.update(self.stage_task, completed=done, total=total)
 
     def _label(self, index: int, units: list[str]) -> str:
         n = len(self.plan.groups) if self.plan else "?"
@@ -135,8 +178,12 @@ class CalibrationProgress(PlanCallbacks):
         if index in self.tasks:
             text = "loss -" if loss is None else f"loss {loss:.4g}"
             self.progress.update(self.tasks[index][0], completed=it + 1, loss=text)
+            if self.overall is not None:
+                done = len(self.finished) * self.iters_per_group + it + 1
+                self.progress.update(self.overall, completed=done)
 
     def on_group_end(self, result: GroupResult) -> None:
+        self.finished.add(result.index)
         if self.progress.disable:
             self.console.print(
                 f"{self._label(result.index, result.units)}: {result.iters} iters, "

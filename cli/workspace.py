@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -163,7 +164,7 @@ class Workspace:
                 manifest = store.read_manifest(path)
             except store.RunError:
                 continue
-            if manifest.get("status") == "complete":
+            if manifest.complete:
                 finished.append(((path / store.MANIFEST).stat().st_mtime, path))
         return max(finished, key=lambda t: t[0])[1] if finished else None
 
@@ -211,8 +212,41 @@ class Workspace:
         if state_sha256:
             for path in self._run_candidates():
                 try:
-                    if store.read_manifest(path).get("state_sha256") == state_sha256:
+                    if store.read_manifest(path).state_sha256 == state_sha256:
                         return path
                 except store.RunError:
                     continue
         return None
+
+    # -- what ``osq eval`` reads -----------------------------------------------------------------
+
+    def eval_target(
+        self, target: Path | None, onnx_run_sha: Callable[[Path], str | None]
+    ) -> tuple[Path | None, Path | None]:
+        """(ONNX file, run directory) to evaluate for ``target``; either may be unknown (None)."""
+        if target is None:
+            onnx = self.latest_export()
+            if onnx is not None:
+                return onnx, self.run_of_export(onnx, onnx_run_sha(onnx))
+            run = self.latest_finished_run()
+            if run is None:
+                raise WorkspaceError(
+                    "nothing to evaluate in this workspace (.osq/): run `osq calibrate` and "
+                    "`osq export`, or pass an ONNX file or run directory"
+                )
+            return None, run
+        if target.is_dir():
+            return self.latest_export_of(target), target
+        if target.is_file():
+            return target, self.run_of_export(target, onnx_run_sha(target))
+        raise WorkspaceError(f"{target}: no such ONNX file or run directory")
+
+    def sizes(self, onnx_path: Path | None, run_dir: Path | None) -> dict[str, int | None]:
+        """Bytes of the ONNX file, of the float export recorded beside it, and of the run's state."""
+        rec = self.export_record(onnx_path) if onnx_path is not None else None
+        state = run_dir / store.STATE if run_dir is not None else None
+        return {
+            "onnx_bytes": onnx_path.stat().st_size if onnx_path is not None else None,
+            "float_onnx_bytes": (rec or {}).get("float_bytes"),
+            "run_state_bytes": state.stat().st_size if state is not None and state.is_file() else None,
+        }

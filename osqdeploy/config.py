@@ -109,7 +109,7 @@ class CalibrationConfig:
     loss: str = "mse"
     # Speed features (issue 5), used on CUDA devices only. TF32 matmuls change float rounding;
     # replaying each group's training step as a CUDA graph changes nothing that is computed
-    # (reconstruct/step.py); compiled quantizer kernels fuse the same arithmetic (quant/modules.py).
+    # (reconstruct/step.py); compiled quantizer kernels fuse the same arithmetic (quant/kernels.py).
     tf32: bool = True
     cuda_graph: bool = True
     compile: bool = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import timm
@@ -12,6 +13,29 @@ import torch
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 OUTLIER_CHANNELS = (3, 17)
+
+# The real assets (ImageNet sample images, real DeiT-Tiny weights): OSQ_TEST_DATA, else ../shared/data
+# beside the checkout. Tests that need them take the fixtures below and skip, saying where they looked.
+SHARED_DATA = Path(os.environ.get("OSQ_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def _shared(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"{path} not found (set OSQ_TEST_DATA to the folder holding imagenet-sample/ and weights/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample() -> Path:
+    """500 real ImageNet images, one per even class index."""
+    return _shared("imagenet-sample")
+
+
+@pytest.fixture(scope="session")
+def deit_tiny_weights() -> Path:
+    """A real ImageNet-trained DeiT-Tiny state dict."""
+    return _shared("weights/deit_tiny_patch16_224.pth")
 
 
 def plant_outliers(model: torch.nn.Module, channels=OUTLIER_CHANNELS, gain: float = 12.0) -> torch.nn.Module:

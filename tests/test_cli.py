@@ -11,8 +11,11 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub.constants
 import pytest
@@ -20,9 +23,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner, Result
 
-from cli import main as cli_main
 from cli.main import app
-from osqdeploy import config
+from cli.report import _matmul_precision
+from osqdeploy import api, config
 from osqdeploy.config import CalibrationConfig
 from osqdeploy.load import demo
 from osqdeploy.reconstruct import Reconstructor
@@ -116,11 +119,11 @@ def test_workspace_records_the_chain(chain):
     ws = _workspace(work)
     run = ws["latest_run"]
     assert run.startswith(".osq/runs/demo-w4a4-")
-    assert store.read_manifest(work / run)["status"] == "complete"
+    assert store.read_manifest(work / run).complete
     assert ws["latest_export"] == "demo.onnx"
     assert ws["exports"]["demo.onnx"]["run"] == run
     assert (work / "demo.onnx").is_file()
-    data = store.read_manifest(work / run)["data"]
+    data = store.read_manifest(work / run).data
     assert data["eval_dir"].endswith(os.path.join("demo", "data", "val"))
     assert data["calib_dir"].endswith(os.path.join("demo", "data", "train"))
 
@@ -148,7 +151,7 @@ def test_eval_of_a_run_with_torch_quant_and_limit(in_chain):
 def test_inspect_and_list(in_chain):
     result = osq("inspect")
     assert result.exit_code == 0, result.output
-    for text in ("complete", "W4A4", "Outlier channels", "blocks 0-2", "eval_dir", "osqdeploy-run v1", "fp32 matmuls",
+    for text in ("complete", "W4A4", "Outlier channels", "blocks 0-2", "eval_dir", "osqdeploy-run v2", "fp32 matmuls",
                  "initialize", "first steps incl. compilation"):
         assert text in result.stdout
     listing = osq("list")
@@ -158,12 +161,13 @@ def test_inspect_and_list(in_chain):
 
 
 def test_inspect_names_the_matmul_precision_a_run_was_reconstructed_in():
-    precision = cli_main._matmul_precision
-    assert precision({"autocast": "fp16"}, "cuda:0") == "fp16"
-    assert precision({"autocast": "auto"}, "cuda") == "fp16" and precision({"autocast": "auto"}, "cpu") == "fp32"
-    assert precision({"autocast": "off", "tf32": True}, "cuda") == "TF32"
-    assert precision({"autocast": "off", "tf32": False}, "cuda") == "fp32"
-    assert precision({"bf16": True}, "cuda") == "bf16" and precision({"bf16": False}, "cuda") == "TF32"  # session 5
+    def precision(device: str, **calibration) -> str:
+        return _matmul_precision(SimpleNamespace(device=device, calibration=CalibrationConfig(**calibration)))
+
+    assert precision("cuda:0", autocast="fp16") == "fp16"
+    assert precision("cuda", autocast="auto") == "fp16" and precision("cpu", autocast="auto") == "fp32"
+    assert precision("cuda", autocast="off", tf32=True) == "TF32"
+    assert precision("cuda", autocast="off", tf32=False) == "fp32"
 
 
 def test_inspect_sensitivity_table(in_chain):
@@ -206,7 +210,7 @@ def folders(fresh: Path) -> dict[str, Path]:
         (["calibrate", "demo", "--bits", "4", "1"], "activation bits must be an integer bit-width in 2..8"),
         (["calibrate", "demo", "--granularity", "rows:2"], "unknown granularity"),
         (["calibrate", "demo", "--samples", "0"], "samples must be"),
-        (["calibrate", "deit_t"], "needs calibration images: pass --data DIR"),
+        (["calibrate", "deit_t"], "cannot be calibrated yet: pass --data DIR"),
         (["calibrate", "deit_t", "--data", "{missing}"], "data folder not found"),
         (["calibrate", "deit_t", "--data", "{empty}"], "data folder is empty"),
         (["calibrate", "deit_t", "--data", "{text}"], "no readable image"),
@@ -292,7 +296,7 @@ def test_out_of_memory_names_the_batch_size(finished_run, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(cli_main, "evaluate", oom)
+    monkeypatch.setattr(api, "evaluate_runtime", oom)
     result = osq("eval", finished_run, "--runtime", "torch-quant", "--batch-size", "48")
     assert result.exit_code == 1
     assert "batch size 48" in result.stderr and "--batch-size 24" in result.stderr
@@ -315,7 +319,7 @@ def test_interrupted_calibration_is_not_exportable_and_resumes(fresh, monkeypatc
     assert result.exit_code == 130
     last = result.stderr.strip().splitlines()[-1]  # after the lines of the finished groups
     assert last.startswith("error: interrupted") and "resume with the same command" in last
-    assert store.read_manifest(fresh / "r1")["status"] == "in_progress"
+    assert not store.read_manifest(fresh / "r1").complete
 
     for args in (["export", "r1"], ["export"]):
         refused = osq(*args)
@@ -327,8 +331,8 @@ def test_interrupted_calibration_is_not_exportable_and_resumes(fresh, monkeypatc
     assert resumed.exit_code == 0, resumed.output
     assert "Resuming: 1 of 2 groups" in resumed.stdout
     manifest = store.read_manifest(fresh / "r1")
-    assert manifest["status"] == "complete" and manifest["resumed_from_group"] == 1
-    assert [g["index"] for g in manifest["groups"]] == [0, 1]
+    assert manifest.complete and manifest.resumed_from_group == 1
+    assert [g["index"] for g in manifest.groups] == [0, 1]
     assert osq("export", "--out", "r1.onnx").exit_code == 0
 
 
@@ -336,23 +340,23 @@ def test_fast_preset_shortens_the_schedule_and_explicit_iters_win(demo_env: Path
     monkeypatch.chdir(tmp_path)
     small = ["--samples", "16", "--batch-size", "8"]
     assert osq("calibrate", "demo", "--fast", "--iters", "2", *small, "--run-dir", "a").exit_code == 0
-    assert store.read_manifest(tmp_path / "a")["calibration"]["iters"] == 2
+    assert store.read_manifest(tmp_path / "a").calibration.iters == 2
     # the demo's own schedule (100) is already shorter than the preset: --fast never lengthens one
     assert osq("calibrate", "demo", "--fast", *small, "--run-dir", "b").exit_code == 0
-    assert store.read_manifest(tmp_path / "b")["calibration"]["iters"] == min(100, cli_main.FAST_ITERS)
-    assert store.read_manifest(tmp_path / "b")["calibration"]["lr_round"] == CalibrationConfig.lr_round
+    assert store.read_manifest(tmp_path / "b").calibration.iters == min(100, config.FAST_ITERS)
+    assert store.read_manifest(tmp_path / "b").calibration.lr_round == CalibrationConfig.lr_round
     # a schedule longer than the preset is cut to it, AdaRound's learning rate raised by the cut
     monkeypatch.setattr(config, "FAST_ITERS", 20)
     assert osq("calibrate", "demo", "--fast", *small, "--run-dir", "c").exit_code == 0
-    cut = store.read_manifest(tmp_path / "c")["calibration"]
-    assert cut["iters"] == 20 and cut["lr_round"] == pytest.approx(CalibrationConfig.lr_round * 100 / 20)
+    cut = store.read_manifest(tmp_path / "c").calibration
+    assert cut.iters == 20 and cut.lr_round == pytest.approx(CalibrationConfig.lr_round * 100 / 20)
 
 
 def test_autocast_option_is_recorded_and_bad_values_are_refused(demo_env: Path, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     small = ["--samples", "16", "--batch-size", "8", "--iters", "2"]
     assert osq("calibrate", "demo", "--autocast", "bf16", *small, "--run-dir", "a").exit_code == 0
-    assert store.read_manifest(tmp_path / "a")["calibration"]["autocast"] == "bf16"
+    assert store.read_manifest(tmp_path / "a").calibration.autocast == "bf16"
     refused = osq("calibrate", "demo", "--autocast", "fp8", *small, "--run-dir", "b")
     assert refused.exit_code == 2 and "fp8" in refused.stderr
     assert not (tmp_path / "b").exists()
@@ -377,11 +381,11 @@ def test_augment_makes_up_the_number_of_calibration_images(demo_env: Path, tmp_p
     result = osq("calibrate", "demo", *common, "--run-dir", "aug")  # on by default
     assert result.exit_code == 0, result.output
     assert "10 calibration images (6 of them augmented views)" in result.stdout
-    data = store.read_manifest(tmp_path / "aug")["data"]
+    data = store.read_manifest(tmp_path / "aug").data
     assert (data["calib_images"], data["calib_files"], data["augmented_views"]) == (10, 4, 6)
     plain = osq("calibrate", "demo", *common, "--no-augment", "--run-dir", "plain")
     assert plain.exit_code == 0 and "using all 4" in plain.output
-    assert store.read_manifest(tmp_path / "plain")["data"]["calib_images"] == 4
+    assert store.read_manifest(tmp_path / "plain").data["calib_images"] == 4
 
 
 def test_help_shows_placeholder_paths_literally():
@@ -389,3 +393,48 @@ def test_help_shows_placeholder_paths_literally():
     wide = {"COLUMNS": "200"}  # so that rich does not cut the help column short
     assert ".osq/runs/<recipe>-w<W>a<A>-<time>" in runner.invoke(app, ["calibrate", "--help"], env=wide).stdout
     assert ".osq/exports/<run>.onnx" in runner.invoke(app, ["export", "--help"], env=wide).stdout
+
+
+# ------------------------------------------------------------------------------------ Python API
+
+
+def test_python_api_gives_the_same_run_and_report_as_the_cli(chain, tmp_path):
+    import osqdeploy as osq
+
+    work, _ = chain
+    cli_run = work / _workspace(work)["latest_run"]
+    loaded = osq.load_model("demo")
+    ccfg = osq.calibration_config("demo", iters=2, samples=16, batch_size=8, device="cpu")
+    images = osq.calibration_images(demo.demo_paths().train_dir, loaded.model, ccfg.samples, ccfg.seed)
+    run = osq.calibrate(loaded, images, osq.QuantConfig(w_bits=4, a_bits=4), ccfg)
+    saved = run.save(tmp_path / "run")
+    assert store.sha256_file(saved / store.STATE) == store.sha256_file(cli_run / store.STATE)
+    assert osq.load_run(saved).manifest.state_sha256 == store.read_manifest(cli_run).state_sha256
+
+    info = osq.export(run, tmp_path / "api.onnx")
+    assert info.w_bits == 4 and (tmp_path / "api.onnx").is_file()
+    report = osq.evaluate(run, tmp_path / "api.onnx", data=demo.demo_paths().val_dir).to_dict()
+    cli_report = json.loads((work / "demo.eval.json").read_text())
+    strip = ("images_per_s",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in report["results"]] == [
+        {k: v for k, v in r.items() if k not in strip} for r in cli_report["results"]
+    ]
+    assert report["parity"] == cli_report["parity"] and report["kl_to_fp32"] == cli_report["kl_to_fp32"]
+
+
+def test_written_files_honour_the_umask(chain):
+    work, _ = chain
+    run = work / _workspace(work)["latest_run"]
+    for path in (run / store.STATE, run / store.MANIFEST, work / "demo.onnx", work / "demo.eval.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~_umask(), path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_help_answers_without_importing_torch():
+    code = "import sys; from cli.main import app; import typer.main; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

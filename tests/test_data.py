@@ -25,7 +25,6 @@ from osqdeploy.load.data import (
     to_rgb,
 )
 
-IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 TRANSFORM_32 = dict(
     img_size=32,
     patch_size=8,
@@ -99,9 +98,8 @@ def test_mixed_wordnet_and_other_names_is_unlabeled_with_a_warning(tmp_path):
     assert not data.labelled and len(data) == 2
 
 
-@pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir(), reason=f"ImageNet sample not found at {IMAGENET_SAMPLE}")
-def test_real_imagenet_sample_labels_and_split():
-    data = ImageFiles(IMAGENET_SAMPLE)
+def test_real_imagenet_sample_labels_and_split(imagenet_sample):
+    data = ImageFiles(imagenet_sample)
     assert len(data) == 500 and data.labelled and data.skipped == {}
     assert sorted(data.labels) == list(range(0, 1000, 2))  # one image per even class index
     wnids = timm.data.ImageNetInfo().label_names()

@@ -7,10 +7,11 @@ import pytest
 import torch
 from onnx import TensorProto
 
+from osqdeploy.api import calibrate, load_run
+from osqdeploy.api import export as export_run
 from osqdeploy.config import CalibrationConfig, QuantConfig
-from osqdeploy.onnx_export.onnx_qdq import export_run, float_export
-from osqdeploy.pipeline import calibrate, load_run
-from osqdeploy.quant.modules import ActQuantizer
+from osqdeploy.onnx_export.onnx_qdq import float_export
+from osqdeploy.quant.quantizers import ActQuantizer
 
 from conftest import images, loaded_tiny
 

@@ -23,9 +23,6 @@ from osqdeploy.load.models import (
 )
 
 TINY = dict(img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=2, num_classes=10)
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEIT_WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.pth"
-IMAGENET_SAMPLE = SHARED / "imagenet-sample"
 
 
 def _tiny(**overrides):
@@ -223,14 +220,12 @@ def test_pretrained_without_cache_fails_fast_and_explains(tmp_path, monkeypatch)
 # ------------------------------------------------------------------------------------- real model
 
 
-@pytest.mark.skipif(not DEIT_WEIGHTS.is_file(), reason=f"real DeiT-Tiny weights not found at {DEIT_WEIGHTS}")
-@pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir(), reason=f"ImageNet sample not found at {IMAGENET_SAMPLE}")
-def test_real_deit_tiny_checkpoint_classifies_real_images():
-    loaded = load_model("deit_t", checkpoint=DEIT_WEIGHTS)
-    assert loaded.source["checkpoint"] == str(DEIT_WEIGHTS.resolve())
-    assert loaded.source["bytes"] == DEIT_WEIGHTS.stat().st_size and len(loaded.source["sha256"]) == 64
+def test_real_deit_tiny_checkpoint_classifies_real_images(deit_tiny_weights, imagenet_sample):
+    loaded = load_model("deit_t", checkpoint=deit_tiny_weights)
+    assert loaded.source["checkpoint"] == str(deit_tiny_weights.resolve())
+    assert loaded.source["bytes"] == deit_tiny_weights.stat().st_size and len(loaded.source["sha256"]) == 64
     assert loaded.recipe.family == "vit"
-    data = ImageFiles(IMAGENET_SAMPLE, transform=eval_transform(loaded.model))
+    data = ImageFiles(imagenet_sample, transform=eval_transform(loaded.model))
     picks = spread_indices(len(data), 16)
     images = torch.stack([data[i][0] for i in picks])
     labels = torch.tensor([data[i][1] for i in picks])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from osqdeploy.quant import primitives as P
-from osqdeploy.quant.modules import ActQuantizer, LogQuantizer, WeightQuantizer
+from osqdeploy.quant.mode import QuantMode, set_mode
+from osqdeploy.quant.quantizers import ActQuantizer, LogQuantizer, WeightQuantizer
 
 
 def test_uniform_fake_quant_matches_eq1():
@@ -115,7 +116,7 @@ def test_log2_quantizer_formula():
 
 def test_log_quantizer_module_passes_gradient():
     lq = LogQuantizer(4)
-    lq.enabled = True
+    set_mode(lq, QuantMode.NEAREST)
     x = torch.rand(10, requires_grad=True)
     lq(x).sum().backward()
     assert torch.equal(x.grad, torch.ones(10))
@@ -135,7 +136,7 @@ def test_adaround_init_reproduces_float_weight_and_hardens_to_floor_or_ceil():
     inside = (codes >= 0) & (codes <= 14)
     assert inside.float().mean() > 0.9
     assert torch.allclose(soft[inside], w[inside], atol=1e-3 * w.abs().max())
-    wq.mode = "hard"
+    set_mode(wq, QuantMode.HARD)
     hard_codes = wq.integer_weight(w)
     floor = torch.floor(w / s) + wq.zero_point.view(-1, 1)
     assert torch.all((hard_codes == floor.clamp(0, 15)) | (hard_codes == (floor + 1).clamp(0, 15)))
@@ -173,7 +174,7 @@ def test_mse_weight_init_never_has_more_rounding_error_than_minmax(bits):
 def test_weight_init_reaches_the_quantizers_and_is_validated():
     from osqdeploy.adapters import adapter_for
     from osqdeploy.config import ConfigError, QuantConfig
-    from osqdeploy.quant.modules import quant_layers
+    from osqdeploy.quant.layers import quant_layers
     from osqdeploy.reconstruct import prepare_model
 
     with pytest.raises(ConfigError, match="weight_init"):
@@ -204,7 +205,7 @@ def test_keep_min_range_keeps_gelus_negative_lobe_and_its_mean():
 def test_post_gelu_range_reaches_only_the_fc2_input_quantizers():
     from osqdeploy.adapters import adapter_for
     from osqdeploy.config import ConfigError, QuantConfig
-    from osqdeploy.quant.modules import act_quantizers
+    from osqdeploy.quant.layers import act_quantizers
     from osqdeploy.reconstruct import prepare_model
 
     with pytest.raises(ConfigError, match="post_gelu_range"):
@@ -219,7 +220,8 @@ def test_post_gelu_range_reaches_only_the_fc2_input_quantizers():
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_minmax_observer_keeps_the_running_extremes_of_all_batches(per_channel):
     q = ActQuantizer(8, per_channel_observe=per_channel)
-    q.range_minmax, q.observing = True, True
+    q.range_minmax = True
+    set_mode(q, QuantMode.OBSERVE)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(4, 5, 6, generator=g) * (i + 1) for i in range(3)]
     for b in batches:
@@ -232,7 +234,7 @@ def test_minmax_observer_keeps_the_running_extremes_of_all_batches(per_channel):
 def test_edge_range_reaches_only_the_edge_layers_and_is_validated():
     from osqdeploy.adapters import adapter_for
     from osqdeploy.config import ConfigError, QuantConfig
-    from osqdeploy.quant.modules import act_quantizers
+    from osqdeploy.quant.layers import act_quantizers
     from osqdeploy.reconstruct import prepare_model
 
     with pytest.raises(ConfigError, match="edge_range"):
@@ -242,3 +244,52 @@ def test_edge_range_reaches_only_the_edge_layers_and_is_validated():
     prepare_model(model, QuantConfig(edge_range="minmax"), adapter_for)  # opt-in
     minmax = [q for q in act_quantizers([model]) if getattr(q, "range_minmax", False)]
     assert minmax == [model.patch_embed.proj.input_quantizer, model.head.input_quantizer]
+
+
+def test_quant_mode_switches_every_quantizer_and_restores_each_ones_own_mode():
+    from osqdeploy.quant.layers import QuantLinear
+    from osqdeploy.quant.mode import quant_mode
+
+    torch.manual_seed(0)
+    layer = QuantLinear(torch.nn.Linear(16, 8), w_bits=4, a_bits=4)
+    x = torch.randn(3, 16)
+    wq, aq = layer.weight_quantizer, layer.input_quantizer
+    wq.init_grid(layer.weight)
+    aq.set_range(x.min(), x.max())
+    set_mode(aq, QuantMode.NEAREST)
+    assert (wq.mode, aq.mode) == (QuantMode.NEAREST, QuantMode.NEAREST)
+    quantized = layer(x)
+    with quant_mode(layer, QuantMode.FLOAT):
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert (wq.mode, aq.mode) == (QuantMode.NEAREST, QuantMode.NEAREST)
+    assert torch.equal(layer(x), quantized)
+    with pytest.raises(ValueError, match="no mode 'hard'"):
+        set_mode(aq, QuantMode.HARD)  # rounding modes belong to weights
+    with pytest.raises(RuntimeError, match="init_adaround"):
+        set_mode(wq, QuantMode.SOFT)
+    with pytest.raises(RuntimeError, match="finalized"), quant_mode(layer, QuantMode.EXPORT):
+        pass
+    assert (wq.mode, aq.mode) == (QuantMode.NEAREST, QuantMode.NEAREST)  # restored after the failure too
+
+
+def test_export_mode_computes_the_deployed_layer_through_the_custom_ops():
+    from osqdeploy.quant.layers import QuantConv2d, QuantLinear
+    from osqdeploy.quant.mode import quant_mode
+
+    torch.manual_seed(0)
+    released = ActQuantizer(4)  # a quantizer left float exports as float
+    for layer, x in ((QuantLinear(torch.nn.Linear(16, 8), 4, 4), torch.randn(3, 16)),
+                     (QuantConv2d(torch.nn.Conv2d(3, 8, 4, stride=4), 4, 8), torch.randn(2, 3, 8, 8))):
+        layer.weight_quantizer.init_grid(layer.weight)
+        layer.weight_quantizer.finalize(layer.weight)
+        layer.input_quantizer.set_range(x.min(), x.max())
+        set_mode(layer.input_quantizer, QuantMode.NEAREST)
+        deployed = layer(x)
+        with quant_mode([layer, released], QuantMode.EXPORT):
+            assert layer.weight_quantizer.mode is QuantMode.EXPORT and released.mode is QuantMode.FLOAT
+            assert torch.allclose(layer(x), deployed, atol=1e-5)
+        assert layer.weight_quantizer.mode is QuantMode.INT
+    # a quantizer rebuilt from a saved run has no float weight: FLOAT keeps its integers
+    layer.weight_quantizer.make_deployable_structure()
+    with quant_mode(layer, QuantMode.FLOAT):
+        assert layer.weight_quantizer.mode is QuantMode.INT and layer.input_quantizer.mode is QuantMode.FLOAT

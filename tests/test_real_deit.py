@@ -1,41 +1,31 @@
-"""The real-checkpoint path end to end: real DeiT-Tiny weights, real ImageNet images (issue 9).
+"""The real-checkpoint path end to end: real DeiT-Tiny weights, real ImageNet images .
 
 A handful of images and a few iterations: this checks the workflow and that nothing in it breaks
 a real network, not the accuracy of the full schedule (benchmarks/deit_tiny_accuracy.py does that).
 """
 
-from pathlib import Path
 
-import pytest
 
+from osqdeploy.api import calibrate, load_run
+from osqdeploy.api import export as export_run
 from osqdeploy.config import CalibrationConfig, QuantConfig
 from osqdeploy.evaluation import OnnxRuntime, TorchRuntime, evaluate, parity
-from osqdeploy.onnx_export.onnx_qdq import export_run
 from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform
 from osqdeploy.load.models import load_model
-from osqdeploy.pipeline import calibrate, load_run
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WEIGHTS = DATA / "weights" / "deit_tiny_patch16_224.pth"
-IMAGES = DATA / "imagenet-sample"
-
-pytestmark = pytest.mark.skipif(
-    not (WEIGHTS.is_file() and IMAGES.is_dir()), reason=f"real DeiT-Tiny weights and images not found under {DATA}"
-)
 
 
-def test_real_deit_tiny_w8a8_end_to_end(tmp_path):
-    loaded = load_model("deit_t", checkpoint=WEIGHTS)
-    data = ImageFiles(IMAGES, transform=eval_transform(loaded.model), max_files=96)
+def test_real_deit_tiny_w8a8_end_to_end(tmp_path, deit_tiny_weights, imagenet_sample):
+    loaded = load_model("deit_t", checkpoint=deit_tiny_weights)
+    data = ImageFiles(imagenet_sample, transform=eval_transform(loaded.model), max_files=96)
     calib_set, eval_set = data.split(eval_fraction=0.5, seed=0)
     assert not set(calib_set.files) & set(eval_set.files)
     calib = calibration_tensor(calib_set, 16, seed=0)
     run_dir = tmp_path / "run"
     ccfg = CalibrationConfig(samples=16, batch_size=8, iters=2, granularity="auto")
-    manifest = calibrate(loaded, calib, QuantConfig(8, 8), ccfg, run_dir)
-    assert manifest["plan"]["spec"] == "blocks:3" and len(manifest["groups"]) == 4
+    manifest = calibrate(loaded, calib, QuantConfig(8, 8), ccfg, run_dir).manifest
+    assert manifest.plan.spec == "blocks:3" and len(manifest.groups) == 4
     # the real model has the outlier channels the paper describes
-    assert max(b["ratio_to_median"] for b in manifest["outliers"]) > 5
+    assert max(b["ratio_to_median"] for b in manifest.outliers) > 5
 
     run = load_run(run_dir)
     quant = evaluate(TorchRuntime(run.model, name="torch-quant"), eval_set, batch_size=16, progress=False)

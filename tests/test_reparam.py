@@ -7,7 +7,8 @@ import torch
 from osqdeploy.adapters import adapter_for
 from osqdeploy.config import QuantConfig
 from osqdeploy.quant import primitives as P
-from osqdeploy.quant.modules import act_quantizers
+from osqdeploy.quant.layers import act_quantizers
+from osqdeploy.quant.mode import QuantMode, set_mode
 from osqdeploy.quant.reparam import reparameterize_norm
 from osqdeploy.reconstruct import prepare_model
 
@@ -17,8 +18,7 @@ from conftest import images, tiny_vit
 def _observed(model):
     x = images(32, 32)
     adapter = prepare_model(model, QuantConfig(4, 4), adapter_for)
-    for q in act_quantizers([model]):
-        q.observing = True
+    set_mode(act_quantizers([model]), QuantMode.OBSERVE)
     with torch.no_grad():
         model(x)
     for q in act_quantizers([model]):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from osqdeploy.api import calibrate, load_run
 from osqdeploy.config import CalibrationConfig, QuantConfig
-from osqdeploy.pipeline import calibrate, load_run
 from osqdeploy.reconstruct import Callbacks
 from osqdeploy.run import store
 
@@ -25,7 +25,9 @@ TESTS = Path(__file__).parent
 
 
 def _calibrate(run_dir, callbacks=None):
-    return calibrate(loaded_tiny("vit", depth=4), images(32, 32), QCFG, CalibrationConfig(**CCFG), run_dir, callbacks)
+    run = calibrate(loaded_tiny("vit", depth=4), images(32, 32), QCFG, CalibrationConfig(**CCFG), run_dir,
+                    callbacks=callbacks)
+    return run.manifest
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,9 @@ def finished(tmp_path_factory):
 
 def test_run_reloads_into_the_same_fake_quant_model_without_the_weights_file(finished, tmp_path):
     run_dir, manifest = finished
-    assert manifest["status"] == "complete" and len(manifest["groups"]) == 2
-    assert manifest["calibration"]["autocast"] == "off"  # "auto" recorded as what ran: off on a CPU
-    assert manifest["plan"]["groups"][0][0] == "blocks.0.A"
+    assert manifest.complete and len(manifest.groups) == 2
+    assert manifest.calibration.autocast == "off"  # "auto" recorded as what ran: off on a CPU
+    assert manifest.plan.groups[0][0] == "blocks.0.A"
     first = load_run(run_dir).model
     second = load_run(run_dir).model
     x = images(8, 32, seed=9)
@@ -75,7 +77,7 @@ def test_other_format_version_and_corrupt_manifest_are_refused(finished, tmp_pat
     run_dir, manifest = finished
     other = tmp_path / "other"
     other.mkdir()
-    (other / store.MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
+    (other / store.MANIFEST).write_text(json.dumps({**manifest.to_dict(), "format_version": 99}))
     with pytest.raises(store.RunError, match="format version 99"):
         load_run(other)
     (other / store.MANIFEST).write_text("{not json")
@@ -107,7 +109,7 @@ def _crashed(tmp_path: Path, after: int = 0) -> Path:
 def _assert_resumes_bit_identically(run_dir: Path, finished_dir: Path, from_group: int) -> None:
     """The same calibration again continues ``run_dir`` from ``from_group`` to the uninterrupted result."""
     manifest = _calibrate(run_dir)
-    assert manifest["resumed_from_group"] == from_group
+    assert manifest.resumed_from_group == from_group
     assert store.sha256_file(run_dir / store.STATE) == store.sha256_file(finished_dir / store.STATE)
 
 

@@ -11,16 +11,10 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..quant.modules import (
-    _KERNELS,
-    ActQuantizer,
-    LogQuantizer,
-    QuantLinear,
-    _matmul_dtype,
-    active_drop,
-    draw_mask,
-    is_exporting,
-)
+from ..quant.kernels import KERNELS, active_drop, draw_mask, matmul_dtype
+from ..quant.layers import QuantLinear
+from ..quant.mode import QuantMode
+from ..quant.quantizers import ActQuantizer, LogQuantizer
 
 
 class QuantMatMulAttention(nn.Module):
@@ -53,8 +47,8 @@ class QuantMatMulAttention(nn.Module):
 
     def fusable(self) -> bool:
         qkv = (self.q_quantizer, self.k_quantizer, self.v_quantizer)
-        quantizing = all(q.enabled and not q.observing for q in (*qkv, self.attn_quantizer))
-        return quantizing and not is_exporting() and len({(q.bits, active_drop(q)) for q in qkv}) == 1
+        quantizing = all(q.mode is QuantMode.NEAREST for q in (*qkv, self.attn_quantizer))
+        return quantizing and len({(q.bits, active_drop(q)) for q in qkv}) == 1
 
     def fused_forward(self, qkv: torch.Tensor, bias: torch.Tensor | None = None, groups: int = 0) -> torch.Tensor:
         """The context ``[B, H, N, D]`` from the projection viewed ``[B, N, 3, H, D]`` (see ``fusable``).
@@ -65,12 +59,12 @@ class QuantMatMulAttention(nn.Module):
         scale = torch.stack([q.scale for q in qs])
         zero_point = torch.stack([q.zero_point for q in qs])
         drop = active_drop(qs[0])
-        q, k, v = _KERNELS["qkv"](qkv, scale, zero_point, qs[0].bits, drop, _matmul_dtype(qkv),
-                                  draw_mask(qkv.shape, qkv.device, drop))
+        q, k, v = KERNELS["qkv"](qkv, scale, zero_point, qs[0].bits, drop, matmul_dtype(qkv),
+                                 draw_mask(qkv.shape, qkv.device, drop))
         a, a_drop = self.attn_quantizer, active_drop(self.attn_quantizer)
         scores = q @ k.transpose(-2, -1)
-        probs = _KERNELS["attn_probs"](scores, self.scale, bias, groups, a.delta, a.bits, a.base, a_drop,
-                                       _matmul_dtype(v), draw_mask(scores.shape, scores.device, a_drop))
+        probs = KERNELS["attn_probs"](scores, self.scale, bias, groups, a.delta, a.bits, a.base, a_drop,
+                                      matmul_dtype(v), draw_mask(scores.shape, scores.device, a_drop))
         return probs @ v
 
 

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..quant.modules import ActQuantizer, QuantConv2d, QuantLinear
+from ..quant.layers import QuantConv2d, QuantLinear
+from ..quant.quantizers import ActQuantizer
 
 State = tuple[torch.Tensor, ...]
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..quant.modules import QuantConv2d, QuantLinear, fold_gelu
+from ..quant.layers import QuantConv2d, QuantLinear, fold_gelu
 from .attention import QuantWindowAttention
 from .base import Adapter, ReparamSite, State, Unit, block_units
 

@@ -18,14 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from osqdeploy.evaluation.runtimes import Runtime
 from osqdeploy.load.data import spread_indices
 from osqdeploy.run.store import atomic_write_bytes
 
-__all__ = ["EvalResult", "ParityReport", "evaluate", "format_table", "parity", "write_report"]
+__all__ = ["EvalResult", "ParityReport", "evaluate", "parity", "write_report"]
 
 
 @dataclass
@@ -197,30 +196,6 @@ def write_report(
     path = Path(path)
     atomic_write_bytes(path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
     return path
-
-
-def format_table(
-    results: Sequence[EvalResult], parity: ParityReport | None = None, title: str | None = "Evaluation"
-) -> Table:
-    """A rich table of the results; the parity summary goes in its caption."""
-    table = Table(title=title)
-    table.add_column("runtime")
-    table.add_column("images", justify="right")
-    table.add_column("top-1 %", justify="right")
-    table.add_column("top-5 %", justify="right")
-    table.add_column("images/s", justify="right")
-    for r in results:
-        table.add_row(r.runtime, str(r.n), _pct(r.top1), _pct(r.top5), f"{r.images_per_s:,.1f}")
-    if parity is not None:
-        table.caption = (
-            f"{parity.b} vs {parity.a}: top-1 agreement {parity.top1_agreement:.2f}%, "
-            f"max |Δlogit| {parity.max_abs_logit_diff:.3g}, mean |Δlogit| {parity.mean_abs_logit_diff:.3g}"
-        )
-    return table
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def _progress_bar(enabled: bool) -> Progress:

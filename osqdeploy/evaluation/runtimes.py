@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from osqdeploy.load.models import _first_line
-from osqdeploy.quant.modules import QuantConv2d, QuantLinear
+from osqdeploy.quant.layers import QuantConv2d, QuantLinear
 from osqdeploy.reconstruct.engine import tf32
 
 __all__ = ["OnnxRuntime", "Runtime", "RuntimeLoadError", "TorchRuntime", "UlpPerturbed"]
@@ -85,15 +85,15 @@ class OnnxRuntime:
         if intra_op_num_threads:
             options.intra_op_num_threads = intra_op_num_threads
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            self.sess = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         except Exception as e:
             raise RuntimeLoadError(
                 f"cannot load ONNX model {self.path} (corrupt, truncated or not ONNX?): {_first_line(e)}"
             ) from e
-        self.provider = self.session.get_providers()[0]
+        self.provider = self.sess.get_providers()[0]
         if provider == "cuda" and self.provider != _CUDA_EP:
             raise RuntimeLoadError(f"onnxruntime could not start CUDA for {self.path} (fell back to {self.provider})")
-        inputs = self.session.get_inputs()
+        inputs = self.sess.get_inputs()
         if len(inputs) != 1 or inputs[0].type not in _ORT_INPUT_TYPES:
             found = [(i.name, i.type) for i in inputs]
             raise RuntimeLoadError(f"{self.path}: expected one float image input, found {found}")
@@ -101,7 +101,7 @@ class OnnxRuntime:
         self.input_dtype = _ORT_INPUT_TYPES[inputs[0].type]
         batch_dim = inputs[0].shape[0] if inputs[0].shape else None
         self.fixed_batch: int | None = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_name = self.sess.get_outputs()[0].name
         self.name = name or ("onnx-cuda" if self.provider == _CUDA_EP else "onnx-cpu")
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,7 @@ class OnnxRuntime:
         return torch.cat(pieces)
 
     def _run(self, x: np.ndarray) -> torch.Tensor:
-        (out,) = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x)})
+        (out,) = self.sess.run([self.output_name], {self.input_name: np.ascontiguousarray(x)})
         return torch.from_numpy(np.asarray(out)).float()
 
 

@@ -1,7 +1,7 @@
 """Which activation quantizers cost accuracy: evaluate a quantized model with one kind (or one
 block) of them switched back to float at a time.
 
-Issue 9 asks, when a target is missed, *which quantizer and which block* are responsible. The
+When a target is missed, this says *which quantizer and which block* are responsible. The
 per-group reconstruction losses say where the output drifts but not what causes it; releasing a
 set of quantizers and measuring the change is the direct answer. Cross-entropy on the labels is
 reported next to top-1 because it moves smoothly where top-1 on a few hundred images moves in
@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 
 from osqdeploy.evaluation.evaluator import evaluate
 from osqdeploy.evaluation.runtimes import TorchRuntime
-from osqdeploy.quant.modules import ACT_QUANTIZERS
+from osqdeploy.quant.layers import ACT_QUANTIZERS
+from osqdeploy.quant.mode import QuantMode, quant_mode
 
 __all__ = ["SensitivityRow", "activation_sites", "sensitivity"]
 
@@ -73,7 +74,7 @@ def sensitivity(
     """
     runtime = TorchRuntime(model, device=device, name="torch-quant")
     sites = [s for group in activation_sites(model).values() for s in group]
-    enabled = [s for s in sites if s[2].enabled]
+    enabled = [s for s in sites if s[2].mode is QuantMode.NEAREST]
     if not enabled:
         raise ValueError("the model has no enabled activation quantizers (is it a calibrated run?)")
 
@@ -99,13 +100,8 @@ def sensitivity(
                 blocks.setdefault(block, []).append(module)
         groups += [("block", block, mods) for block, mods in blocks.items()]
     for kind, label, mods in groups:
-        for m in mods:
-            m.enabled = False
-        try:
+        with quant_mode(mods, QuantMode.FLOAT):
             _, top1, ce = measure(f"float {label}")
-        finally:
-            for m in mods:
-                m.enabled = True
         rows.append(SensitivityRow(label, kind, len(mods), n, top1, ce, top1 - base_top1, base_ce - ce))
     rows[1:] = sorted(rows[1:], key=lambda r: -r.delta_cross_entropy)
     return rows

@@ -509,3 +509,32 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def check_pretrained_available(timm_name: str) -> None:
+    """Raise WeightsUnavailableError, naming the caches looked in, unless timm's pretrained weights
+    for ``timm_name`` are on this machine. Cheap (no model is built), so a command can check it
+    together with its other inputs before any work."""
+    import huggingface_hub
+    import huggingface_hub.constants as hf_constants
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(timm_name)
+    except Exception:  # timm raises several types for unknown names
+        cfg = None
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    if cfg is not None:
+        hf_id = getattr(cfg, "hf_hub_id", None)
+        if hf_id:
+            repo, _, _ = hf_id.partition("@")
+            for filename in (getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin"):
+                if filename and isinstance(huggingface_hub.try_to_load_from_cache(repo, filename), str):
+                    return
+        url = getattr(cfg, "url", None)
+        if url and (hub_dir / Path(url).name).is_file():
+            return
+    raise WeightsUnavailableError(
+        f"pretrained weights for {timm_name} are not on this machine (looked in the Hugging Face cache "
+        f"{hf_constants.HF_HUB_CACHE} and timm's {hub_dir}; osq does not download): pass --checkpoint FILE "
+        "(a .pth/.safetensors state dict), or try the embedded model: `osq calibrate demo`"
+    )

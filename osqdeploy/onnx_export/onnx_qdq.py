@@ -1,7 +1,7 @@
 """Saved run → QDQ ONNX that ONNX Runtime executes with the run's exact grids.
 
-torch's exporter traces the deployed fake-quant model; the two custom ops of
-``quant.modules`` become ``QuantizeLinear→DequantizeLinear`` (activations) and per-channel
+torch's exporter traces the deployed fake-quant model in ``QuantMode.EXPORT``; the two custom
+ops of ``quant.kernels`` become ``QuantizeLinear→DequantizeLinear`` (activations) and per-channel
 ``DequantizeLinear`` of integer initializers (weights). The tracer only knows 8-bit integer
 types, so a pass over the graph then retypes every ≤4-bit initializer to UINT4 (opset 21),
 found by the module path of its quantizer, which torch keeps as the initializer's name. The
@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
@@ -23,9 +24,13 @@ from onnxscript import opset21 as op
 from torch import nn
 
 from .. import __version__
-from ..pipeline import LoadedRun, load_run
-from ..quant.modules import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, exporting
+from ..quant.layers import quant_layers
+from ..quant.mode import QuantMode, quant_mode
+from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..run import store
+
+if TYPE_CHECKING:
+    from ..api import Run
 
 OPSET = 21
 MAX_IR_VERSION = 10  # ONNX Runtime refuses newer IR versions
@@ -121,23 +126,20 @@ def _input_size(model: nn.Module) -> tuple[int, int, int]:
     return (3, h, w)
 
 
-def export_model(run: LoadedRun, out: str | Path, batch_size: int | None = None, verify: bool = True) -> ExportInfo:
+def export_model(run: Run, out: str | Path, batch_size: int | None = None, verify: bool = True) -> ExportInfo:
     """Write ``run``'s deployed model as QDQ ONNX at ``out`` (atomically; checked before rename).
 
     ``batch_size=None`` exports a dynamic batch axis; an integer fixes it.
     """
     out = Path(out)
     model = copy.deepcopy(run.model).cpu().eval()
-    for m in model.modules():
-        if isinstance(m, (ActQuantizer, QuantLinear, QuantConv2d)):
-            m.prepare_export()
-        if isinstance(m, (QuantLinear, QuantConv2d)):
-            m.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # integers replace it
+    for layer in quant_layers([model]):
+        layer.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # integers replace it
     size = _input_size(model)
     example = torch.randn(batch_size or 2, *size)
     dynamic = batch_size is None
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
-    with exporting(), torch.no_grad():
+    with quant_mode(model, QuantMode.EXPORT), torch.no_grad():
         try:
             program = torch.onnx.export(
                 model,
@@ -162,11 +164,11 @@ def export_model(run: LoadedRun, out: str | Path, batch_size: int | None = None,
     w_bits, a_bits = run.bits
     meta = {
         "osq_version": __version__,
-        "run_state_sha256": run.manifest.get("state_sha256", ""),
+        "run_state_sha256": run.manifest.state_sha256 or "",
         "w_bits": str(w_bits),
         "a_bits": str(a_bits),
-        "plan": run.manifest["plan"]["spec"],
-        "model": run.manifest["model"]["spec"]["timm_name"],
+        "plan": run.manifest.plan.spec,
+        "model": run.manifest.model.timm_name,
     }
     del proto.metadata_props[:]
     for k, v in meta.items():
@@ -178,7 +180,7 @@ def export_model(run: LoadedRun, out: str | Path, batch_size: int | None = None,
         raise ExportError(f"exported graph failed the ONNX checker: {e}") from None
 
     n_qdq = sum(1 for n in proto.graph.node if n.op_type == "QuantizeLinear")
-    n_act = sum(1 for m in model.modules() if isinstance(m, ActQuantizer) and m.enabled)
+    n_act = sum(1 for m in model.modules() if isinstance(m, ActQuantizer) and m.mode is QuantMode.NEAREST)
     with store.atomic_output(out) as tmp:  # OSError -> OutputError naming ``out``; nothing half-written
         onnx.save_model(proto, str(tmp))
         if verify:
@@ -208,11 +210,6 @@ def _verify_with_ort(path: str, model: nn.Module, example: torch.Tensor) -> None
         ref = model(example).numpy()
     if got.shape != ref.shape or not np.isfinite(got).all():
         raise ExportError(f"ONNX Runtime output has shape {got.shape} / non-finite values; expected {ref.shape}")
-
-
-def export_run(run_dir: str | Path, out: str | Path, batch_size: int | None = None) -> ExportInfo:
-    """Export a finished run directory (its original weights are not needed)."""
-    return export_model(load_run(run_dir), out, batch_size)
 
 
 def float_export(model: nn.Module, out: str | Path) -> int:

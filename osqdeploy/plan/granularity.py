@@ -40,9 +40,6 @@ class Plan:
     def from_dict(cls, d: dict) -> Plan:
         return cls(spec=d["spec"], groups=[list(g) for g in d["groups"]], cross_stage=d.get("cross_stage", False))
 
-    def describe(self) -> list[str]:
-        return [f"group {i}: {' + '.join(g)}" for i, g in enumerate(self.groups)]
-
 
 def resolve_spec(spec: str, has_downsampling: bool) -> str:
     if spec == "auto":

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from . import primitives as P
-from .modules import ActQuantizer, QuantLinear
+from .layers import QuantLinear
+from .quantizers import ActQuantizer
 
 
 @torch.no_grad()

@@ -30,7 +30,9 @@ from torch import nn
 from ..adapters import Adapter, State, Unit
 from ..config import CalibrationConfig, ConfigError, QuantConfig
 from ..plan import Plan
-from ..quant.modules import act_quantizers, fused_quantizers, quant_layers, quantization_disabled
+from ..quant.kernels import fused_quantizers
+from ..quant.layers import act_quantizers, quant_layers
+from ..quant.mode import QuantMode, quant_mode, set_mode
 from ..quant.reparam import reparameterize_norm
 from .objective import Objective, make_objective
 from .step import GroupStep, Schedule, run_steps, warm_compile_workers
@@ -54,19 +56,13 @@ class GroupResult:
     # group's float target and initial MSE), "first_step" (setting up the optimisation and its
     # first iteration, which compiles any quantizer kernel of a new shape), "steps" (the other
     # iterations, graph capture included), "finish" (hardening, the next group's input, the
-    # final MSE). Empty in runs recorded before session 7.
+    # final MSE).
     phases: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["loss_curve"] = [list(p) for p in self.loss_curve]
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GroupResult:
-        d = dict(d)
-        d["loss_curve"] = [tuple(p) for p in d.get("loss_curve", [])]
-        return cls(**d)
 
 
 class Callbacks:
@@ -77,6 +73,9 @@ class Callbacks:
     def on_iter(self, index: int, it: int, loss: float | None) -> None: ...
 
     def on_group_end(self, result: GroupResult) -> None: ...
+
+    def on_stage_progress(self, stage: str, done: int, total: int) -> None:
+        """``done`` of ``total`` steps of a stage before reconstruction (e.g. "initialize": observer batches)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -184,13 +183,13 @@ class Reconstructor:
         """Observe ranges on full-precision data, reparameterise, set weight grids."""
         acts = act_quantizers([self.model])
         layers = quant_layers([self.model])
-        for q in acts:
-            q.enabled, q.observing = False, True
-        for layer in layers:
-            layer.weight_quantizer.mode = "fp"
+        set_mode(self.model, QuantMode.FLOAT)
+        set_mode(acts, QuantMode.OBSERVE)
         n_obs = min(images.shape[0], self.cfg.extra.get("init_samples", 256))
-        for sl in self._batches(n_obs):
+        batches = list(self._batches(n_obs))
+        for i, sl in enumerate(batches):
             self.model(images[sl].to(self.device))
+            self.callbacks.on_stage_progress("initialize", i + 1, len(batches))
         for q in acts:
             q.finish_observation()
         for site in self.adapter.reparam_sites(self.model):
@@ -199,8 +198,7 @@ class Reconstructor:
             layer.weight_quantizer.init_grid(layer.weight)
         for layer in self.adapter.edge_layers(self.model):
             layer.weight_quantizer.finalize(layer.weight)
-        for q in acts:
-            q.enabled = True
+        set_mode(acts, QuantMode.NEAREST)
 
     # -- stage 2: reconstruction --------------------------------------------------------------
 
@@ -208,11 +206,11 @@ class Reconstructor:
         """Quantized and full-precision inputs of group ``done_groups`` for all images."""
         images = images.to(self.device)
         q_state = self._propagate(lambda s: self.adapter.stem(self.model, s[0]), (images,))
-        with quantization_disabled(self.model):
+        with quant_mode(self.model, QuantMode.FLOAT):
             fp_state = self._propagate(lambda s: self.adapter.stem(self.model, s[0]), (images,))
         for group in self.groups[:done_groups]:
             q_state = self._propagate(lambda s, g=group: self._run_group(g, s), q_state)
-            with quantization_disabled(self.model):
+            with quant_mode(self.model, QuantMode.FLOAT):
                 fp_state = self._propagate(lambda s, g=group: self._run_group(g, s), fp_state)
         return q_state, fp_state
 
@@ -245,7 +243,7 @@ class Reconstructor:
         torch.manual_seed(cfg.seed * 100_003 + index)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + index)
 
-        with quantization_disabled(self.model):
+        with quant_mode(self.model, QuantMode.FLOAT):
             fp_out = self._propagate(lambda s: self._run_group(group, s), fp_in)
         target = fp_out[-1]
         mse_before = self._group_mse(group, q_in, target)  # its float() waits for the device
@@ -298,7 +296,7 @@ class Reconstructor:
         rest = [u for g in self.groups[index + 1 :] for u in g]
         gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + index + 7)
         grads = []
-        with quantization_disabled(self.model), torch.enable_grad():
+        with quant_mode(self.model, QuantMode.FLOAT), torch.enable_grad():
             for sl in self._batches(fp_out[0].shape[0]):
                 state = list(_slice(fp_out, sl))
                 state[-1] = state[-1].detach().requires_grad_(True)
@@ -359,8 +357,7 @@ class Reconstructor:
         for p in step_params:
             p.requires_grad_(False)
             p.grad = None
-        for layer in layers:
-            layer.weight_quantizer.mode = "hard"
+        set_mode([layer.weight_quantizer for layer in layers], QuantMode.HARD)
         return curve, first_logged
 
 

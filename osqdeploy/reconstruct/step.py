@@ -2,8 +2,8 @@
 
 Why a graph: a group step of a ViT is thousands of small kernels (each fake-quant is a handful
 of elementwise ops, forward and backward) on tensors of a few megabytes. On an H100 the step is
-bound by launching them, not by the arithmetic (issue 5 measured 7 TFLOP/s against a 400
-TFLOP/s ceiling). Replaying the whole step — batch gather, QDrop mix, forward, loss, backward,
+bound by launching them, not by the arithmetic (7 TFLOP/s measured against a 400 TFLOP/s
+ceiling). Replaying the whole step — batch gather, QDrop mix, forward, loss, backward,
 both Adam updates — as one CUDA graph removes the launches and changes no operation.
 
 To be capturable, the step reads everything that changes between iterations from device tensors
@@ -23,7 +23,7 @@ from torch import nn
 
 from ..adapters import State
 from ..config import CalibrationConfig
-from ..quant.modules import allow_recompiles, draw_mask, qdrop_mix
+from ..quant.kernels import allow_recompiles, draw_mask, qdrop_mix
 
 
 @dataclass

@@ -37,20 +37,21 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .. import __version__
 from ..io import os_reason
-from ..quant.modules import QUANT_LAYERS, act_quantizers
+from ..quant.layers import QUANT_LAYERS, act_quantizers
+from ..quant.mode import QuantMode, set_mode
+from . import manifest as manifest_io
+from .manifest import MANIFEST, RUN_FORMAT, RUN_FORMAT_VERSION, Manifest, RunError
 
-RUN_FORMAT = "osqdeploy-run"
-RUN_FORMAT_VERSION = 1
-MANIFEST = "run.json"
+__all__ = [
+    "MANIFEST", "RUN_FORMAT", "RUN_FORMAT_VERSION", "Manifest", "OutputError", "RunError", "RunHealth",
+    "RunLockedError", "atomic_output", "atomic_write_bytes", "atomic_write_json", "check_writable", "file_mode",
+    "run_bytes", "verify_run",
+]
+
 STATE = "state.safetensors"
 CHECKPOINT = "checkpoint"
 LOCK = ".lock"
-
-
-class RunError(ValueError):
-    """A run directory that cannot be used (missing, corrupt, unfinished, other version)."""
 
 
 class RunLockedError(RunError):
@@ -145,6 +146,12 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
+def file_mode() -> int:
+    """The mode ``open()`` would give a new file (0644 under the usual umask): temporary files are
+    created 0600, and a run or an ONNX file must stay readable by a serving process of another user."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
@@ -180,10 +187,10 @@ def _existing_ancestor(path: Path) -> Path:
     return Path(path.anchor or ".")
 
 
-def check_writable(path: str | Path, folder: bool = False, need_bytes: int = 0, largest_file: int = 0) -> None:
+def check_writable(path: str | Path, folder: bool = True, need_bytes: int = 0, largest_file: int = 0) -> None:
     """Refuse an output location osq could not write, before any long work starts.
 
-    ``folder``: ``path`` is a folder to create or fill (a run directory); else a file to create or
+    ``folder``: ``path`` is a folder to create or fill (a run directory); False: a file to create or
     replace (an ONNX export). The check writes and removes a small probe file where the output
     would go (the one test that holds for read-only mounts, ACLs and root alike), and compares
     ``need_bytes`` with the free space there and ``largest_file`` (default ``need_bytes``) with the
@@ -327,133 +334,24 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
-# --- manifest -----------------------------------------------------------------------------------
+# --- manifest ----------------------------------------------------------------------------------
 
 
-def read_manifest(run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
-    path = run_dir / MANIFEST
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: no such run directory")
-    if not path.is_file():
-        raise RunError(f"{run_dir}: not a run directory (no {MANIFEST})")
+def read_manifest(run_dir: Path) -> Manifest:
+    return manifest_io.read(run_dir)
+
+
+def read_raw_manifest(run_dir: Path) -> dict:
+    """The manifest of an interrupted run as plain JSON (to name the settings that changed); {} if unreadable."""
     try:
-        text = path.read_bytes()
-    except OSError as e:
-        raise read_error(path, e) from None
-    try:
-        manifest = json.loads(text)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise RunError(f"{path}: corrupt manifest ({_one_line(e)})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT:
-        raise RunError(f"{path}: not an osqdeploy run manifest")
-    version = manifest.get("format_version")
-    if version != RUN_FORMAT_VERSION:
-        raise RunError(
-            f"{run_dir}: run format version {version} (osq {manifest.get('osq_version', '?')}); this osq "
-            f"({__version__}) reads version {RUN_FORMAT_VERSION} — re-run `osq calibrate`"
-        )
-    problem = manifest_problem(manifest)
-    if problem:
-        raise RunError(f"{path}: damaged manifest ({problem})")
-    return manifest
+        data = json.loads((Path(run_dir) / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-STATUSES = ("in_progress", "complete")
-
-
-def _is_sha256(x: object) -> bool:
-    return isinstance(x, str) and bool(_SHA256.match(x))
-
-
-def manifest_problem(manifest: dict) -> str | None:
-    """What is wrong with a manifest's fields, by type and range, or None.
-
-    Every field a later stage reads is checked here, once, so that nothing downstream meets a
-    string where it expects a count. Fields of an unfinished run may be absent.
-    """
-    from ..config import CalibrationConfig, QuantConfig
-
-    status = manifest.get("status")
-    if status not in STATUSES:
-        return f"status {status!r} is not one of {', '.join(STATUSES)}"
-    complete = status == "complete"
-    model = manifest.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("spec"), dict):
-        return "model.spec is missing"
-    spec = model["spec"]
-    if not isinstance(spec.get("timm_name"), str) or not spec["timm_name"]:
-        return "model.spec.timm_name is not a name"
-    if not isinstance(spec.get("kwargs", {}), dict):
-        return "model.spec.kwargs is not a table"
-    if not isinstance(model.get("source", {}), dict) or not isinstance(model.get("recipe"), (str, type(None))):
-        return "model.source or model.recipe has the wrong type"
-    for key, cls in (("quant", QuantConfig), ("calibration", CalibrationConfig)):
-        if key not in manifest and not complete:
-            continue
-        values = manifest.get(key)
-        if not isinstance(values, dict):
-            return f"{key} is not a table"
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(values) - known - {"bf16"}, key=str)
-        if unknown:
-            return f"{key} has unknown fields {unknown}"
-        if key == "quant" and not {"w_bits", "a_bits"} <= set(values):
-            return "quant lacks w_bits or a_bits"
-        try:
-            config = cls(**values) if cls is QuantConfig else cls.from_dict(values)
-            config.validate()
-        except (TypeError, ValueError) as e:
-            return f"{key}: {_one_line(e)}"
-    plan = manifest.get("plan")
-    if plan is not None or complete:
-        if not isinstance(plan, dict) or not isinstance(plan.get("spec"), str):
-            return "plan.spec is missing"
-        groups = plan.get("groups")
-        if not isinstance(groups, list) or not all(
-            isinstance(g, list) and g and all(isinstance(u, str) for u in g) for g in groups
-        ):
-            return "plan.groups is not a list of lists of unit names"
-    for key in ("family", "device", "osq_version"):
-        if key in manifest and not isinstance(manifest[key], str):
-            return f"{key} is not a string"
-    if not isinstance(manifest.get("data", {}), dict):
-        return "data is not a table"
-    if complete:
-        groups = manifest.get("groups")
-        if not isinstance(groups, list):
-            return "groups is not a list"
-        for i, group in enumerate(groups):
-            problem = group_record_problem(group, i)
-            if problem:
-                return problem
-        if len(groups) != len(plan["groups"]):
-            return f"{len(groups)} group records for a plan of {len(plan['groups'])} groups"
-        if not _is_sha256(manifest.get("state_sha256")):
-            return "state_sha256 is not a sha256"
-        mse, agreement = manifest.get("output_mse"), manifest.get("output_top1_agreement")
-        if not (_number(mse) and mse >= 0) or not (_number(agreement) and 0.0 <= agreement <= 1.0):
-            return "output_mse or output_top1_agreement is out of range"
-        for key in ("seconds", "resumed_from_group"):
-            if key in manifest and not (_number(manifest[key]) and manifest[key] >= 0):
-                return f"{key} is not a non-negative number"
-        stages = manifest.get("stage_seconds", {})
-        if not isinstance(stages, dict) or not all(isinstance(k, str) and _number(v) for k, v in stages.items()):
-            return "stage_seconds is not seconds by name"
-    return None
-
-
-def phase_totals(manifest: dict) -> dict[str, float]:
-    """Seconds per reconstruction phase (``GroupResult.phases``) summed over the run's groups."""
-    totals: dict[str, float] = {}
-    for group in manifest.get("groups", []):
-        for phase, seconds in (group.get("phases") or {}).items():
-            totals[phase] = totals.get(phase, 0.0) + seconds
-    return totals
-
-
-def new_manifest(**fields: object) -> dict:
-    return {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "osq_version": __version__, **fields}
+def write_manifest(run_dir: Path, manifest: Manifest) -> None:
+    atomic_write_json(Path(run_dir) / MANIFEST, manifest.to_dict())
 
 
 # --- state --------------------------------------------------------------------------------------
@@ -491,9 +389,16 @@ def canonical_sha256(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def manifest_checksum(manifest: dict) -> str:
-    """The checksum of a manifest's :data:`SEALED_FIELDS` (absent ones count as absent)."""
-    return canonical_sha256({k: manifest[k] for k in SEALED_FIELDS if k in manifest})
+def manifest_checksum(manifest: Manifest | dict) -> str:
+    """The checksum of a manifest's :data:`SEALED_FIELDS` (absent ones count as absent).
+
+    Taken over ``Manifest.to_dict()``, the one form both the writer and every reader produce.
+    """
+    d = manifest.to_dict() if isinstance(manifest, Manifest) else manifest
+    if isinstance(manifest, Manifest):  # as a reader will see it: JSON, then parsed (ints of float fields...)
+        d = json.loads(json.dumps({**d, "state_sha256": d.get("state_sha256") or "0" * 64}))
+        d = Manifest.from_dict(d).to_dict()
+    return canonical_sha256({k: d[k] for k in SEALED_FIELDS if k in d})
 
 
 def tensor_metadata(path: Path) -> dict[str, str]:
@@ -509,7 +414,7 @@ def tensor_metadata(path: Path) -> dict[str, str]:
         raise RunError(f"{path}: cannot read tensors ({type(e).__name__}: {_one_line(e)})") from None
 
 
-def save_deployed(run_dir: Path, model: nn.Module, manifest: dict | None = None) -> str:
+def save_deployed(run_dir: Path, model: nn.Module, manifest: Manifest | dict | None = None) -> str:
     """Write the deployed state, sealing ``manifest`` (final but for ``state_sha256``) into its metadata.
 
     Returns the state's sha256, for the manifest.
@@ -520,12 +425,12 @@ def save_deployed(run_dir: Path, model: nn.Module, manifest: dict | None = None)
     return save_tensors(Path(run_dir) / STATE, deployed_state(model), metadata)
 
 
-def check_sealed(run_dir: Path, manifest: dict) -> None:
+def check_sealed(run_dir: Path, manifest: Manifest) -> None:
     """Refuse a run whose state file or sealed manifest fields changed since calibration wrote them."""
     path = Path(run_dir) / STATE
     if not path.is_file():
         raise RunError(f"{run_dir}: damaged run: missing {STATE}")
-    if sha256_file(path) != manifest.get("state_sha256"):
+    if sha256_file(path) != manifest.state_sha256:
         raise RunError(f"{path}: checksum mismatch (file changed or damaged since calibration)")
     sealed = tensor_metadata(path).get(SEAL_KEY)
     if sealed is not None and sealed != manifest_checksum(manifest):
@@ -535,7 +440,7 @@ def check_sealed(run_dir: Path, manifest: dict) -> None:
         )
 
 
-def load_deployed(run_dir: Path, model: nn.Module, manifest: dict) -> None:
+def load_deployed(run_dir: Path, model: nn.Module, manifest: Manifest) -> None:
     """Load a deployed state into a model prepared with the run's quant config."""
     path = Path(run_dir) / STATE
     check_sealed(run_dir, manifest)
@@ -550,8 +455,7 @@ def load_deployed(run_dir: Path, model: nn.Module, manifest: dict) -> None:
         raise RunError(
             f"{path}: state does not match the model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
-    for q in act_quantizers([model]):
-        q.enabled = True
+    set_mode(act_quantizers([model]), QuantMode.NEAREST)
 
 
 @dataclass
@@ -695,7 +599,7 @@ class RunHealth:
 
     status: str
     reason: str = ""
-    manifest: dict | None = None
+    manifest: Manifest | None = None
     resumable_groups: int | None = None
 
     @property
@@ -714,7 +618,7 @@ def verify_run(run_dir: str | Path) -> RunHealth:
         read_manifest(run_dir)  # raises the right "no such / not a run directory" error
     try:
         manifest = read_manifest(run_dir)
-        if manifest["status"] == "complete":
+        if manifest.complete:
             check_sealed(run_dir, manifest)
             return RunHealth("complete", manifest=manifest)
         info = _read_progress(run_dir)
@@ -811,15 +715,23 @@ def load_checkpoint_state(run_dir: Path, model: nn.Module, ck: Checkpoint) -> No
             if mode == "int":
                 m.weight_quantizer.make_deployable_structure()
                 m.weight_quantizer.float_available = True
-            m.weight_quantizer.mode = mode
+            set_mode(m.weight_quantizer, QuantMode(mode))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # the record's layer modes and the saved tensors disagree
         detail = " ".join(str(e).split())[:200]
         raise RunError(f"{Path(run_dir) / CHECKPOINT}: checkpoint does not fit the model ({detail}); delete it "
                        "to start over") from None
-    for q in act_quantizers([model]):
-        q.enabled = True
+    set_mode(act_quantizers([model]), QuantMode.NEAREST)
+
+
+def checkpointed_groups(run_dir: Path) -> int | None:
+    """How many groups an unfinished run's checkpoint holds (None when there is none or it is unreadable)."""
+    try:
+        done = json.loads((Path(run_dir) / CHECKPOINT / "progress.json").read_text())["done_groups"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    return done if isinstance(done, int) and not isinstance(done, bool) and done >= 0 else None
 
 
 def clear_checkpoint(run_dir: Path) -> None:
