@@ -700,3 +700,59 @@ def test_run_bytes_bounds_the_checkpoint_a_calibration_writes(tmp_path):
     written = (tmp_path / store.CHECKPOINT / "state.safetensors").stat().st_size
     assert written <= largest <= total
     assert largest < 4 * written  # an estimate, not a blanket refusal
+
+
+# -- fuzzed values of the workspace index and the lock ----------------------------------------------
+
+
+def _index_entry() -> dict:
+    return {
+        "format": "osq-workspace", "format_version": 1, "latest_run": ".osq/runs/r1", "latest_export": "m.onnx",
+        "runs": [".osq/runs/r1"],
+        "exports": {"m.onnx": {"run": ".osq/runs/r1", "created": "2026-01-01T00:00:00", "bytes": 10,
+                               "float_bytes": None, "qdq_pairs": 3, "weight_initializers": {"UINT4": 2},
+                               "w_bits": 4, "a_bits": 4, "dynamic_batch": True}},
+    }
+
+
+PATHS = st.text(max_size=20) | st.just("a\0b") | st.just("x" * 300) | st.just("/" + "y/" * 3000)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_values_of_the_workspace_index_give_a_workspace_error_or_an_answer(tmp_path_factory, data):
+    from cli.workspace import Workspace, WorkspaceError
+
+    base = tmp_path_factory.mktemp("ws")
+    (base / ".osq" / "runs" / "r1").mkdir(parents=True)
+    (base / "m.onnx").write_bytes(b"not onnx")
+    index = _index_entry()
+    holder: dict | list = index
+    key = data.draw(st.sampled_from(sorted(index)))
+    while isinstance(holder[key], (dict, list)) and holder[key] and data.draw(st.booleans()):
+        holder = holder[key]
+        key = data.draw(st.sampled_from(sorted(holder) if isinstance(holder, dict) else range(len(holder))))
+    holder[key] = data.draw(JSON_VALUES | PATHS)
+    (base / ".osq" / "workspace.json").write_text(json.dumps(index))
+    ws = Workspace(base / ".osq")
+    for call in (ws.read, ws.latest_run, ws.latest_finished_run, ws.latest_export,
+                 lambda: ws.latest_export_of(base / ".osq" / "runs" / "r1"),
+                 lambda: ws.run_of_export(base / "m.onnx", "a" * 64), lambda: ws.export_record(base / "m.onnx"),
+                 lambda: ws.sizes(base / "m.onnx", base / ".osq" / "runs" / "r1"),
+                 lambda: ws.record_run(base / ".osq" / "runs" / "r2")):
+        try:
+            call()
+        except WorkspaceError as e:
+            _one_line(e)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(holder=JSON_VALUES | st.fixed_dictionaries({"pid": st.integers(), "host": st.text(max_size=5)}))
+def test_any_lock_file_content_is_taken_over_or_refused_in_one_line(tmp_path_factory, holder):
+    run_dir = tmp_path_factory.mktemp("locked")
+    (run_dir / store.LOCK).write_text(json.dumps(holder))
+    try:
+        with store.run_lock(run_dir):
+            pass
+    except store.RunLockedError as e:
+        _one_line(e)

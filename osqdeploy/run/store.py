@@ -41,7 +41,7 @@ from ..io import os_reason
 from ..quant.layers import QUANT_LAYERS, act_quantizers
 from ..quant.mode import QuantMode, set_mode
 from . import manifest as manifest_io
-from .manifest import MANIFEST, RUN_FORMAT, RUN_FORMAT_VERSION, Manifest, RunError
+from .manifest import MANIFEST, RUN_FORMAT, RUN_FORMAT_VERSION, Manifest, RunError, group_record_problem
 
 __all__ = [
     "MANIFEST", "RUN_FORMAT", "RUN_FORMAT_VERSION", "Manifest", "OutputError", "RunError", "RunHealth",
@@ -239,6 +239,11 @@ def run_bytes(model: nn.Module) -> tuple[int, int]:
     return 5 * weights, 2 * weights
 
 
+def _printable(value: object) -> str:
+    """``value`` for a one-line message: as it is when printable text, else its repr."""
+    return value if isinstance(value, str) and value.isprintable() else repr(value)
+
+
 def _one_line(e: BaseException, limit: int = 160) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -306,14 +311,14 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         except FileExistsError:
             try:
                 holder = json.loads(lock.read_text())
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 holder = {}
-            pid, host = holder.get("pid"), holder.get("host")
-            if isinstance(pid, int) and host == me["host"] and not _pid_alive(pid):
+            pid, host = (holder.get("pid"), holder.get("host")) if isinstance(holder, dict) else (None, None)
+            if type(pid) is int and 0 < pid < 2**31 and host == me["host"] and not _pid_alive(pid):
                 lock.unlink(missing_ok=True)
                 continue
             raise RunLockedError(
-                f"{run_dir} is being written by process {pid} on {host}; wait for it or remove {lock} "
+                f"{run_dir} is being written by process {pid!r} on {_printable(host)}; wait for it or remove {lock} "
                 "if that process is gone"
             ) from None
         except OSError as e:
@@ -345,7 +350,7 @@ def read_raw_manifest(run_dir: Path) -> dict:
     """The manifest of an interrupted run as plain JSON (to name the settings that changed); {} if unreadable."""
     try:
         data = json.loads((Path(run_dir) / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -522,7 +527,7 @@ def changed_weights(run_dir: Path) -> list[str]:
     try:
         source = json.loads((Path(run_dir) / MANIFEST).read_bytes())["model"]["source"]
         path, recorded = source.get("checkpoint") or source.get("demo"), source["sha256"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
         return []
     if not isinstance(path, str) or not isinstance(recorded, str):
         return []
@@ -635,40 +640,6 @@ _DELTA = re.compile(r"^delta-\d{4,}\.safetensors$")
 WEIGHT_MODES = ("fp", "nearest", "soft", "hard", "int")
 
 
-def _number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-_GROUP_FIELDS = {"index", "units", "iters", "mse_before", "mse_after", "seconds", "loss_curve", "flipped", "phases"}
-
-
-def group_record_problem(group: object, position: int) -> str | None:
-    """What is wrong with one group's record (``GroupResult.to_dict``) at ``position``, or None."""
-    if not isinstance(group, dict):
-        return f"group {position} is not a record"
-    unknown = sorted(set(group) - _GROUP_FIELDS, key=str)
-    missing = sorted({"index", "units", "iters", "mse_before", "mse_after", "seconds"} - set(group))
-    if unknown or missing:
-        return f"group {position} record has unknown fields {unknown} or lacks {missing}"
-    if type(group["index"]) is not int or group["index"] != position:
-        return f"group {position} record says index {group['index']!r}"
-    if not isinstance(group["units"], list) or not all(isinstance(u, str) for u in group["units"]):
-        return f"group {position} units are not a list of names"
-    if type(group["iters"]) is not int or group["iters"] < 0:
-        return f"group {position} iterations {group['iters']!r} are not a count"
-    if not all(_number(group.get(k, 0.0)) for k in ("mse_before", "mse_after", "seconds", "flipped")):
-        return f"group {position} losses, seconds or flipped fraction are not numbers"
-    curve = group.get("loss_curve", [])
-    if not isinstance(curve, list) or not all(
-        isinstance(p, list) and len(p) == 2 and type(p[0]) is int and _number(p[1]) for p in curve
-    ):
-        return f"group {position} loss curve is not a list of [iteration, loss]"
-    phases = group.get("phases", {})
-    if not isinstance(phases, dict) or not all(isinstance(k, str) and _number(v) for k, v in phases.items()):
-        return f"group {position} phases are not seconds by name"
-    return None
-
-
 def _check_progress(info: object, progress: Path, ck: Path) -> None:
     """Every field of the progress record by type and range: a damaged one is refused in one line."""
 
@@ -729,7 +700,7 @@ def checkpointed_groups(run_dir: Path) -> int | None:
     """How many groups an unfinished run's checkpoint holds (None when there is none or it is unreadable)."""
     try:
         done = json.loads((Path(run_dir) / CHECKPOINT / "progress.json").read_text())["done_groups"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
         return None
     return done if isinstance(done, int) and not isinstance(done, bool) and done >= 0 else None
 
