@@ -756,3 +756,122 @@ def test_any_lock_file_content_is_taken_over_or_refused_in_one_line(tmp_path_fac
             pass
     except store.RunLockedError as e:
         _one_line(e)
+
+
+# -- the command line: one line, an exit code, nothing lost -----------------------------------------
+
+
+def _osq(*args: object):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    """A DeiT-Tiny checkpoint (random weights) and a folder of a few images."""
+    base = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    weights = base / "deit.pth"
+    torch.save(load_model("deit_t", pretrained=False).model.state_dict(), weights)
+    images = base / "images"
+    images.mkdir()
+    for i in range(4):
+        _png(images / f"{i}.png", i, (40, 40))
+    return weights, images
+
+
+@pytest.mark.parametrize("case", ["run dir is a file", "run dir under a file", "seed beyond 64 bits", "NaN weights",
+                                  "garbage weights"])
+def test_calibrate_refuses_hostile_inputs_in_one_line_before_any_work(cli_inputs, tmp_path, monkeypatch, case):
+    weights, images = cli_inputs
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_bytes(b"keep me")
+    args = ["calibrate", "deit_t", "--checkpoint", weights, "--data", images, "--iters", "1", "--samples", "4",
+            "--run-dir", tmp_path / "run"]
+    if case == "run dir is a file":
+        args[-1] = tmp_path / "a-file"
+    elif case == "run dir under a file":
+        args[-1] = tmp_path / "a-file" / "run"
+    elif case == "seed beyond 64 bits":
+        args += ["--seed", 2**64]
+    else:
+        bad = tmp_path / "bad.pth"
+        if case == "NaN weights":
+            state = torch.load(weights, weights_only=True)
+            state["blocks.3.attn.proj.weight"][0, 0] = float("nan")
+            torch.save(state, bad)
+        else:
+            bad.write_bytes(os.urandom(100).replace(b"\x80", b"\x00").replace(b"P", b"Q"))
+        args[3] = bad
+    before = _snapshot(tmp_path)
+    result = _osq(*args)
+    line = _error_line(result)
+    expected = {"run dir is a file": ("a-file", 2), "run dir under a file": ("a-file", 1),
+                "seed beyond 64 bits": ("seed must be", 2), "NaN weights": ("blocks.3.attn.proj.weight", 2),
+                "garbage weights": ("is not a checkpoint", 2)}[case]
+    assert expected[0] in line and result.exit_code in (1, 2) and (case == "run dir under a file"
+                                                                 or result.exit_code == expected[1])
+    assert _snapshot(tmp_path) == before and not (tmp_path / ".osq" / "runs").exists()
+
+
+def test_export_to_an_unwritable_place_is_one_line_and_leaves_the_old_file(sealed_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_bytes(b"a file where a folder should be")
+    result = _osq("export", sealed_run, "--out", tmp_path / "blocker" / "m.onnx")
+    assert result.exit_code == 1 and str(tmp_path / "blocker") in _error_line(result)
+    assert (tmp_path / "blocker").read_bytes() == b"a file where a folder should be"
+
+
+def test_a_damaged_run_json_is_one_line_for_every_command(sealed_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    shutil.copytree(sealed_run, run_dir)
+    manifest = json.loads((run_dir / store.MANIFEST).read_text())
+    manifest["groups"][0]["units"] = 7
+    (run_dir / store.MANIFEST).write_text(json.dumps(manifest))
+    before = _snapshot(run_dir)
+    for args in (["inspect", run_dir], ["export", run_dir, "--out", tmp_path / "m.onnx"],
+                 ["eval", run_dir, "--runtime", "torch-quant"]):
+        result = _osq(*args)
+        assert result.exit_code == 2 and "units" in _error_line(result), args
+    assert _snapshot(run_dir) == before and not (tmp_path / "m.onnx").exists()
+
+
+def test_eval_refuses_an_onnx_file_of_another_run_before_running_anything(sealed_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    onnx_path = _onnx(tmp_path / "m.onnx", ["batch", 3, 32, 32], {"run_state_sha256": "b" * 64})
+    (tmp_path / ".osq").mkdir()
+    index = {"format": "osq-workspace", "format_version": 1, "runs": [str(sealed_run)], "latest_export": "m.onnx",
+             "exports": {"m.onnx": {"run": str(sealed_run), "created": "2026-01-01T00:00:00"}}}
+    (tmp_path / ".osq" / "workspace.json").write_text(json.dumps(index))
+    result = _osq("eval", onnx_path)
+    assert result.exit_code == 2 and "another run" in _error_line(result)
+    assert not list(tmp_path.glob("*.json"))  # no report was written
+
+
+@pytest.mark.parametrize("edit", [
+    lambda ix: ix.update(runs="not a list"), lambda ix: ix.update(latest_export=["x"]),
+    lambda ix: ix["exports"]["m.onnx"].update(run=None), lambda ix: ix["exports"].update({"n.onnx": 3}),
+])
+def test_a_workspace_index_with_wrong_types_is_one_line(tmp_path, monkeypatch, edit):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".osq").mkdir()
+    index = _index_entry()
+    edit(index)
+    (tmp_path / ".osq" / "workspace.json").write_text(json.dumps(index))
+    before = _snapshot(tmp_path)
+    result = _osq("eval")
+    assert result.exit_code == 2 and "workspace.json is damaged" in _error_line(result)
+    assert _snapshot(tmp_path) == before
