@@ -875,3 +875,32 @@ def test_a_workspace_index_with_wrong_types_is_one_line(tmp_path, monkeypatch, e
     result = _osq("eval")
     assert result.exit_code == 2 and "workspace.json is damaged" in _error_line(result)
     assert _snapshot(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """A run exactly as ``calibrate`` writes it."""
+    from conftest import images, loaded_tiny
+
+    run_dir = tmp_path_factory.mktemp("plain") / "run"
+    ccfg = CalibrationConfig(samples=8, batch_size=8, iters=2, granularity="blocks:1")
+    calibrate(loaded_tiny("vit", depth=2), images(8, 32), QuantConfig(4, 4), ccfg, run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("field, value", [("a_bits", 8), ("w_bits", 6), ("edge_bits", 4)])
+def test_an_edited_bit_width_makes_the_run_damaged_for_export_and_eval(plain_run, tmp_path, monkeypatch, field, value):
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    shutil.copytree(plain_run, run_dir)
+    assert store.verify_run(run_dir).status == "complete"
+    manifest = json.loads((run_dir / store.MANIFEST).read_text())
+    manifest["quant"][field] = value
+    (run_dir / store.MANIFEST).write_text(json.dumps(manifest, indent=2))
+    before = _snapshot(run_dir)
+    health = store.verify_run(run_dir)
+    assert health.status == "damaged" and "differ from what calibration recorded" in health.reason
+    for args in (["export", run_dir, "--out", tmp_path / "m.onnx"], ["eval", run_dir, "--runtime", "torch-quant"]):
+        result = _osq(*args)
+        assert result.exit_code == 2 and "damaged run" in _error_line(result), args
+    assert _snapshot(run_dir) == before and not (tmp_path / "m.onnx").exists()

@@ -356,7 +356,11 @@ def read_raw_manifest(run_dir: Path) -> dict:
 
 
 def write_manifest(run_dir: Path, manifest: Manifest) -> None:
-    atomic_write_json(Path(run_dir) / MANIFEST, manifest.to_dict())
+    """Write ``run.json``; a finished run's carries the checksum of its sealed fields (see SEALED_FIELDS)."""
+    d = manifest.to_dict()
+    if manifest.complete:
+        d[SEAL_KEY] = manifest_checksum(manifest)
+    atomic_write_json(Path(run_dir) / MANIFEST, d)
 
 
 # --- state --------------------------------------------------------------------------------------
@@ -378,10 +382,12 @@ def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-# The manifest's fields that say what the run is and what it measured. Their checksum is stored in
-# the state file's metadata, and the state file's sha256 in the manifest: editing either file alone
-# (``quant.a_bits``, a group, the status) makes the run damaged, not a different model under the
-# same label. Timings, versions and the device are not covered: they describe, they do not decide.
+# The manifest's fields that say what the run is and what it measured. Their checksum is written
+# into run.json itself (against careless edits) and, when calibration passes the manifest to
+# ``save_deployed``, into the state file's metadata, whose sha256 the manifest and every exported
+# ONNX file record: editing ``quant.a_bits``, a group or the status makes the run damaged, not a
+# different model under the same label. Timings, versions and the device describe, they do not
+# decide, and are not covered.
 SEALED_FIELDS = (
     "format", "format_version", "status", "model", "family", "quant", "calibration", "plan", "groups", "data",
     "output_mse", "output_top1_agreement",
@@ -437,8 +443,9 @@ def check_sealed(run_dir: Path, manifest: Manifest) -> None:
         raise RunError(f"{run_dir}: damaged run: missing {STATE}")
     if sha256_file(path) != manifest.state_sha256:
         raise RunError(f"{path}: checksum mismatch (file changed or damaged since calibration)")
-    sealed = tensor_metadata(path).get(SEAL_KEY)
-    if sealed is not None and sealed != manifest_checksum(manifest):
+    expected = manifest_checksum(manifest)
+    in_state, in_manifest = tensor_metadata(path).get(SEAL_KEY), read_raw_manifest(run_dir).get(SEAL_KEY)
+    if any(sealed is not None and sealed != expected for sealed in (in_state, in_manifest)):
         raise RunError(
             f"{Path(run_dir) / MANIFEST}: damaged run: its settings, plan, groups or status differ from what "
             "calibration recorded"
