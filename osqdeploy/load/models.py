@@ -74,8 +74,10 @@ class UnknownModelError(ValueError):
     """The name is neither a recipe, an alias, nor a timm model name."""
 
 
-class ModelSpecError(ValueError):
-    """timm cannot build the architecture a spec names."""
+
+
+class ModelSpecError(UnknownModelError):
+    """timm cannot build the architecture a spec names (an unknown name, or kwargs it refuses)."""
 
 
 class CheckpointError(ValueError):
