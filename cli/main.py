@@ -20,6 +20,7 @@ from rich.console import Console
 from osqdeploy import __version__
 
 from . import options as o
+from .distributed import on_gpus, sweep, under_torchrun
 from .errors import UsageError, boundary, note
 from .options import Device, Provider, RuntimeName
 from .report import eval_tables, export_table, inspect_tables, list_tables, sensitivity_table
@@ -61,6 +62,8 @@ def calibrate(
     seed: o.SeedOpt = 0,
     run_dir: o.RunDirOpt = None,
     resume: o.ResumeOpt = True,
+    gpus: o.GpusOpt = None,
+    global_batch_scale: o.GlobalBatchScaleOpt = 1,
 ) -> None:
     """Quantize MODEL by outlier-aware, granularity-aware reconstruction and save a run directory."""
     started = time.perf_counter()
@@ -73,7 +76,6 @@ def calibrate(
         from osqdeploy.reconstruct import resolve_device, warm_compile_workers
         from osqdeploy.run import store
 
-        from .progress import CalibrationProgress, summary_table
 
         recipe = load.resolve_recipe(model)
         w_bits, a_bits = bits if bits is not None else (recipe.w_bits, recipe.a_bits)
@@ -92,6 +94,10 @@ def calibrate(
         )
         if fast and iters is None:  # the preset shortens a schedule, never lengthens one (the demo's)
             ccfg = fast_preset(ccfg)
+        if global_batch_scale > 1:
+            from osqdeploy.distributed import scale_global_batch
+
+            ccfg = scale_global_batch(ccfg, global_batch_scale)
         ccfg.validate()
         build_plan(ccfg.granularity, [])  # syntax check now, not after loading the model
         dev = resolve_device(ccfg.device)
@@ -100,36 +106,19 @@ def calibrate(
         api.check_run_dir(target)
         store.check_writable(target)
         warm_compile_workers(ccfg, dev)  # they start while the model and the images load
-        inputs = api.calibration_inputs(
-            model, ccfg, data=data, eval_data=eval_data, checkpoint=checkpoint, augment=augment
-        )
-        loaded, images, data_info = inputs.loaded, inputs.images, inputs.data_info
         shown = ws.display(target)
         state["hint"] = f"interrupted; finished groups are checkpointed in {shown}: resume with the same command" + (
             "" if run_dir is not None else f" plus --run-dir {shown}"
         )
-        views = inputs.augmented_views
-        out.print(
-            f"[bold]osq calibrate[/] {recipe.name} ({loaded.spec.timm_name}) W{w_bits}A{a_bits}, weights: "
-            f"{_source_text(loaded.source)}"
-        )
-        out.print(
-            f"  {images.shape[0]} calibration images"
-            + (f" ({views} of them augmented views)" if views else "")
-            + f" from {ws.display(data_info['calib_dir'])}; {ccfg.iters} iters/group, batch {ccfg.batch_size}, "
-            f"seed {ccfg.seed}, device {dev}; run: {shown}",
-            highlight=False,
-        )
         ws.record_run(target)
-        with CalibrationProgress(err, plan_console=out, iters_per_group=ccfg.iters) as callbacks:
-            run = api.calibrate(
-                loaded, images, qcfg, ccfg, target, callbacks=callbacks, resume=resume, data_info=data_info
-            )
+        job = (model, qcfg, ccfg, target, shown, data, eval_data, checkpoint, augment, resume)
+        m, n_images = on_gpus(gpus, _calibrate_rank, *job) if gpus or under_torchrun() else _calibrate_rank(None, *job)
         ws.record_run(target)
-    m = run.manifest
+    from .progress import summary_table
+
     out.print(summary_table(m.groups))
     out.print(
-        f"Output vs fp32 on {min(int(images.shape[0]), 256)} calibration images: MSE {m.output_mse:.4g}, "
+        f"Output vs fp32 on {min(n_images, 256)} calibration images: MSE {m.output_mse:.4g}, "
         f"top-1 agreement {100 * m.output_top1_agreement:.1f}%",
         highlight=False,
     )
@@ -140,6 +129,34 @@ def calibrate(
         highlight=False,
     )
     out.print("Next: osq export --out model.onnx", highlight=False)
+
+
+def _calibrate_rank(ctx, model, qcfg, ccfg, target, shown, data, eval_data, checkpoint, augment, resume):
+    """One process' share of ``osq calibrate`` (all of it on one device); the first rank prints."""
+    from dataclasses import replace
+
+    from osqdeploy import api
+
+    from .progress import CalibrationProgress
+
+    if ctx is not None and ctx.active:
+        ccfg = replace(ccfg, device=str(ctx.device))
+    main = ctx is None or ctx.is_main
+    inputs = api.calibration_inputs(model, ccfg, data=data, eval_data=eval_data, checkpoint=checkpoint, augment=augment)
+    loaded, images, views = inputs.loaded, inputs.images, inputs.augmented_views
+    if main:
+        w, a = qcfg.w_bits, qcfg.a_bits
+        ranks = f" on {ctx.world} ranks" if ctx is not None and ctx.active else ""
+        out.print(f"[bold]osq calibrate[/] {loaded.recipe.name} ({loaded.spec.timm_name}) W{w}A{a}, weights: "
+                  f"{_source_text(loaded.source)}")
+        out.print(f"  {images.shape[0]} calibration images" + (f" ({views} of them augmented views)" if views else "")
+                  + f" from {inputs.data_info['calib_dir']}; {ccfg.iters} iters/group, batch {ccfg.batch_size}, "
+                  f"seed {ccfg.seed}, device {ccfg.device}{ranks}; run: {shown}", highlight=False)
+    with CalibrationProgress(err if main else Console(quiet=True), plan_console=out if main else Console(quiet=True),
+                             iters_per_group=ccfg.iters) as callbacks:
+        run = api.calibrate(loaded, images, qcfg, ccfg, target, callbacks=callbacks, resume=resume,
+                            data_info=inputs.data_info, dist=ctx)
+    return run.manifest, int(images.shape[0])
 
 
 def _source_text(source: dict[str, Any]) -> str:
@@ -244,6 +261,7 @@ def eval_(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per runtime call.", min=1)] = 64,
     limit: Annotated[int | None, typer.Option(help="Evaluate N images spread over the folder.", min=1)] = None,
+    gpus: o.GpusOpt = None,
 ) -> None:
     """Accuracy, KL to fp32 and speed of a runtime beside its references, and ONNX-vs-PyTorch parity.
 
@@ -261,17 +279,10 @@ def eval_(
                 f"{ws.display(run_dir or '.')} has no ONNX export yet: run `osq export` first, or use "
                 "--runtime torch-quant"
             )
-        report = api.evaluate(
-            run_dir,
-            onnx_path,
-            data=data,
-            runtime=runtime.value,
-            provider=provider.value,
-            device=device.value,
-            batch_size=batch_size,
-            limit=limit,
-            progress=out.is_terminal,
-        )
+        job = (run_dir, onnx_path, data, runtime.value, provider.value, device.value, batch_size, limit)
+        report = on_gpus(gpus, _eval_rank, *job) if gpus or under_torchrun() else _eval_rank(None, *job)
+        if report is None:  # a torchrun rank other than the first
+            return
         report.extra["sizes"] = ws.sizes(onnx_path, run_dir)
         report_path = onnx_path.with_name(f"{onnx_path.stem}.eval.json") if onnx_path else run_dir / "eval.json"
         report.write(report_path)
@@ -279,6 +290,19 @@ def eval_(
     for renderable in eval_tables(report, runtime.value):
         out.print(renderable)
     out.print(f"Report: {ws.display(report_path)}", highlight=False)
+
+
+def _eval_rank(ctx, run_dir, onnx_path, data, runtime, provider, device, batch_size, limit):
+    """One process' shard of ``osq eval``; the first rank returns the gathered report."""
+    from osqdeploy import api
+
+    main = ctx is None or ctx.is_main
+    report = api.evaluate(run_dir, onnx_path, data=data, runtime=runtime, provider=provider, device=device,
+                          batch_size=batch_size, limit=limit, progress=main and out.is_terminal, dist=ctx)
+    return report if main else None
+
+
+app.command("sweep")(sweep)
 
 
 @app.command("list")

@@ -129,3 +129,20 @@ RunDirOpt = Annotated[
 ResumeOpt = Annotated[
     bool, typer.Option(help="Continue an interrupted run in --run-dir from its first unfinished group.")
 ]
+GpusOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--gpus",
+        min=1,
+        help="Spread the work over N GPUs of this machine (one process each, NCCL); under torchrun the ranks come "
+        "from torchrun. \\[default: 1]",
+    ),
+]
+GlobalBatchScaleOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="K times the global batch with K times fewer iterations (AdaRound's rate K times higher): more images "
+        "per step for several GPUs to share. 1 is the paper's schedule.",
+    ),
+]

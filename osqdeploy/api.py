@@ -8,6 +8,7 @@ script gets the same answers. Stages meet only through artifacts: a run director
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ from torch import nn
 
 from .adapters import Adapter, adapter_for
 from .config import CalibrationConfig, ConfigError, QuantConfig
+from .distributed import DistContext
 from .evaluation import EvalResult, OnnxRuntime, ParityReport, TorchRuntime, kl_divergence, parity, write_report
 from .evaluation import evaluate as evaluate_runtime
 from .load.data import DataError, ImageFiles, calibration_augment, calibration_tensor, eval_transform
@@ -157,13 +159,18 @@ def calibration_config(recipe: str, **overrides: Any) -> CalibrationConfig:
 
 
 def calibration_images(
-    data: str | Path | ImageFiles, model: nn.Module, samples: int = 1024, seed: int = 0, augment: bool = True
+    data: str | Path | ImageFiles,
+    model: nn.Module | LoadedModel,
+    samples: int = 1024,
+    seed: int = 0,
+    augment: bool = True,
 ) -> torch.Tensor:
     """``samples`` images of a folder in the model's own preprocessing, ``[N, 3, H, W]``.
 
     A folder with fewer images is made up to ``samples`` with seeded random crops and flips of them
     (``augment``); the same arguments always give the same tensor.
     """
+    model = model.model if isinstance(model, LoadedModel) else model
     files = data if isinstance(data, ImageFiles) else scan_images(data, samples)
     files.transform = eval_transform(model)
     return calibration_tensor(files, samples, seed, augment=calibration_augment(model) if augment else None)
@@ -240,14 +247,18 @@ def calibration_inputs(
         files, eval_data = ImageFiles(paths.train_dir), eval_data or paths.val_dir
     images = calibration_images(files, loaded.model, ccfg.samples, ccfg.seed, augment=augment)
     n = int(images.shape[0])
-    return CalibrationInputs(loaded, images, {
-        "calib_dir": str(Path(files.root or data or "").resolve()),
-        "calib_layout": files.layout,
-        "calib_images": n,
-        "calib_files": len(files),
-        "augmented_views": n - min(len(files), n),
-        "eval_dir": str(Path(eval_data).resolve()) if eval_data is not None else None,
-    })
+    return CalibrationInputs(
+        loaded,
+        images,
+        {
+            "calib_dir": str(Path(files.root or data or "").resolve()),
+            "calib_layout": files.layout,
+            "calib_images": n,
+            "calib_files": len(files),
+            "augmented_views": n - min(len(files), n),
+            "eval_dir": str(Path(eval_data).resolve()) if eval_data is not None else None,
+        },
+    )
 
 
 def as_loaded(model: LoadedModel | nn.Module) -> LoadedModel:
@@ -315,8 +326,10 @@ class _Checkpointer(Callbacks):
         prior: list[dict],
         adapter: Adapter,
         plan: Plan,
+        write: bool = True,
     ):
         self.inner, self.run_dir, self.model, self.fingerprint = inner, run_dir, model, fingerprint
+        self.write = write  # of several ranks, only the first writes
         self.groups = list(prior)
         names = {id(m): n for n, m in model.named_modules()}
         units = {u.name: u for u in adapter.units(model)}
@@ -333,14 +346,15 @@ class _Checkpointer(Callbacks):
 
     def on_group_end(self, result: GroupResult) -> None:
         self.groups.append(result.to_dict())
-        store.save_checkpoint(
-            self.run_dir,
-            self.model,
-            result.index + 1,
-            self.groups,
-            self.fingerprint,
-            changed=self.changed[result.index],
-        )
+        if self.write:
+            store.save_checkpoint(
+                self.run_dir,
+                self.model,
+                result.index + 1,
+                self.groups,
+                self.fingerprint,
+                changed=self.changed[result.index],
+            )
         self.inner.on_group_end(result)
 
 
@@ -354,6 +368,7 @@ def calibrate(
     callbacks: Callbacks | None = None,
     resume: bool = True,
     data_info: dict | None = None,
+    dist: DistContext | None = None,
 ) -> Run:
     """Quantize ``model`` by granularity-aware reconstruction; returns the saved :class:`Run`.
 
@@ -362,6 +377,9 @@ def calibrate(
     The model is quantized in place. Every finished group is checkpointed in ``run_dir`` (a fresh
     temporary directory when None; :meth:`Run.save` copies it elsewhere), and a later call with the
     same settings, weights and images continues from the first unfinished group.
+
+    With ``dist`` (several ranks, :mod:`osqdeploy.distributed`) each rank takes its share of every
+    batch, gradients are averaged, and only the first rank writes the run directory.
     """
     loaded = as_loaded(model)
     qcfg, ccfg = quant or QuantConfig(), calibration or CalibrationConfig()
@@ -372,23 +390,32 @@ def calibrate(
     if images.ndim != 4 or images.shape[0] == 0:
         raise DataError("calibration needs a non-empty batch of images [N, 3, H, W]")
     callbacks = callbacks or Callbacks()
-    run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="osq-run-"))
-    check_run_dir(run_dir)
-    store.check_writable(run_dir)
     device = resolve_device(ccfg.device)
+    dist = dist or DistContext.single(device)
+    writer = dist.is_main
+    if run_dir is None:
+        run_dir = tempfile.mkdtemp(prefix="osq-run-") if writer else ""
+        if dist.active:
+            run_dir = dist.broadcast_object(str(run_dir))
+    run_dir = Path(run_dir)
+    if writer:
+        check_run_dir(run_dir)
+        store.check_writable(run_dir)
     # the manifest (and a resume's identity) records the precision actually run, not "auto"
     ccfg = replace(ccfg, autocast=ccfg.autocast_on(device.type))
     images = images.float().cpu()
     net = loaded.model.eval()
     fingerprint = _fingerprint(loaded, qcfg, ccfg, images)
+    dist.require_same(fingerprint, "calibration images, model and settings")
     stage = callbacks.on_stage if isinstance(callbacks, PlanCallbacks) else (lambda name: None)
 
-    with store.run_lock(run_dir):
+    with store.run_lock(run_dir) if writer else contextlib.nullcontext():
         old = store.read_raw_manifest(run_dir)
         if old.get("status") == RunStatus.COMPLETE.value:
             raise store.RunError(f"{run_dir} already holds a finished run; choose another run directory")
         # before anything is computed or the manifest rewritten: a checkpoint of other settings is refused
         ck = store.read_checkpoint(run_dir, fingerprint, _changed_settings(old, qcfg, ccfg)) if resume else None
+        dist.require_same(str(ck.done_groups if ck else None), "checkpoint in the run directory")
         t0 = time.perf_counter()
         stages: dict[str, float] = {}
         stage("prepare")
@@ -416,13 +443,14 @@ def calibrate(
             data=data_info or {},
             outliers=outliers,
         )
-        store.write_manifest(run_dir, manifest)
+        if writer:
+            store.write_manifest(run_dir, manifest)
 
         prior = ck.groups if ck else []
         if isinstance(callbacks, PlanCallbacks):
             callbacks.on_plan(plan, ck.done_groups if ck else 0)
-        checkpointer = _Checkpointer(callbacks, run_dir, net, fingerprint, prior, adapter, plan)
-        rec = Reconstructor(net, adapter, plan, ccfg, device, checkpointer)
+        checkpointer = _Checkpointer(callbacks, run_dir, net, fingerprint, prior, adapter, plan, write=writer)
+        rec = Reconstructor(net, adapter, plan, ccfg, device, checkpointer, dist=dist)
         stages["prepare"] = time.perf_counter() - t0  # outlier probe, float logits, quantized structure
         stage("initialize")
         if ck:
@@ -430,7 +458,8 @@ def calibrate(
             done = ck.done_groups
         else:
             rec.initialize(images)
-            store.save_checkpoint(run_dir, net, 0, [], fingerprint)
+            if writer:
+                store.save_checkpoint(run_dir, net, 0, [], fingerprint)
             done = 0
         stages["initialize"] = time.perf_counter() - t0 - stages["prepare"]  # or reload the checkpoint
         stage("reconstruct")
@@ -451,10 +480,12 @@ def calibrate(
             seconds=round(time.perf_counter() - t0, 3),
             stage_seconds={k: round(v, 3) for k, v in stages.items()},
             resumed_from_group=done,
-            state_sha256=store.save_deployed(run_dir, net),
+            state_sha256=store.save_deployed(run_dir, net) if writer else None,
         )
-        store.write_manifest(run_dir, manifest)
-        store.clear_checkpoint(run_dir)
+        if writer:
+            store.write_manifest(run_dir, manifest)
+            store.clear_checkpoint(run_dir)
+    dist.barrier()
     return Run(net, adapter, manifest, run_dir)
 
 
@@ -604,6 +635,25 @@ class EvalReport:
             "parity": self.parity.to_dict() if self.parity else None,
         }
 
+    def summary(self) -> str:
+        """One line per runtime (top-1, KL to fp32, images/s), then parity and the noise verdict."""
+        lines = []
+        for name, r in self.results.items():
+            kl = self.kl_to_fp32.get(name)
+            top1 = "-" if r.top1 is None else f"{r.top1:.2f}%"
+            lines.append(
+                f"{name:12s} top-1 {top1:>7s}  KL to fp32 {'-' if kl is None else f'{kl:.4f}':>7s}  "
+                f"{r.images_per_s:,.0f} images/s"
+            )
+        if self.parity is not None:
+            lines.append(
+                f"torch-quant vs onnxruntime: top-1 agreement {self.parity.top1_agreement:.2f}%, "
+                f"KL {self.parity.kl_divergence:.4f}"
+            )
+        if self.noise is not None:
+            lines.append(self.noise.sentence("torch-quant", "onnxruntime", self.n))
+        return "\n".join(lines)
+
     def write(self, path: str | Path) -> Path:
         """The report as JSON (atomically), without the logits."""
         extra = {k: v for k, v in self.to_dict().items() if k not in ("results", "parity")}
@@ -621,12 +671,14 @@ def evaluate(
     batch_size: int = 64,
     limit: int | None = None,
     progress: bool = False,
+    dist: DistContext | None = None,
 ) -> EvalReport:
     """Measure ``runtime`` and every reference at hand on the same labelled images.
 
     References: torch-fp32 when the original weights are still available and unchanged, torch-quant
     from the run, onnxruntime from the ONNX file. An ONNX file exported from another run than ``run``
     is refused before anything runs. ``data`` defaults to the evaluation folder the run recorded.
+    With ``dist`` each rank evaluates a contiguous shard and every rank gets the gathered totals.
     """
     if runtime not in ("onnxruntime", "torch-quant", "torch-fp32"):
         raise ConfigError(f"runtime must be onnxruntime, torch-quant or torch-fp32, got {runtime!r}")
@@ -634,7 +686,7 @@ def evaluate(
         raise ConfigError("the onnxruntime runtime needs an ONNX file: export the run first, or use torch-quant")
     if run is None and runtime != "onnxruntime":
         raise ConfigError(f"{runtime} needs the run the ONNX file was exported from")
-    dev = resolve_device(str(device))
+    dev = dist.device if dist is not None and dist.active else resolve_device(str(device))
     quant = (run if isinstance(run, Run) else load_run(run, dev)) if run is not None else None
     if quant is not None and onnx is not None:
         recorded = onnx_run_sha(onnx)

@@ -7,11 +7,14 @@ where the paper is silent the choice and its origin are written next to the fiel
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
 
 WEIGHT_INITS = ("minmax", "mse")
 AUTOCASTS = ("auto", "off", "bf16", "fp16")
 POST_GELU_RANGES = ("mse", "mse_max")
 EDGE_RANGES = ("mse", "minmax")
+LOSSES = ("mse", "fisher")
+OUTPUT_TUNING_PARAMS = ("steps", "steps+affine")
 
 
 MAX_SEED = 2**47 - 1  # seed * 100003 + group index stays within torch's 64-bit seeds
@@ -80,6 +83,42 @@ class QuantConfig:
             )
 
 
+class Method(str, Enum):
+    """Named accuracy methods: which objective a calibration minimises and what runs after the groups.
+
+    ``PAPER`` is the paper's Appendix F reconstruction (block-output MSE per group, nothing after),
+    kept by name so its results stay reproducible whatever the default becomes. The others add one
+    candidate each (``CalibrationConfig`` documents the settings); a setting changed by hand makes
+    the configuration ``CUSTOM``.
+    """
+
+    PAPER = "paper"
+    FISHER = "fisher"  # BRECQ's Fisher-weighted block-output error
+    PREDICTION = "prediction"  # + KL of the predictions in the last group's objective (PD-Quant)
+    OUTPUT_TUNED = "output_tuned"  # + output-level tuning of steps, LayerNorms and biases
+    CUSTOM = "custom"
+
+
+# Every method's accuracy settings, all of them, so that choosing one resets the others.
+METHODS: dict[Method, dict] = {
+    Method.PAPER: dict(loss="mse", kl_groups=0, output_tuning_iters=0),
+    Method.FISHER: dict(loss="fisher", kl_groups=0, output_tuning_iters=0),
+    Method.PREDICTION: dict(loss="mse", kl_groups=1, kl_weight=1.0, output_tuning_iters=0),
+    Method.OUTPUT_TUNED: dict(loss="mse", kl_groups=0, output_tuning_iters=1000, output_tuning="steps+affine",
+                              output_tuning_lr=1e-3),
+}
+
+
+def _method_settings(cfg: CalibrationConfig) -> dict:
+    """The accuracy settings that change what ``cfg`` computes (a weight of a disabled term does not)."""
+    settings: dict = {"loss": cfg.loss, "kl_groups": cfg.kl_groups, "output_tuning_iters": cfg.output_tuning_iters}
+    if cfg.kl_groups:
+        settings["kl_weight"] = cfg.kl_weight
+    if cfg.output_tuning_iters:
+        settings.update(output_tuning=cfg.output_tuning, output_tuning_lr=cfg.output_tuning_lr)
+    return settings
+
+
 # ``osq calibrate --fast``: iterations per group of the quick preset, a fifth of the paper's
 # schedule (see ``fast_preset``).
 FAST_ITERS = 4000
@@ -107,6 +146,24 @@ class CalibrationConfig:
     # (BRECQ/QDrop's lp_loss sums over the feature dimension), so round_weight keeps the
     # balance those methods tuned.
     loss: str = "mse"
+    # Prediction-aware objective (PD-Quant): the last ``kl_groups`` groups add to their block-output
+    # error the KL divergence of the model's predictions from the float model's, the rest of the
+    # network run on the group's output (the quantized head, and any later group at its current
+    # grids). ``kl_weight`` is relative: 1 makes the KL term as large as the block-output error on
+    # the group's round-to-nearest start, so the balance does not hang on the model's logit scale.
+    # Off in the paper's method (Method.PAPER); "mse" loss only.
+    kl_groups: int = 0
+    kl_weight: float = 1.0
+    # Output-level tuning after block reconstruction (reconstruct/output_tuning.py): Adam on the
+    # whole quantized model, minimising the KL divergence of its predictions from the float
+    # model's on the calibration images, for ``output_tuning_iters`` batches. "steps" learns the
+    # activation steps; "steps+affine" also the LayerNorm gains and biases and the layers' biases,
+    # which stay float in the deployed graph. The integer weights never change.
+    # ``output_tuning_lr`` is relative: each tensor's Adam rate is it times the tensor's mean
+    # magnitude. Off in the paper's method.
+    output_tuning_iters: int = 0
+    output_tuning: str = "steps"
+    output_tuning_lr: float = 1e-3
     # Speed features (issue 5), used on CUDA devices only. TF32 matmuls change float rounding;
     # replaying each group's training step as a CUDA graph changes nothing that is computed
     # (reconstruct/step.py); compiled quantizer kernels fuse the same arithmetic (quant/kernels.py).
@@ -161,10 +218,42 @@ class CalibrationConfig:
             raise ConfigError(f"autocast must be one of {', '.join(AUTOCASTS)}, got {self.autocast!r}")
         if not self.loss_scale > 0:
             raise ConfigError(f"loss scale must be > 0, got {self.loss_scale}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.kl_groups < 0:
+            raise ConfigError(f"kl_groups must be ≥ 0, got {self.kl_groups}")
+        if self.kl_groups and self.loss != "mse":
+            raise ConfigError(f"the prediction-aware objective (kl_groups) extends the 'mse' loss, not {self.loss!r}")
+        if not self.kl_weight > 0:
+            raise ConfigError(f"kl_weight must be > 0, got {self.kl_weight}")
+        if self.output_tuning_iters < 0:
+            raise ConfigError(f"output tuning iterations must be ≥ 0, got {self.output_tuning_iters}")
+        if self.output_tuning not in OUTPUT_TUNING_PARAMS:
+            raise ConfigError(
+                f"output_tuning must be one of {', '.join(OUTPUT_TUNING_PARAMS)}, got {self.output_tuning!r}"
+            )
+        if not self.output_tuning_lr > 0:
+            raise ConfigError(f"output tuning learning rate must be > 0, got {self.output_tuning_lr}")
         # torch seeds are 64-bit and reconstruction seeds group i with seed * 100003 + i: a larger
         # seed would fail only once reconstruction starts
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed must be an integer in 0..{MAX_SEED} (47 bits), got {self.seed!r}")
+
+    @property
+    def method(self) -> Method:
+        """The named method these settings are (``Method.CUSTOM`` when they match none)."""
+        mine = _method_settings(self)
+        for method, preset in METHODS.items():
+            if _method_settings(replace(self, **preset)) == mine:
+                return method
+        return Method.CUSTOM
+
+    def with_method(self, method: Method | str) -> CalibrationConfig:
+        """These settings with the accuracy options of ``method`` (schedule, device and speed kept)."""
+        method = Method(method)
+        if method is Method.CUSTOM:
+            return self
+        return replace(self, **METHODS[method])
 
     def autocast_on(self, device_type: str) -> str:
         """The autocast mode a reconstruction on ``device_type`` runs: "auto" resolved."""
@@ -173,12 +262,12 @@ class CalibrationConfig:
         return "fp16" if device_type == "cuda" else "off"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "method": self.method.value}
 
     @classmethod
     def from_dict(cls, d: dict) -> CalibrationConfig:
         known = {f.name for f in fields(cls)}
-        d = dict(d)
+        d = dict(d)  # "method" is derived from the other settings, which are the record
         if "bf16" in d:  # manifests before session 6 had a bf16 switch, off meaning fp32/TF32
             d.setdefault("autocast", "bf16" if d.pop("bf16") else "off")
         return cls(**{k: v for k, v in d.items() if k in known})

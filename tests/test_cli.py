@@ -398,10 +398,14 @@ def test_help_shows_placeholder_paths_literally():
 # ------------------------------------------------------------------------------------ Python API
 
 
-def test_python_api_gives_the_same_run_and_report_as_the_cli(chain, tmp_path):
+osq_cli = osq
+
+
+def test_python_api_gives_the_same_run_and_report_as_the_cli(in_chain, tmp_path):
     import osqdeploy as osq
 
-    work, _ = chain
+    work = in_chain
+    assert osq_cli("eval", "demo.onnx", "--runtime", "onnxruntime").exit_code == 0  # the whole held-out split
     cli_run = work / _workspace(work)["latest_run"]
     loaded = osq.load_model("demo")
     ccfg = osq.calibration_config("demo", iters=2, samples=16, batch_size=8, device="cpu")

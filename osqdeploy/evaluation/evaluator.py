@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from osqdeploy.distributed import DistContext
 from osqdeploy.evaluation.runtimes import Runtime
 from osqdeploy.load.data import spread_indices
 from osqdeploy.run.store import atomic_write_bytes
@@ -77,17 +78,24 @@ def evaluate(
     progress: bool = True,
     limit: int | None = None,
     num_workers: int = 0,
+    dist: DistContext | None = None,
 ) -> EvalResult:
     """Run ``dataset`` through ``runtime``; keep logits, measure top-1/top-5 and throughput.
 
     Throughput counts only the runtime calls (not decoding or transforms), after one untimed
     warm-up call on the first batch, which absorbs lazy initialisation and autotuning.
-    ``limit`` evaluates that many images spread evenly over the dataset.
+    ``limit`` evaluates that many images spread evenly over the dataset. With ``dist`` of several
+    ranks each runs whole batches of its contiguous shard and every rank returns the gathered
+    result: the logits of a single process, image for image, and the throughput of all ranks.
     """
     if limit is not None and limit < len(dataset):
         dataset = Subset(dataset, spread_indices(len(dataset), limit))
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
+    dist = dist or DistContext()
+    if dist.active:
+        dataset = Subset(dataset, dist.shard(len(dataset), align=batch_size))
+        progress = progress and dist.is_main
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     all_logits: list[torch.Tensor] = []
     all_labels: list[torch.Tensor] = []
@@ -107,8 +115,11 @@ def evaluate(
             all_logits.append(logits.detach().float().cpu())
             all_labels.append(labels)
             bar.update(task, advance=len(images))
-    logits = torch.cat(all_logits)
-    labels = torch.cat(all_labels)
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    if dist.active:  # a rank's shard can be empty when there are fewer batches than ranks
+        logits, labels = dist.gather_rows(logits), dist.gather_rows(labels)
+        seconds = dist.max_float(seconds)
     top1, top5 = _accuracy(logits, labels, runtime.name)
     return EvalResult(
         runtime=runtime.name,

@@ -183,7 +183,9 @@ class UlpPerturbed:
 
 def _providers(provider: str, tf32: bool = False) -> list:
     available = ort.get_available_providers()
-    cuda = (_CUDA_EP, {"use_tf32": str(int(tf32))})
+    # each rank of a sharded evaluation runs on its own GPU (torch's current device)
+    device_id = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    cuda = (_CUDA_EP, {"use_tf32": str(int(tf32)), "device_id": str(device_id)})
     if provider == "auto":
         return [cuda, _CPU_EP] if _CUDA_EP in available else [_CPU_EP]
     if provider == "cuda":

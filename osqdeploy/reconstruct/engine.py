@@ -29,12 +29,14 @@ from torch import nn
 
 from ..adapters import Adapter, State, Unit
 from ..config import CalibrationConfig, ConfigError, QuantConfig
+from ..distributed import DistContext
 from ..plan import Plan
 from ..quant.kernels import fused_quantizers
 from ..quant.layers import act_quantizers, quant_layers
 from ..quant.mode import QuantMode, quant_mode, set_mode
 from ..quant.reparam import reparameterize_norm
-from .objective import Objective, make_objective
+from .objective import Objective, PredictionAwareMSE, make_objective
+from .output_tuning import OutputTuningResult, tune_outputs
 from .step import GroupStep, Schedule, run_steps, warm_compile_workers
 
 
@@ -139,8 +141,12 @@ class Reconstructor:
         device: torch.device,
         callbacks: Callbacks | None = None,
         objective: Objective | None = None,
+        dist: DistContext | None = None,
     ):
         ccfg.validate()
+        # several ranks: each holds the whole group and computes its shard of every global batch
+        self.dist = dist or DistContext.single(device)
+        self.dist.batch_shard(ccfg.batch_size)
         # Reconstruction learns only the rounding variables and activation steps (each set to
         # require gradients while its group is optimised). Frozen, the float parameters cost no
         # backward kernels: timm's LayerNorm affines and Swin's position-bias tables would
@@ -157,6 +163,7 @@ class Reconstructor:
         if missing:
             raise ValueError(f"plan names units the model does not have: {missing[:5]}")
         self.groups: list[list[Unit]] = [[units[n] for n in g] for g in plan.groups]
+        self.output_tuning: OutputTuningResult | None = None  # set by reconstruct when it runs
         warm_compile_workers(ccfg, device)
 
     # -- batching helpers --------------------------------------------------------------------
@@ -199,6 +206,7 @@ class Reconstructor:
         for layer in self.adapter.edge_layers(self.model):
             layer.weight_quantizer.finalize(layer.weight)
         set_mode(acts, QuantMode.NEAREST)
+        self.dist.broadcast_state([self.model])  # every rank starts from rank 0's grids, bit for bit
 
     # -- stage 2: reconstruction --------------------------------------------------------------
 
@@ -221,6 +229,9 @@ class Reconstructor:
             result, q_state, fp_state = self.reconstruct_group(index, q_state, fp_state)
             results.append(result)
             self.callbacks.on_group_end(result)
+        if self.cfg.output_tuning_iters:  # after the last group's checkpoint: a resume tunes again
+            with tf32(self.cfg.tf32 and self.device.type == "cuda"):
+                self.output_tuning = tune_outputs(self.model, images, self.cfg, self.device)
         return results
 
     def _group_mse(self, group: list[Unit], q_in: State, target: torch.Tensor) -> float:
@@ -240,7 +251,7 @@ class Reconstructor:
         acts = act_quantizers(roots)
         t0 = time.perf_counter()
         # Reseeding per group makes a resumed run draw the same batches and drop masks.
-        torch.manual_seed(cfg.seed * 100_003 + index)
+        torch.manual_seed(cfg.seed * 100_003 + index + self.dist.rng_offset)  # QDrop draws: per rank
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + index)
 
         with quant_mode(self.model, QuantMode.FLOAT):
@@ -253,8 +264,9 @@ class Reconstructor:
         curve: list[tuple[int, float]] = []
         if cfg.iters > 0:
             t1 = time.perf_counter()
-            weight = self._output_weights(index, fp_out) if getattr(self.objective, "needs_weights", False) else None
-            curve, first_logged = self._optimize(index, group, layers, acts, q_in, fp_in, target, gen, weight)
+            objective, weight = self._group_objective(index, group, q_in, fp_out)
+            curve, first_logged = self._optimize(index, group, layers, acts, q_in, fp_in, target, gen, weight,
+                                                 objective)
             t2 = time.perf_counter()  # the last iteration's log waited for the device
             phases["first_step"] = first_logged - t1
             phases["steps"] = t2 - first_logged
@@ -263,6 +275,7 @@ class Reconstructor:
         nearest = [layer.weight_quantizer.nearest_codes(layer.weight) for layer in layers]
         for layer in layers:
             layer.weight_quantizer.finalize(layer.weight)
+        self.dist.require_same_state(roots, f"rounding codes and steps after group {index}")
         flipped = sum(
             int((nr != layer.weight_quantizer.w_int.float()).sum()) for nr, layer in zip(nearest, layers, strict=True)
         )
@@ -285,6 +298,35 @@ class Reconstructor:
             phases={k: round(v, 3) for k, v in phases.items()},
         )
         return result, q_out, fp_out
+
+    def _group_objective(self, index: int, group: list[Unit], q_in: State,
+                         fp_out: State) -> tuple[Objective, torch.Tensor | None]:
+        """Group ``index``'s objective and the per-sample tensor it takes (Fisher weights, float logits)."""
+        if index >= len(self.groups) - self.cfg.kl_groups:
+            return self._prediction_objective(index, group, q_in, fp_out)
+        if getattr(self.objective, "needs_weights", False):
+            return self.objective, self._output_weights(index, fp_out)
+        return self.objective, None
+
+    def _prediction_objective(self, index: int, group: list[Unit], q_in: State,
+                              fp_out: State) -> tuple[Objective, torch.Tensor]:
+        """PredictionAwareMSE for group ``index``: its head is the rest of the network, its data the float logits."""
+        if len(fp_out) != 1:
+            raise ConfigError(
+                f"kl_groups={self.cfg.kl_groups}: group {index} ends inside a block (its output is {len(fp_out)} "
+                "tensors); use a plan whose last groups end at block boundaries, or fewer kl_groups"
+            )
+        rest = [u for g in self.groups[index + 1 :] for u in g]
+
+        def head(out: torch.Tensor) -> torch.Tensor:
+            return self.adapter.tail(self.model, self._run_group(rest, (out,)))
+
+        with quant_mode(self.model, QuantMode.FLOAT):
+            fp_logits = self._propagate(lambda s: (head(s[-1]).float(),), fp_out)[0]
+        n = min(fp_out[0].shape[0], 256)  # the balance is measured on round-to-nearest, as mse_before
+        start = self._propagate(lambda s: self._run_group(group, s), _slice(q_in, slice(0, n)))[-1]
+        objective = PredictionAwareMSE(head).balanced(start, fp_out[-1][:n], fp_logits[:n], self.cfg.kl_weight)
+        return objective, fp_logits
 
     def _output_weights(self, index: int, fp_out: State) -> torch.Tensor:
         """Per-element weights of group ``index``'s output for a weighted objective (FisherMSE).
@@ -309,7 +351,7 @@ class Reconstructor:
         return 1.0 + g2 / g2.mean().clamp_min(torch.finfo(g2.dtype).tiny)
 
     def _optimize(self, index, group, layers, acts, q_in, fp_in, target, gen,
-                  weight=None) -> tuple[list[tuple[int, float]], float]:
+                  weight=None, objective=None) -> tuple[list[tuple[int, float]], float]:
         """The group's optimisation; returns its loss curve and when the first iteration was logged."""
         cfg = self.cfg
         for layer in layers:
@@ -323,7 +365,7 @@ class Reconstructor:
         schedule = Schedule.build(cfg, q_in[0].shape[0], gen, self.device)
         step = GroupStep(
             lambda s: self._run_group(group, s), layers, step_params, q_in, fp_in, target,
-            self.objective, schedule, cfg, self.device, weight=weight,
+            objective or self.objective, schedule, cfg, self.device, weight=weight, dist=self.dist,
         )
         curve: list[tuple[int, float]] = []
         first_logged = 0.0

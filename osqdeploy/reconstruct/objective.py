@@ -6,9 +6,11 @@ rounding regulariser is added by the engine, not here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 
 class Objective(Protocol):
@@ -46,6 +48,46 @@ class FisherMSE(ReconstructionMSE):
     """
 
     needs_weights = True
+
+
+def prediction_kl(fp_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(float prediction ‖ quantized prediction), summed over classes, averaged over images."""
+    return F.kl_div(q_logits.float().log_softmax(-1), fp_logits.float().log_softmax(-1), log_target=True,
+                    reduction="batchmean")
+
+
+class PredictionAwareMSE(ReconstructionMSE):
+    """Block-output error plus the KL divergence of the predictions it leads to (PD-Quant's idea).
+
+    The block-output MSE treats every channel of every token alike, though the class token's
+    channels near the head decide the prediction; the KL term asks the group for what is
+    measured at the end, while the MSE term keeps the features close enough for the groups after
+    it. ``head`` maps the group's output to logits (the rest of the quantized network); the
+    per-sample data the engine indexes alongside the target are the float model's logits.
+    ``kl_scale`` is the absolute weight of the KL term (``balanced`` sets it from a relative one).
+    """
+
+    needs_weights = True  # its per-sample tensor is the float logits, not element weights
+
+    def __init__(self, head: Callable[[torch.Tensor], torch.Tensor], kl_scale: float = 1.0):
+        self.head, self.kl_scale = head, kl_scale
+
+    # Eager even inside the step's compiled loss: the head is a module of its own, with quantizers
+    # whose kernels are compiled (or not) on their own.
+    @torch.compiler.disable
+    def __call__(self, out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if weight is None:
+            raise ValueError("the prediction-aware objective needs the float logits of the batch")
+        return super().__call__(out, target) + self.kl_scale * prediction_kl(weight, self.head(out))
+
+    @torch.no_grad()
+    def balanced(self, out: torch.Tensor, target: torch.Tensor, fp_logits: torch.Tensor,
+                 kl_weight: float) -> PredictionAwareMSE:
+        """Itself with ``kl_scale`` such that the KL term is ``kl_weight`` × the MSE term on ``out``."""
+        mse = float(super().__call__(out.float(), target.float()))
+        kl = float(prediction_kl(fp_logits, self.head(out.float())))
+        self.kl_scale = kl_weight * mse / max(kl, 1e-12)
+        return self
 
 
 OBJECTIVES: dict[str, type] = {"mse": ReconstructionMSE, "fisher": FisherMSE}

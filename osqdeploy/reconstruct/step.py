@@ -23,6 +23,7 @@ from torch import nn
 
 from ..adapters import State
 from ..config import CalibrationConfig
+from ..distributed import DistContext
 from ..quant.kernels import allow_recompiles, draw_mask, qdrop_mix
 
 
@@ -69,8 +70,12 @@ class GroupStep:
         cfg: CalibrationConfig,
         device: torch.device,
         weight: torch.Tensor | None = None,
+        dist: DistContext | None = None,
     ):
         self.run_group, self.layers, self.step_params = run_group, layers, step_params
+        # data parallel: this rank's rows of each global batch; gradients averaged over the ranks
+        self.dist = dist or DistContext.single(device)
+        self.shard = self.dist.batch_shard(schedule.batches.shape[1])
         self.weight = weight  # per-element output weights of a weighted objective, like ``target``
         self.q_in, self.fp_in, self.target = q_in, fp_in, target
         self.objective, self.schedule, self.drop_prob = objective, schedule, cfg.drop_prob
@@ -111,7 +116,7 @@ class GroupStep:
     def body(self) -> None:
         """One iteration, without host synchronisation (so it can be captured)."""
         it = self.counter
-        idx = self.schedule.batches.index_select(0, it).squeeze(0)
+        idx = self.schedule.batches.index_select(0, it).squeeze(0)[self.shard]
         masks = tuple(draw_mask((idx.shape[0], *t.shape[1:]), t.device, self.drop_prob) for t in self.q_in)
         inp = self.inputs(self.q_in, self.fp_in, idx, self.drop_prob, masks)
         beta = self.schedule.beta.index_select(0, it).squeeze(0)
@@ -126,6 +131,7 @@ class GroupStep:
         rec = self.loss(self.objective, out, self.target, idx, self.weight)
         reg = torch.stack([wq.reg for wq in quantizers]).sum()
         ((rec + reg_weight * reg) * self.loss_scale).backward()
+        rec = self.dist.average_gradients(self.optimizers, rec)
         for opt in self.optimizers:
             opt.step()
         with torch.no_grad():

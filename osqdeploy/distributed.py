@@ -1,0 +1,416 @@
+"""Several processes, one job: process groups, ranks, and the few collectives osq needs.
+
+torch.distributed does the work (NCCL between GPUs, gloo between CPU processes), started either
+by ``torchrun`` (its environment variables: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or
+by :func:`launch`, which spawns one process per GPU of this host for ``--gpus N``. A
+:class:`DistContext` is what the engine, the evaluator and sweeps are handed; a single process
+is the context of world size 1, for which every collective here is a no-op.
+
+What the collectives are for:
+
+* data-parallel calibration: each step's global batch is split into equal contiguous shards, one
+  per rank, and the gradients of the rounding variables and activation steps (with the loss that
+  is logged) are averaged in one flat all-reduce (:meth:`DistContext.average_`), which NCCL can
+  run inside a captured CUDA graph. Every rank applies the same averaged gradient to the same
+  parameters with the same optimiser, so all ranks hold the same rounding codes and steps;
+  :meth:`DistContext.require_same_state` checks it at the end of every group.
+* different data on different ranks is caught before any work: each rank hashes what it is about
+  to calibrate on and :meth:`DistContext.require_same` compares the hashes.
+* sharded evaluation: whole batches go to each rank (:meth:`DistContext.shard`), so every batch
+  is the one a single process would run, and logits are gathered back in image order
+  (:meth:`DistContext.gather_rows`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import pickle
+import socket
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "DistContext",
+    "DistributedError",
+    "launch",
+    "scale_global_batch",
+    "state_digest",
+    "tensor_digest",
+]
+
+# a rank that stops answering (killed, hung) fails the others' next collective after this long
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+# sweeps: a rank whose queue ran dry waits at the final exchange for the longest job of the others
+SWEEP_TIMEOUT = datetime.timedelta(days=2)
+# QDrop masks of rank r are drawn from the group's seed plus r times this: independent draws per rank
+RANK_SEED_STRIDE = 1_000_003
+
+
+class DistributedError(RuntimeError):
+    """A multi-process run cannot start or cannot go on; the message is one line for the user."""
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process' place among the processes of one job (world size 1: a single process)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+
+    # -- who am I -------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """Whether there are other ranks to talk to."""
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes runs, checkpoints, reports and tables."""
+        return self.rank == 0
+
+    @property
+    def rng_offset(self) -> int:
+        return self.rank * RANK_SEED_STRIDE
+
+    @classmethod
+    def single(cls, device: str | torch.device = "cpu") -> DistContext:
+        return cls(device=torch.device(device))
+
+    @classmethod
+    def current(cls, device: str | torch.device | None = None) -> DistContext:
+        """The context of the default process group, or a single process if none is initialised."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls.single(device or "cpu")
+        backend = dist.get_backend()
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        return cls(dist.get_rank(), dist.get_world_size(), local, torch.device(device), backend)
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _collective(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except DistributedError:
+            raise
+        except RuntimeError as e:  # gloo/NCCL: a peer closed its connection or timed out
+            raise DistributedError(
+                f"rank {self.rank}: lost contact with the other ranks during {what} (did a rank die?): "
+                f"{_first_line(e)}"
+            ) from e
+
+    def barrier(self) -> None:
+        if self.active:
+            self._collective("a barrier", dist.barrier)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        self._collective("an exchange", lambda: dist.all_gather_object(out, obj))
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.active:
+            return obj
+        box = [obj]
+        self._collective("a broadcast", lambda: dist.broadcast_object_list(box, src=src))
+        return box[0]
+
+    def require_same(self, digest: str, what: str) -> None:
+        """Raise on every rank unless all ranks passed the same ``digest`` (e.g. of their data)."""
+        digests = self.all_gather_object(digest)
+        if len(set(digests)) > 1:
+            groups: dict[str, list[int]] = {}
+            for r, d in enumerate(digests):
+                groups.setdefault(d, []).append(r)
+            parts = "; ".join(f"ranks {','.join(map(str, rs))}: {d[:12]}" for d, rs in groups.items())
+            raise DistributedError(
+                f"the ranks do not have the same {what} ({parts}); every rank must read the same files with "
+                "the same settings (on several nodes: the same data, at the same path)"
+            )
+
+    def require_same_state(self, modules: Iterable[nn.Module], what: str) -> None:
+        """Raise unless every rank holds bit-identical parameters and buffers in ``modules``."""
+        if self.active:
+            self.require_same(state_digest(modules), what)
+
+    # -- data-parallel arithmetic ---------------------------------------------------------------
+
+    def batch_shard(self, batch: int) -> slice:
+        """This rank's rows of a global batch of ``batch`` (which must split evenly)."""
+        if batch % self.world:
+            raise DistributedError(
+                f"a batch of {batch} images does not split evenly over {self.world} ranks; "
+                f"use a batch size divisible by {self.world}"
+            )
+        size = batch // self.world
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+    def average_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over the ranks, in one all-reduce of a flat buffer.
+
+        Host-synchronisation free (NCCL can run it inside a captured CUDA graph). NCCL averages
+        itself; gloo has no AVG reduction, so there the sum is divided by the world size.
+        """
+        if not self.active or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        if self.backend == "nccl":
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+        else:
+            dist.all_reduce(flat)
+            flat.mul_(1.0 / self.world)
+        parts = flat.split([t.numel() for t in tensors])
+        torch._foreach_copy_(list(tensors), [p.view_as(t) for p, t in zip(parts, tensors, strict=True)])
+
+    def average_gradients(self, optimizers: Sequence[torch.optim.Optimizer], loss: torch.Tensor) -> torch.Tensor:
+        """Average the gradients of every parameter of ``optimizers`` over the ranks, and ``loss`` with them.
+
+        Each rank's loss is the mean over its equal shard, so the mean of the ranks' gradients is the
+        gradient of the global batch's mean loss. Returns the global batch's loss (detached).
+        """
+        if not self.active:
+            return loss
+        grads = [p.grad for opt in optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        logged = loss.detach().float().reshape(1).clone()
+        self.average_(grads + [logged])
+        return logged[0]
+
+    def broadcast_state(self, modules: Iterable[nn.Module], src: int = 0) -> None:
+        """Overwrite the parameters and buffers of ``modules`` with rank ``src``'s."""
+        if not self.active:
+            return
+
+        def send() -> None:
+            with torch.no_grad():
+                for m in modules:
+                    for t in [*m.parameters(), *m.buffers()]:
+                        dist.broadcast(t.data, src=src)
+
+        self._collective("sharing the initial grids", send)
+
+    # -- sharded evaluation ---------------------------------------------------------------------
+
+    def shard(self, n: int, align: int = 1) -> range:
+        """A contiguous part of ``range(n)``, cut only at multiples of ``align``, balanced over ranks.
+
+        With ``align`` the batch size, each rank runs exactly the batches a single process would
+        run, so per-image results do not depend on the number of ranks.
+        """
+        blocks = -(-n // align)
+        per, extra = divmod(blocks, self.world)
+        start = self.rank * per + min(self.rank, extra)
+        stop = start + per + (1 if self.rank < extra else 0)
+        return range(min(start * align, n), min(stop * align, n))
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's ``t`` (any number of rows each) in rank order, on every rank."""
+        if not self.active:
+            return t
+        shapes = [tuple(s) for s in self.all_gather_object(tuple(t.shape))]
+        rows = [s[0] for s in shapes]
+        tail = next((s[1:] for s in shapes if s[0]), shapes[0][1:])  # an empty shard's columns are unknown
+        t = t.reshape(0, *tail) if t.shape[0] == 0 else t
+        wire = self.device if self.backend == "nccl" else torch.device("cpu")
+        padded = torch.zeros((max(rows), *t.shape[1:]), dtype=t.dtype, device=wire)
+        padded[: t.shape[0]] = t.to(wire)
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        self._collective("gathering results", lambda: dist.all_gather(parts, padded))
+        return torch.cat([p[:r].to(t.device) for p, r in zip(parts, rows, strict=True)])
+
+    def max_float(self, value: float) -> float:
+        return max(float(v) for v in self.all_gather_object(float(value)))
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def state_digest(modules: Iterable[nn.Module]) -> str:
+    """sha256 of the parameters and buffers of ``modules``, names and bytes."""
+    h = hashlib.sha256()
+    for i, m in enumerate(modules):
+        for name, t in [*m.named_parameters(), *m.named_buffers()]:
+            h.update(f"{i}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes()
+                     if t.numel() else b"")
+    return h.hexdigest()
+
+
+# -- a larger global batch ------------------------------------------------------------------------
+
+
+def scale_global_batch(ccfg: Any, factor: int) -> Any:
+    """The schedule with a ``factor``× larger batch and ``factor``× fewer iterations per group.
+
+    The paper's batch of 32 splits into shards of 16 over 2 GPUs, too small to keep a GPU busy;
+    the same images seen in fewer, larger steps scale instead. Learning-rate policy, that of
+    ``fast_preset``: AdaRound's rate is raised by the factor so that ``lr·iters`` (how far Adam
+    can move each rounding variable) is kept; the activation steps' rate is kept, their Adam
+    moves stay as they were measured. Recorded in ``extra["global_batch_scale"]``.
+    """
+    from dataclasses import replace
+
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"global batch scale must be an integer ≥ 1, got {factor!r}")
+    if factor == 1:
+        return ccfg
+    return replace(
+        ccfg,
+        batch_size=ccfg.batch_size * factor,
+        iters=-(-ccfg.iters // factor),
+        lr_round=ccfg.lr_round * factor,
+        extra={**ccfg.extra, "global_batch_scale": factor},
+    )
+
+
+# -- starting processes -----------------------------------------------------------------------------
+
+
+def _under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def _device_for(local_rank: int, device_type: str) -> torch.device:
+    if device_type != "cuda":
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1))
+        raise DistributedError(
+            f"{per_node} processes per node need {per_node} GPUs but this node has {count}; "
+            f"start at most {count} (torchrun --nproc-per-node {count}, or --gpus {count})"
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_process_group(rank: int, world: int, local_rank: int, device_type: str, init_method: str | None = None,
+                       timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> DistContext:
+    """Join the job's process group (NCCL for CUDA, gloo for CPU) and return this rank's context."""
+    device = _device_for(local_rank, device_type)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout,
+                                **({"device_id": device} if backend == "nccl" else {}))
+        if backend == "nccl":  # NCCL connects lazily: fail here, with a clear line, not in the first group
+            dist.barrier()
+    except Exception as e:
+        where = init_method or f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise DistributedError(
+            f"rank {rank} of {world} could not start the {backend} process group at {where}: {_first_line(e)}"
+        ) from e
+    return DistContext(rank, world, local_rank, device, backend)
+
+
+def from_environment(device_type: str = "auto", timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> DistContext:
+    """This process' context under ``torchrun`` (joining the group), or a single process otherwise."""
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if dist.is_available() and dist.is_initialized():
+        return DistContext.current()
+    if not _under_torchrun():
+        return DistContext.single("cuda" if device_type == "cuda" else "cpu")
+    return init_process_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                              int(os.environ.get("LOCAL_RANK", 0)), device_type, init_method="env://",
+                              timeout=timeout)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(local_rank: int, fn: Callable[..., Any], args: tuple, world: int, device_type: str, port: int,
+            result_path: str, timeout: datetime.timedelta) -> None:
+    ctx = init_process_group(local_rank, world, local_rank, device_type, init_method=f"tcp://127.0.0.1:{port}",
+                             timeout=timeout)
+    try:
+        result = fn(ctx, *args)
+        if ctx.is_main:
+            Path(result_path).write_bytes(pickle.dumps(result))
+    finally:
+        shutdown()
+
+
+def check_gpus(gpus: int) -> None:
+    """Raise unless this host has ``gpus`` CUDA devices."""
+    if gpus < 1:
+        raise DistributedError(f"--gpus must be ≥ 1, got {gpus}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > count:
+        raise DistributedError(
+            f"--gpus {gpus} asks for {gpus} GPUs but this machine has {count}"
+            + ("" if count else " (no CUDA device is visible)")
+        )
+
+
+def launch(fn: Callable[..., Any], *args: Any, processes: int = 1, device_type: str = "cuda",
+           timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Any:
+    """Run ``fn(ctx, *args)`` on ``processes`` ranks of this host and return rank 0's result.
+
+    Under ``torchrun`` the ranks already exist: ``fn`` runs in this process with its context
+    (``processes`` is ignored; torchrun's --nproc-per-node decides). With one process ``fn``
+    runs here. Otherwise one process per rank is spawned (NCCL on ``cuda`` devices 0..N-1, gloo
+    on ``cpu``); if one of them dies or raises, the others are stopped and a
+    :class:`DistributedError` names the rank. ``timeout``: how long a collective waits for the
+    slowest rank before it fails.
+    """
+    if _under_torchrun():
+        ctx = from_environment(device_type, timeout)
+        try:
+            return fn(ctx, *args)
+        finally:
+            shutdown()
+    if processes <= 1:
+        return fn(DistContext.single(torch.device("cuda", 0) if device_type == "cuda" else "cpu"), *args)
+    if device_type == "cuda":
+        check_gpus(processes)
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="osq-launch-") as tmp:
+        result_path = str(Path(tmp) / "result.pkl")
+        try:
+            mp.spawn(_worker, args=(fn, args, processes, device_type, _free_port(), result_path, timeout),
+                     nprocs=processes, join=True)
+        except mp.ProcessRaisedException as e:
+            raise DistributedError(f"rank {e.error_index} failed: {_child_error(e.msg)}") from None
+        except mp.ProcessExitedException as e:
+            how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
+            raise DistributedError(
+                f"rank {e.error_index} died ({how}); the other ranks were stopped. A calibration is resumable: "
+                "run the same command again"
+            ) from None
+        return pickle.loads(Path(result_path).read_bytes())
+
+
+def _child_error(traceback_text: str) -> str:
+    """The last line of a child's traceback: the exception type and its message."""
+    lines = [ln for ln in traceback_text.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "an unknown error"

@@ -1,0 +1,179 @@
+"""Output-level tuning: after block reconstruction, fit the whole quantized model's predictions.
+
+Block reconstruction makes each group's output close to the float one, group by group; what is
+measured in the end is the prediction, and errors the groups left behind add up along the
+network. This stage runs the finished quantized model end to end on the calibration images and
+minimises the KL divergence of its predictions from the float model's, moving only parameters
+that are cheap to move and stay what they are in deployment: the activation steps, and with
+``CalibrationConfig.output_tuning='steps+affine'`` the LayerNorm gains and biases and the
+layers' biases (float in the exported graph). The integer weights are final and untouched.
+
+It runs in fp32 (no autocast: a thousand full-model steps, not 20,000 per group), through the
+same ``run_steps`` as the group steps, so on CUDA it replays one captured iteration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from ..config import CalibrationConfig
+from ..quant.layers import act_quantizers, quant_layers
+from ..quant.mode import QuantMode, quant_mode
+from ..quant.quantizers import ActQuantizer
+from .objective import prediction_kl
+from .step import Schedule, run_steps
+
+
+@dataclass
+class OutputTuningResult:
+    iters: int
+    params: str  # CalibrationConfig.output_tuning
+    tensors: int  # how many parameter tensors were learned
+    kl_before: float  # KL of the predictions from the float model's, on the calibration images
+    kl_after: float  # after tuning (the starting values are kept if tuning did not lower it)
+    kept: bool  # whether the tuned values were kept
+    seconds: float
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["loss_curve"] = [list(p) for p in self.loss_curve]
+        return d
+
+
+def tuned_parameters(model: nn.Module, which: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(activation steps, float affine parameters) that output tuning learns for ``which``."""
+    steps = [q.scale for q in act_quantizers([model]) if isinstance(q, ActQuantizer) and q.mode is QuantMode.NEAREST]
+    affine: list[nn.Parameter] = []
+    if which == "steps+affine":
+        seen: set[int] = set()
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                affine += [p for p in (m.weight, m.bias) if p is not None]
+        affine += [layer.bias for layer in quant_layers([model])]
+        affine = [p for p in affine if not (id(p) in seen or seen.add(id(p)))]
+    return steps, affine
+
+
+class OutputStep:
+    """One Adam step on the KL of a batch of calibration images; host-free, so it can be captured."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, fp_logits: torch.Tensor, batches: torch.Tensor,
+                 steps: list[nn.Parameter], affine: list[nn.Parameter], cfg: CalibrationConfig,
+                 device: torch.device):
+        self.model, self.images, self.fp_logits, self.batches = model, images, fp_logits, batches
+        self.steps = steps
+        cuda = device.type == "cuda"
+        adam = dict(capturable=cuda, fused=True if cuda and cfg.fused_adam else None)
+        # Adam moves a parameter by about its learning rate per step, so each tensor's rate is
+        # relative to its own size: activation steps of one model differ by 100x, and one
+        # absolute rate would freeze the large ones or throw the small ones about.
+        groups = [{"params": [p], "lr": cfg.output_tuning_lr * _size(p)} for p in steps + affine]
+        self.optimizer = torch.optim.Adam(groups, **adam)
+        self.counter = torch.zeros(1, dtype=torch.long, device=device)
+        self.rec = torch.zeros((), device=device)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def body(self) -> None:
+        idx = self.batches.index_select(0, self.counter).squeeze(0)
+        loss = prediction_kl(self.fp_logits.index_select(0, idx), self.model(self.images.index_select(0, idx)))
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_clamp_min_(self.steps, 1e-8)
+            self.counter += 1
+            self.rec.copy_(loss.detach())
+
+    def eager(self) -> None:
+        self.zero_grad()
+        self.body()
+
+
+def _size(p: torch.Tensor) -> float:
+    """A tensor's typical magnitude: its mean absolute value (a tiny floor for an all-zero bias)."""
+    return max(float(p.detach().abs().mean()), 1e-6)
+
+
+@torch.no_grad()
+def _kl(model: nn.Module, images: torch.Tensor, fp_logits: torch.Tensor, batch: int) -> float:
+    n = images.shape[0]
+    total = sum(float(prediction_kl(fp_logits[i : i + batch], model(images[i : i + batch]))) * min(batch, n - i)
+                for i in range(0, n, batch))
+    return total / n
+
+
+def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig, device: torch.device,
+                 reference: nn.Module | None = None) -> OutputTuningResult:
+    """Run ``cfg.output_tuning_iters`` steps of output-level tuning on ``model`` (finished groups), in place.
+
+    ``reference`` is the float model whose predictions are fitted; by default ``model`` itself with
+    quantization disabled, which needs its float weights (a model rebuilt from a saved run has
+    integers only: pass the float model). Batches are drawn from a generator seeded by
+    ``cfg.seed``, so a calibration repeats exactly on the same device. If the tuned model's KL on
+    the calibration images is not below the starting one (or is not finite), the starting values
+    are restored: the stage never leaves the model further from the float predictions on the
+    data it saw. Every parameter of ``model`` is left frozen (``requires_grad=False``).
+    """
+    t0 = time.perf_counter()
+    model.eval().requires_grad_(False)
+    images = images.to(device, torch.float32)
+    bs = min(cfg.batch_size, images.shape[0])
+    with torch.no_grad(), (quant_mode(model, QuantMode.FLOAT) if reference is None else contextlib.nullcontext()):
+        ref = model if reference is None else reference.eval().to(device)
+        fp_logits = torch.cat([ref(images[i : i + bs]).float() for i in range(0, images.shape[0], bs)])
+    steps, affine = tuned_parameters(model, cfg.output_tuning)
+    params = steps + affine
+    start = [p.detach().clone() for p in params]
+    kl_before = _kl(model, images, fp_logits, bs)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 99_991)
+    batches = Schedule.build(replace(cfg, iters=cfg.output_tuning_iters), images.shape[0], gen, device).batches
+    for p in params:
+        p.requires_grad_(True)
+    step = OutputStep(model, images, fp_logits, batches, steps, affine, cfg, device)
+    curve: list[tuple[int, float]] = []
+    iters = cfg.output_tuning_iters
+
+    def on_log(it: int) -> None:
+        curve.append((it, float(step.rec)))
+
+    log_every = max(1, iters // 50)
+    graph = cfg.cuda_graph and device.type == "cuda"
+    # The quantizers run their eager arithmetic, not fused_quantizers' compiled kernels: replayed
+    # in a graph, their extra kernels cost microseconds a step, where compiling each quantizer's
+    # fp32 variants afresh would cost more seconds than the whole stage.
+    try:
+        try:
+            run_steps(step, iters, graph, on_log, log_every)
+        except RuntimeError as e:
+            if not graph:
+                raise
+            # a model whose forward cannot be captured still tunes, eagerly, from where it stopped
+            warnings.warn(f"output tuning could not be captured as a CUDA graph ({e}); continuing eagerly",
+                          RuntimeWarning, stacklevel=2)
+            for it in range(int(step.counter), iters):
+                step.eager()
+                if it % log_every == 0 or it == iters - 1:
+                    on_log(it)
+    finally:
+        step.zero_grad()
+        for p in params:
+            p.requires_grad_(False)
+    kl_after = _kl(model, images, fp_logits, bs)
+    kept = kl_after == kl_after and kl_after < kl_before
+    if not kept:
+        with torch.no_grad():
+            for p, s in zip(params, start, strict=True):
+                p.copy_(s)
+        kl_after = kl_before
+    return OutputTuningResult(
+        iters=iters, params=cfg.output_tuning, tensors=len(params), kl_before=kl_before, kl_after=kl_after,
+        kept=kept, seconds=round(time.perf_counter() - t0, 3), loss_curve=curve,
+    )

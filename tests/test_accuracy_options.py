@@ -1,0 +1,174 @@
+"""Accuracy options beyond the paper: named methods, the prediction-aware objective, output-level tuning.
+
+Each option runs, repeats itself exactly for a seed, and on the tiny ViT with planted outliers
+brings the quantized predictions closer to the float ones on held-out inputs than the same
+schedule without it.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from osqdeploy.adapters import adapter_for
+from osqdeploy.config import METHODS, CalibrationConfig, ConfigError, Method, QuantConfig
+from osqdeploy.plan import build_plan
+from osqdeploy.quant.layers import act_quantizers, quant_layers
+from osqdeploy.reconstruct import Reconstructor, logits, prepare_model
+from osqdeploy.reconstruct.objective import PredictionAwareMSE, ReconstructionMSE, prediction_kl
+
+from conftest import images, tiny_vit
+
+CPU = torch.device("cpu")
+
+
+def _calibrate(model, iters=60, n=64, spec="blocks:1", **cfg):
+    q = copy.deepcopy(model)
+    adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
+    ccfg = CalibrationConfig(samples=n, batch_size=16, iters=iters, **cfg)
+    rec = Reconstructor(q, adapter, build_plan(spec, adapter.units(q)), ccfg, CPU)
+    x = images(n, 32)
+    rec.initialize(x)
+    rec.reconstruct(x)
+    return q, rec
+
+
+def _held_out_kl(model, quantized, n=1024, seed=11):
+    x = images(n, 32, seed=seed)
+    return float(prediction_kl(logits(model, x, 256, CPU), logits(quantized, x, 256, CPU)))
+
+
+# --------------------------------------------------------------------------------------- methods
+
+
+def test_paper_is_the_default_method_and_each_preset_sets_its_own_settings():
+    assert CalibrationConfig().method is Method.PAPER
+    for method in METHODS:
+        cfg = CalibrationConfig(iters=7, seed=3).with_method(method)
+        assert cfg.method is method and (cfg.iters, cfg.seed) == (7, 3)  # the schedule is not the method's
+        assert CalibrationConfig.from_dict(cfg.to_dict()) == cfg
+        assert cfg.to_dict()["method"] == method.value
+    # a preset resets every accuracy setting, so "paper" after anything is the paper's method
+    tuned = CalibrationConfig().with_method(Method.OUTPUT_TUNED)
+    assert tuned.output_tuning_iters > 0
+    assert CalibrationConfig(loss="fisher").with_method("paper") == CalibrationConfig()
+    assert tuned.with_method("paper").method is Method.PAPER
+    # a setting changed by hand is a custom method; a weight of a term that is off changes nothing
+    assert CalibrationConfig(kl_groups=2).method is Method.CUSTOM
+    assert CalibrationConfig(kl_weight=5.0).method is Method.PAPER
+    assert CalibrationConfig(output_tuning_lr=1.0).method is Method.PAPER
+
+
+@pytest.mark.parametrize("settings", [
+    {"kl_groups": -1}, {"kl_groups": 1, "loss": "fisher"}, {"kl_weight": 0.0}, {"output_tuning_iters": -1},
+    {"output_tuning": "weights"}, {"output_tuning_lr": 0.0}, {"loss": "l1"},
+])
+def test_accuracy_settings_outside_the_method_are_refused(settings):
+    with pytest.raises(ConfigError):
+        CalibrationConfig(**settings).validate()
+
+
+# ------------------------------------------------------------------------ prediction-aware objective
+
+
+def test_prediction_objective_is_the_block_error_plus_its_balanced_kl():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 5).requires_grad_(False)
+    out, target, fp_logits = torch.randn(4, 3, 8), torch.randn(4, 3, 8), torch.randn(4, 5)
+    objective = PredictionAwareMSE(lambda o: head(o[:, 0])).balanced(out, target, fp_logits, kl_weight=2.0)
+    mse = ReconstructionMSE()(out, target)
+    kl = prediction_kl(fp_logits, head(out[:, 0]))
+    assert float(objective.kl_scale * kl) == pytest.approx(2.0 * float(mse), rel=1e-5)
+    assert torch.allclose(objective(out, target, fp_logits), mse + objective.kl_scale * kl)
+    with pytest.raises(ValueError, match="float logits"):
+        objective(out, target)
+
+
+def test_prediction_objective_refuses_a_group_that_ends_inside_a_block():
+    # slices:A-B-C: the attention slice A hands on (x, context), not a block output a head can read
+    with pytest.raises(ConfigError, match="ends inside a block"):
+        _calibrate(tiny_vit(depth=1), iters=2, n=16, spec="slices:A-B-C", kl_groups=3)
+
+
+# ------------------------------------------------------------------------------ output-level tuning
+
+
+def test_output_tuning_keeps_the_integer_weights_and_restores_a_start_it_cannot_improve():
+    model = tiny_vit(depth=2)
+    base, _ = _calibrate(model, iters=10, n=32)
+    tuned, rec = _calibrate(model, iters=10, n=32, output_tuning_iters=30, output_tuning="steps+affine")
+    result = rec.output_tuning
+    assert result.kept and result.kl_after < result.kl_before and result.tensors > 0
+    for a, b in zip(quant_layers([base]), quant_layers([tuned]), strict=True):
+        assert torch.equal(a.weight_quantizer.w_int, b.weight_quantizer.w_int)
+    assert any(not torch.equal(a.scale, b.scale) for a, b in zip(act_quantizers([base]), act_quantizers([tuned]),
+                                                                 strict=True) if hasattr(a, "scale"))
+    # a rate that throws the model about leaves it as block reconstruction left it, exactly
+    wild, rec = _calibrate(model, iters=10, n=32, output_tuning_iters=30, output_tuning="steps+affine",
+                           output_tuning_lr=5.0)
+    assert not rec.output_tuning.kept
+    state, wild_state = base.state_dict(), wild.state_dict()
+    assert all(torch.equal(state[k], wild_state[k]) for k in state)
+
+
+# ----------------------------------------------------------------------- determinism and the payoff
+
+OPTIONS = {
+    "fisher": dict(loss="fisher"),
+    "prediction": dict(kl_groups=1),
+    "tuned_steps": dict(output_tuning_iters=100),
+    "tuned_affine": dict(output_tuning_iters=100, output_tuning="steps+affine"),
+}
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_each_option_repeats_itself_exactly_for_a_seed(option):
+    model = tiny_vit(depth=1)
+    settings = {**OPTIONS[option], "output_tuning_iters": 10} if "output_tuning_iters" in OPTIONS[option] \
+        else OPTIONS[option]
+    a, _ = _calibrate(model, iters=10, n=16, seed=4, **settings)
+    b, _ = _calibrate(model, iters=10, n=16, seed=4, **settings)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def paper_kl():
+    model = tiny_vit(depth=2)
+    return model, _held_out_kl(model, _calibrate(model)[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["prediction", "tuned_steps", "tuned_affine"])
+def test_option_brings_held_out_predictions_closer_to_float_than_the_paper_schedule(paper_kl, option):
+    # Tiny ViT, planted outliers, W4A4, blocks:1, 60 iterations a group, 64 calibration images,
+    # KL on 1,024 held-out inputs: paper 0.0825; prediction 0.0795; output tuning of the steps
+    # 0.0591, of steps, LayerNorms and biases 0.0348 (100 iterations at the default rate).
+    # (Fisher-weighted MSE is not asserted: 0.0777 here, but 0.0891 against 0.0750 on the model of seed 1.)
+    model, paper = paper_kl
+    quantized, _ = _calibrate(model, **OPTIONS[option])
+    assert _held_out_kl(model, quantized) < paper
+
+
+@pytest.mark.slow
+def test_output_tuned_run_exports_what_its_fake_quant_model_computes(tmp_path):
+    import onnxruntime as ort
+
+    from osqdeploy.api import calibrate, load_run
+    from osqdeploy.onnx_export.onnx_qdq import export_run
+
+    from conftest import loaded_tiny
+
+    ccfg = CalibrationConfig(samples=32, batch_size=16, iters=20).with_method(Method.OUTPUT_TUNED)
+    ccfg.output_tuning_iters = 30
+    manifest = calibrate(loaded_tiny("vit"), images(32, 32), QuantConfig(4, 4), ccfg, tmp_path / "run")
+    assert manifest["calibration"]["output_tuning"] == "steps+affine"
+    export_run(tmp_path / "run", tmp_path / "model.onnx")
+    x = images(128, 32, seed=11)
+    with torch.no_grad():
+        ref = load_run(tmp_path / "run").model(x).numpy()
+    got = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x.numpy()})[0]
+    # the bounds of tests/test_export.py: tuned steps, LayerNorms and biases are what the file holds
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    assert abs(got - ref).max() <= 0.03 * (ref.max() - ref.min())

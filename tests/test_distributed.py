@@ -1,0 +1,282 @@
+"""Data-parallel calibration, sharded evaluation and sweeps over 2 CPU processes (gloo).
+
+Starting processes costs seconds here, so one spawn of 2 ranks does every 2-rank check
+(``two_ranks``) and the tests compare what it returned with a single process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from osqdeploy.adapters import adapter_for
+from osqdeploy.api import calibrate
+from osqdeploy.config import CalibrationConfig, QuantConfig
+from osqdeploy.distributed import DistContext, DistributedError, launch, scale_global_batch, tensor_digest
+from osqdeploy.evaluation import TorchRuntime, evaluate
+from osqdeploy.load.data import ImageFiles, eval_transform
+from osqdeploy.load.models import load_model
+from osqdeploy.plan import build_plan
+from osqdeploy.quant.layers import quant_layers
+from osqdeploy.reconstruct import Callbacks, Reconstructor, prepare_model
+from osqdeploy.sweep import SweepError, SweepSpec, parse_bits
+
+from conftest import images, loaded_tiny, tiny_vit
+
+CPU = torch.device("cpu")
+ITERS = 24
+TINY = {"vit_tiny_patch16_224": dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10)}
+
+
+def _calibrate(ctx: DistContext, drop_prob: float = 0.0, data_seed: int = 1):
+    """A 2-block tiny ViT reconstructed block by block; its codes, group MSEs and loss curves."""
+    q = tiny_vit(depth=2)
+    adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
+    ccfg = CalibrationConfig(samples=32, batch_size=16, iters=ITERS, drop_prob=drop_prob)
+    x = images(32, 32, seed=data_seed)
+    ctx.require_same(tensor_digest(x), "calibration images")
+    rec = Reconstructor(q, adapter, build_plan("blocks:1", adapter.units(q)), ccfg, CPU, dist=ctx)
+    rec.initialize(x)
+    results = rec.reconstruct(x)
+    codes = [layer.weight_quantizer.w_int.clone() for layer in quant_layers([q])]
+    return codes, [r.mse_after for r in results], [r.loss_curve for r in results]
+
+
+def _folder(root: Path, n: int = 20) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
+    return root
+
+
+def _evaluate(ctx: DistContext, folder: str):
+    torch.manual_seed(0)
+    model = load_model("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY["vit_tiny_patch16_224"]).model
+    data = ImageFiles(folder, transform=eval_transform(model))
+    return evaluate(TorchRuntime(model, CPU), data, batch_size=3, progress=False, dist=ctx)
+
+
+def _sweep_spec(folder: str) -> SweepSpec:
+    return SweepSpec(
+        models=["vit_tiny_patch16_224"], seeds=[0, 1], plans=["blocks:2"], data=folder, pretrained=False,
+        model_kwargs=TINY, calibration={"iters": 3, "samples": 8, "batch_size": 4}, eval_limit=8,
+    )
+
+
+def _two_rank_checks(ctx: DistContext, folder: str, out: str) -> dict:
+    torch.set_num_threads(1)
+    from osqdeploy.sweep import run_sweep
+
+    found: dict = {"calibration": _calibrate(ctx)}
+    try:
+        _calibrate(ctx, data_seed=1 + ctx.rank)
+    except DistributedError as e:
+        found["different_data"] = str(e)
+    r = _evaluate(ctx, folder)
+    found["eval"] = (r.n, r.top1, r.logits, r.labels)
+    found["sweep_first"] = run_sweep(_sweep_spec(folder), out, ctx)
+    found["sweep_again"] = run_sweep(_sweep_spec(folder), out, ctx)
+    return found
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory) -> Path:
+    return _folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data_folder, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("sweep")
+    return {**launch(_two_rank_checks, str(data_folder), str(out), processes=2, device_type="cpu"), "out": out}
+
+
+# -- calibration ----------------------------------------------------------------------------------
+
+
+def test_two_rank_calibration_equals_one_process_with_the_same_global_batch(two_ranks):
+    codes, mse, curves = _calibrate(DistContext.single())
+    codes2, mse2, curves2 = two_ranks["calibration"]
+    assert all(torch.equal(a, b) for a, b in zip(codes, codes2, strict=True))
+    # fp32 on CPU: only the order of the gradient sum differs (measured: loss curves within 1e-6 relative)
+    assert mse2 == pytest.approx(mse, rel=1e-5)
+    for c1, c2 in zip(curves, curves2, strict=True):
+        assert [it for it, _ in c1] == [it for it, _ in c2]
+        assert [v for _, v in c2] == pytest.approx([v for _, v in c1], rel=1e-5)
+
+
+def test_different_data_on_different_ranks_is_one_clear_error(two_ranks):
+    msg = two_ranks["different_data"]
+    assert "do not have the same calibration images" in msg and "ranks 0" in msg and "ranks 1" in msg
+
+
+def test_batch_that_does_not_split_over_the_ranks_is_refused():
+    ctx = DistContext(rank=0, world=3)
+    with pytest.raises(DistributedError, match="does not split evenly over 3 ranks"):
+        ctx.batch_shard(32)
+    assert DistContext(rank=1, world=2).batch_shard(32) == slice(16, 32)
+
+
+def test_larger_global_batch_keeps_lr_times_iterations():
+    cfg = CalibrationConfig(iters=20_000, batch_size=32)
+    big = scale_global_batch(cfg, 4)
+    assert (big.batch_size, big.iters) == (128, 5000)
+    assert big.lr_round * big.iters == pytest.approx(cfg.lr_round * cfg.iters)
+    assert big.lr_act == cfg.lr_act and big.extra["global_batch_scale"] == 4
+    assert scale_global_batch(cfg, 1) is cfg
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+
+def test_two_rank_evaluation_equals_one_process_image_for_image(two_ranks, data_folder):
+    one = _evaluate(DistContext.single(), str(data_folder))
+    n, top1, logits, labels = two_ranks["eval"]
+    assert (n, top1) == (one.n, one.top1)
+    assert torch.equal(labels, one.labels)
+    assert torch.equal(logits, one.logits)
+
+
+@pytest.mark.parametrize("n,align,world", [(20, 3, 2), (5, 4, 3), (0, 2, 2), (64, 1, 4)])
+def test_shards_cover_every_image_once_at_batch_boundaries(n, align, world):
+    shards = [DistContext(rank=r, world=world).shard(n, align) for r in range(world)]
+    assert [i for s in shards for i in s] == list(range(n))
+    assert all(s.start % align == 0 for s in shards if len(s))
+
+
+# -- sweeps ---------------------------------------------------------------------------------------
+
+
+def test_sweep_over_two_ranks_completes_and_a_rerun_skips_finished_jobs(two_ranks):
+    first, again = two_ranks["sweep_first"], two_ranks["sweep_again"]
+    assert sorted(first["ran"]) == sorted(j["job"] for j in first["jobs"]) and len(first["jobs"]) == 2
+    assert {j["rank"] for j in first["jobs"]} == {0, 1}  # one job on each rank
+    for row in first["jobs"]:
+        assert row["status"] == "done", row["status"]
+        assert row["onnx_bytes"] > 0 and row["ort_top1_agreement"] >= 0 and row["kl_to_fp32"] >= 0
+    assert again["ran"] == [] and sorted(again["skipped"]) == sorted(first["ran"])
+    assert [j["status"] for j in again["jobs"]] == ["done earlier"] * 2
+
+
+def test_sweep_writes_json_and_csv_tables(two_ranks):
+    lines = (two_ranks["out"] / "sweep.csv").read_text().splitlines()
+    assert lines[0].startswith("job,model,bits,plan,seed,top1,") and len(lines) == 3
+    table = json.loads((two_ranks["out"] / "sweep.json").read_text())
+    assert [j["status"] for j in table["jobs"]] == ["done earlier"] * 2  # the rerun's table
+
+
+def test_sweep_spec_from_toml(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text('models = ["deit_tiny"]\nbits = ["W4A4", "6,6"]\nplans = ["auto", "blocks:1"]\nseeds = [0, 1]\n'
+                    'data = "calib"\n[calibration]\niters = 100\n[eval]\nlimit = 50\n')
+    spec = SweepSpec.from_toml(path)
+    spec.validate()
+    assert len(spec.jobs()) == 8 and spec.bits == [(4, 4), (6, 6)] and spec.eval_limit == 50
+    assert spec.data == str(tmp_path / "calib") and spec.calibration == {"iters": 100}
+    assert spec.jobs()[0].name == "deit_tiny-w4a4-auto-s0"
+
+
+@pytest.mark.parametrize("text,match", [
+    ('models = ["x"]\ncolour = 1\n', "unknown sweep settings: colour"),
+    ('models = ["x"]\n[calibration]\nitres = 5\n', "does not know: itres"),
+    ('models = [\n', "not valid TOML"),
+    ('models = ["x"]\nbits = ["W9A4"]\n', "weight bits must be"),
+])
+def test_bad_sweep_files_are_one_clear_error(tmp_path, text, match):
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    with pytest.raises((SweepError, ValueError), match=match):
+        SweepSpec.from_toml(path).validate()
+    assert parse_bits("w8a8") == (8, 8)
+
+
+def test_sweep_command_reports_a_bad_file_on_one_line(tmp_path):
+    import typer
+
+    from cli.distributed import sweep
+
+    app = typer.Typer()
+    app.command()(sweep)
+    app.command("noop")(lambda: None)
+    result = CliRunner().invoke(app, ["sweep", str(tmp_path / "missing.toml")])
+    assert result.exit_code == 2 and "sweep file not found" in result.output
+
+
+def test_more_gpus_than_the_machine_has_is_one_clear_error():
+    from osqdeploy.distributed import check_gpus
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(DistributedError, match=f"asks for {n + 1} GPUs but this machine has {n}"):
+        check_gpus(n + 1)
+
+
+# -- a rank dying ---------------------------------------------------------------------------------
+
+
+def _dies(ctx: DistContext) -> None:
+    ctx.barrier()
+    if ctx.rank == 1:
+        os._exit(7)
+    ctx.barrier()  # rank 0 waits on the dead rank until the launcher stops it
+
+
+@pytest.mark.slow
+def test_a_rank_dying_stops_the_others_with_one_line():
+    with pytest.raises(DistributedError, match=r"rank 1 died \(exit code 7\); the other ranks were stopped"):
+        launch(_dies, processes=2, device_type="cpu")
+
+
+# -- the calibration entry point: rank 0 writes, a killed run resumes --------------------------------
+
+
+# without QDrop every draw is shared, so two ranks compute what one process does
+PIPELINE_CFG = CalibrationConfig(samples=16, batch_size=8, iters=6, granularity="blocks:1", drop_prob=0.0)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAfterFirstGroup(Callbacks):
+    def on_group_end(self, result) -> None:
+        raise _Stop  # on every rank, after rank 0 checkpointed the group, as a kill between groups would
+
+
+def _pipeline_runs(ctx: DistContext, root: str) -> dict:
+    torch.set_num_threads(1)
+    ccfg = PIPELINE_CFG
+    x = images(16, 32)
+
+    def run(where: str, callbacks=None) -> dict:
+        loaded = loaded_tiny(depth=2)
+        run = calibrate(loaded, x, QuantConfig(4, 4), ccfg, Path(root) / where, callbacks=callbacks, dist=ctx)
+        return run.manifest.to_dict()
+
+    whole = run("whole")
+    try:
+        run("killed", _StopAfterFirstGroup())
+    except _Stop:
+        pass
+    written = sorted(p.name for p in (Path(root) / "killed").iterdir())
+    resumed = run("killed")
+    return {"whole": whole, "resumed": resumed, "written_before_resume": written}
+
+
+@pytest.mark.slow
+def test_two_rank_run_is_written_by_rank_0_and_resumes_after_an_interruption(tmp_path):
+    found = launch(_pipeline_runs, str(tmp_path), processes=2, device_type="cpu")
+    whole, resumed = found["whole"], found["resumed"]
+    assert whole["status"] == resumed["status"] == "complete"
+    assert resumed["resumed_from_group"] == 1
+    assert "checkpoint" in " ".join(found["written_before_resume"])
+    assert resumed["state_sha256"] == whole["state_sha256"]  # the same codes and steps, bit for bit
+    single = calibrate(loaded_tiny(depth=2), images(16, 32), QuantConfig(4, 4),
+                       PIPELINE_CFG, tmp_path / "one").manifest
+    assert single.output_mse == pytest.approx(whole["output_mse"], rel=1e-5)
