@@ -46,6 +46,50 @@ def _now() -> str:
     return datetime.now().isoformat(timespec="seconds")
 
 
+def _valid_path(value: object) -> bool:
+    """A path string the file system can be asked about (no NUL, within the name-length limits)."""
+    return (
+        isinstance(value, str) and bool(value) and "\0" not in value and len(value.encode(errors="replace")) <= 4096
+        and all(len(part.encode(errors="replace")) <= 255 for part in value.split("/"))
+    )
+
+
+def _count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+_EXPORT_FIELDS: dict[str, Any] = {
+    "created": lambda v: isinstance(v, str),
+    "bytes": _count,
+    "float_bytes": lambda v: v is None or _count(v),
+    "qdq_pairs": _count,
+    "weight_initializers": lambda v: isinstance(v, dict) and all(_count(n) for n in v.values()),
+    "w_bits": lambda v: type(v) is int and 2 <= v <= 16,
+    "a_bits": lambda v: type(v) is int and 2 <= v <= 16,
+    "dynamic_batch": lambda v: isinstance(v, bool),
+}
+
+
+def index_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with the index's fields, by type and range, or None."""
+    runs = data.get("runs", [])
+    if not isinstance(runs, list) or not all(_valid_path(r) for r in runs):
+        return "'runs' is not a list of paths"
+    for key in ("latest_run", "latest_export"):
+        if data.get(key) is not None and not _valid_path(data[key]):
+            return f"'{key}' is not a path"
+    exports = data.get("exports", {})
+    if not isinstance(exports, dict):
+        return "'exports' is not a table"
+    for key, record in exports.items():
+        if not _valid_path(key) or not isinstance(record, dict) or not _valid_path(record.get("run")):
+            return f"export {key!r} has no run path"
+        for field_name, ok in _EXPORT_FIELDS.items():
+            if field_name in record and not ok(record[field_name]):
+                return f"export {key!r} has a bad {field_name!r}"
+    return None
+
+
 @dataclass
 class Workspace:
     """The ``.osq/`` folder of one project directory."""
@@ -105,7 +149,7 @@ class Workspace:
             return {"format": FORMAT, "format_version": FORMAT_VERSION, "runs": [], "exports": {}}
         try:
             data = json.loads(self.file.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise WorkspaceError(f"{self.display(self.file)} is corrupt ({e}); delete it (runs are kept)") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise WorkspaceError(f"{self.display(self.file)} is not an osq workspace index; delete it")
@@ -116,6 +160,9 @@ class Workspace:
             )
         data.setdefault("runs", [])
         data.setdefault("exports", {})
+        problem = index_problem(data)
+        if problem:
+            raise WorkspaceError(f"{self.display(self.file)} is damaged ({problem}); delete it (runs are kept)")
         return data
 
     def _write(self, data: dict[str, Any]) -> None:

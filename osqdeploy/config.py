@@ -17,6 +17,9 @@ LOSSES = ("mse", "fisher")
 OUTPUT_TUNING_PARAMS = ("steps", "steps+affine")
 
 
+MAX_SEED = 2**47 - 1  # seed * 100003 + group index stays within torch's 64-bit seeds
+
+
 class ConfigError(ValueError):
     """A configuration value outside what the method supports."""
 
@@ -231,6 +234,10 @@ class CalibrationConfig:
             )
         if not self.output_tuning_lr > 0:
             raise ConfigError(f"output tuning learning rate must be > 0, got {self.output_tuning_lr}")
+        # torch seeds are 64-bit and reconstruction seeds group i with seed * 100003 + i: a larger
+        # seed would fail only once reconstruction starts
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be an integer in 0..{MAX_SEED} (47 bits), got {self.seed!r}")
 
     @property
     def method(self) -> Method:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -138,7 +139,8 @@ def test_checkpoint_wrappers_load_to_identical_logits(tmp_path, wrap):
     path = tmp_path / "tiny.pth"
     torch.save(wrap(reference.state_dict()), path)
     loaded = load_model("vit_tiny_patch16_224", checkpoint=path, model_kwargs=TINY)
-    assert loaded.source == {"checkpoint": str(path.resolve())}
+    digest = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
+    assert loaded.source == {"checkpoint": str(path.resolve()), **digest}
     assert torch.equal(_logits(loaded.model), _logits(reference))
 
 
@@ -220,7 +222,8 @@ def test_pretrained_without_cache_fails_fast_and_explains(tmp_path, monkeypatch)
 
 def test_real_deit_tiny_checkpoint_classifies_real_images(deit_tiny_weights, imagenet_sample):
     loaded = load_model("deit_t", checkpoint=deit_tiny_weights)
-    assert loaded.source == {"checkpoint": str(deit_tiny_weights.resolve())}
+    assert loaded.source["checkpoint"] == str(deit_tiny_weights.resolve())
+    assert loaded.source["bytes"] == deit_tiny_weights.stat().st_size and len(loaded.source["sha256"]) == 64
     assert loaded.recipe.family == "vit"
     data = ImageFiles(imagenet_sample, transform=eval_transform(loaded.model))
     picks = spread_indices(len(data), 16)

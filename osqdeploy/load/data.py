@@ -15,6 +15,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,19 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..io import os_reason
+
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_DECODE_PIXELS",
     "DataError",
     "DataWarning",
     "ImageFiles",
+    "ImageTooLargeError",
+    "MemoryEstimate",
+    "ResourceError",
+    "available_memory",
+    "calibration_memory",
     "calibration_augment",
     "calibration_tensor",
     "eval_transform",
@@ -54,7 +63,15 @@ _BACKGROUND = (255, 255, 255)
 NOT_AN_IMAGE = "not an image"
 EMPTY = "empty file"
 CORRUPT = "corrupt or truncated"
+UNREADABLE = "unreadable"
+TOO_LARGE = "too large to decode"
 OUTSIDE_CLASSES = "outside class folders"
+
+# The most pixels decoded at full size: 48 megapixels (an 8K frame is 33), well below Pillow's
+# 89-megapixel bomb warning, since a 13000x13000 picture held alone nearly doubled a calibration's
+# memory. Larger JPEGs are decoded at 1/2..1/8 scale by libjpeg (``Image.draft``), which any model
+# input size survives; other formats cannot be decoded smaller and are skipped.
+MAX_DECODE_PIXELS = 48_000_000
 
 
 class DataError(ValueError):
@@ -63,6 +80,10 @@ class DataError(ValueError):
 
 class DataWarning(UserWarning):
     """Some files were skipped; the data is still usable."""
+
+
+class ImageTooLargeError(DataError):
+    """A picture above ``MAX_DECODE_PIXELS`` that cannot be decoded at a smaller scale."""
 
 
 # ------------------------------------------------------------------------------------ pixel modes
@@ -97,10 +118,36 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode one image file into 8-bit RGB."""
+    """Decode one image file into 8-bit RGB, within ``MAX_DECODE_PIXELS`` (see there).
+
+    Runs on decoding threads, so Pillow's bomb warning (above 89 megapixels, before any draft) is
+    not silenced here: ``warnings.catch_warnings`` is process-wide state, not a thread's.
+    """
     with Image.open(path) as img:
+        _within_budget(img, path)
         img.load()
         return to_rgb(img)
+
+
+def _draft_scale(img: Image.Image) -> int | None:
+    """The JPEG scale-down (1, 2, 4 or 8) that brings ``img`` within the budget; None if none does."""
+    pixels = img.width * img.height
+    for scale in (1, 2, 4, 8):
+        if pixels <= MAX_DECODE_PIXELS * scale * scale and (scale == 1 or img.format == "JPEG"):
+            return scale
+    return None
+
+
+def _within_budget(img: Image.Image, path: str | Path) -> None:
+    """Draft a large JPEG to a smaller scale before decoding; refuse what cannot be brought in budget."""
+    scale = _draft_scale(img)
+    if scale is None:
+        raise ImageTooLargeError(
+            f"{path}: {img.width}x{img.height} pixels, above the {MAX_DECODE_PIXELS // 1_000_000}-megapixel "
+            "decode limit; downscale it"
+        )
+    if scale > 1:  # Pillow's draft picks the largest power of two that keeps the size asked for
+        img.draft("RGB", (img.width // scale, img.height // scale))
 
 
 def _skip_reason(path: Path) -> str | None:
@@ -108,15 +155,25 @@ def _skip_reason(path: Path) -> str | None:
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return NOT_AN_IMAGE
     try:
-        if path.stat().st_size == 0:
-            return EMPTY
-        with Image.open(path) as img:
-            img.verify()  # structure and checksums (PNG), but not JPEG entropy data
-        with Image.open(path) as img:
-            if img.format == "JPEG":
-                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-                img.load()  # a truncated JPEG fails only when decoded
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        with open(path, "rb") as f:  # unreadable is not corrupt: say which
+            if not f.read(1):
+                return EMPTY
+    except OSError:
+        return UNREADABLE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.verify()  # structure and checksums (PNG), but not JPEG entropy data
+            with Image.open(path) as img:
+                if _draft_scale(img) is None:
+                    return TOO_LARGE
+                if img.format == "JPEG":
+                    img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                    img.load()  # a truncated JPEG fails only when decoded
+    except Image.DecompressionBombError:
+        return TOO_LARGE
+    except (OSError, SyntaxError, ValueError, EOFError):
         return CORRUPT
     return None
 
@@ -381,21 +438,57 @@ def calibration_tensor(
             extra = n - total
         n = total
     generator = torch.Generator().manual_seed(seed)
-    indices = torch.randperm(total, generator=generator)[:n].tolist()
-    if isinstance(dataset, ImageFiles) and dataset.transform is not None:  # decoded on a thread pool
-        transform = dataset.transform
-        images = list(_in_parallel(lambda path: transform(_decode(path)), [dataset.files[i] for i in indices]))
-    else:
-        images = []
-        for i in indices:
-            item = dataset[i]
-            image = item[0] if isinstance(item, (tuple, list)) else item
-            if not isinstance(image, torch.Tensor):
-                raise TypeError(f"dataset items must be tensors for calibration (set a transform), got {type(image)}")
-            images.append(image)
+    order = torch.randperm(total, generator=generator).tolist()
+    images, indices, failed = _draw(dataset, order, n)
+    if failed:
+        if isinstance(dataset, ImageFiles):
+            dataset.skipped[CORRUPT] = dataset.skipped.get(CORRUPT, 0) + len(failed)
+        if not images:
+            raise DataError(f"no calibration image could be decoded ({len(failed)} failed; first: {failed[0]})")
+        warnings.warn(
+            f"skipped {len(failed)} image{'s' if len(failed) > 1 else ''} that failed to decode (first: "
+            f"{failed[0]}); calibrating on {len(images)}",
+            DataWarning,
+            stacklevel=2,
+        )
     if extra:
         images.extend(_augmented_views(dataset, indices, extra, augment, seed))
     return torch.stack(images).to(torch.float32)
+
+
+def _draw(dataset: Dataset, order: list[int], n: int) -> tuple[list[torch.Tensor], list[int], list[str]]:
+    """The first ``n`` items of ``order`` that decode, with their indices and the failures' messages.
+
+    A file that passed the scan can still fail when decoded in full (damaged JPEG entropy data, a
+    file changed since): it is skipped like any bad image and the next one in ``order`` drawn.
+    """
+    images: list[torch.Tensor] = []
+    indices: list[int] = []
+    failed: list[str] = []
+
+    def one(i: int) -> torch.Tensor | str:
+        try:
+            item = dataset[i]
+        except DataError as e:
+            return str(e)
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"dataset items must be tensors for calibration (set a transform), got {type(image)}")
+        return image
+
+    parallel = isinstance(dataset, ImageFiles) and dataset.transform is not None  # decoding releases the GIL
+    start = 0
+    while len(images) < n and start < len(order):
+        batch = order[start : start + n - len(images)]
+        start += len(batch)
+        results = _in_parallel(one, batch) if parallel else map(one, batch)
+        for i, result in zip(batch, results, strict=True):
+            if isinstance(result, str):
+                failed.append(result)
+            else:
+                images.append(result)
+                indices.append(i)
+    return images, indices, failed
 
 
 def _augmented_views(
@@ -418,11 +511,13 @@ def _decode(path: Path) -> Image.Image:
     """``load_rgb``, with a file Pillow cannot read reported as a DataError naming it."""
     try:
         return load_rgb(path)
-    except OSError as e:
-        raise DataError(f"cannot decode {path}: {e}") from e
+    except PermissionError as e:
+        raise DataError(f"cannot read {path}: {os_reason(e)}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot decode {path}: {' '.join(str(e).split())}") from None
 
 
-def _in_parallel(fn: Callable[[Path], Any], paths: Sequence[Path], chunk: int = 64) -> Iterator[Any]:
+def _in_parallel(fn: Callable[[Any], Any], paths: Sequence[Any], chunk: int = 64) -> Iterator[Any]:
     """``fn`` of each path, in order, computed ``chunk`` paths at a time on a thread pool.
 
     Decoding a thousand JPEGs one after another took 9 s of a calibration's fixed cost; Pillow
@@ -432,3 +527,173 @@ def _in_parallel(fn: Callable[[Path], Any], paths: Sequence[Path], chunk: int = 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for start in range(0, len(paths), chunk):
             yield from pool.map(fn, paths[start : start + chunk])
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+class ResourceError(RuntimeError):
+    """A calibration that would not fit in the memory available; nothing was started."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a calibration needs, by part, and what the machine has (None: unknown).
+
+    An estimate from one traced image, not a measurement: the cached group inputs and outputs and
+    the training step's saved activations are what grow with the sample count and batch size.
+    """
+
+    device: str
+    images: int  # the calibration tensor, float32
+    model: int  # float weights, rounding variables, Adam state
+    states: int  # quantized and float inputs and outputs of a group, for every sample
+    step: int  # activations one training step keeps for its backward pass
+    host_available: int | None
+    device_available: int | None  # CUDA only
+
+    @property
+    def host(self) -> int:
+        """Bytes of host memory: everything on a CPU; the images and a model copy beside a GPU."""
+        if self.device == "cpu":
+            return self.images + self.model + self.states + self.step
+        return self.images + self.model // 4
+
+    @property
+    def on_device(self) -> int:
+        return 0 if self.device == "cpu" else self.images + self.model + self.states + self.step
+
+    def shortfall(self) -> str | None:
+        """Why it will not fit, or None when it will (or when what is available is unknown)."""
+        parts = f"images {_gib(self.images)}, model {_gib(self.model)}, group inputs/outputs {_gib(self.states)}"
+        parts += f", training step {_gib(self.step)}"
+        if self.on_device and self.device_available is not None and self.on_device > self.device_available:
+            return (f"calibration needs about {_gib(self.on_device)} on {self.device} ({parts}) and "
+                    f"{_gib(self.device_available)} is free there")
+        if self.host_available is not None and self.host > self.host_available:
+            return (f"calibration needs about {_gib(self.host)} of memory ({parts}) and "
+                    f"{_gib(self.host_available)} is available")
+        return None
+
+    def check(self) -> MemoryEstimate:
+        """Raise :class:`ResourceError` when it will not fit; returns itself otherwise."""
+        why = self.shortfall()
+        if why:
+            raise ResourceError(f"{why}; use fewer calibration images (--samples) or a smaller --batch-size")
+        return self
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory this process may still take: MemAvailable, capped by a cgroup limit."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError):
+            pass
+    try:  # cgroup v2: a container's limit, which MemAvailable does not see
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(0, min(found)) if found else None
+
+
+def _activation_sizes(model: nn.Module, image: torch.Tensor) -> tuple[int, int]:
+    """Elements per image of (the largest block output, the largest block's activations in all).
+
+    Traced by one forward pass with hooks; a "block" is what the model's adapter calls one, else
+    every direct child of a ``ModuleList``/``Sequential``.
+    """
+    try:
+        from ..adapters import adapter_for
+
+        blocks = adapter_for(model).block_outputs(model)
+    except Exception:  # a model without adapter: sizes of its generic containers
+        blocks = [c for m in model.modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) for c in m.children()]
+    owner = {id(leaf): i for i, block in enumerate(blocks) for leaf in block.modules()}
+    outputs = [0] * len(blocks)
+    inner = [0] * len(blocks)
+    largest_leaf = 0
+    hooks = []
+
+    def numel(out: Any) -> int:
+        if isinstance(out, torch.Tensor):
+            return out.numel()
+        if isinstance(out, (tuple, list)):
+            return sum(numel(o) for o in out)
+        return 0
+
+    def record(module: nn.Module, _inputs: Any, out: Any) -> None:
+        nonlocal largest_leaf
+        n = numel(out)
+        i = owner.get(id(module))
+        if i is not None and module is blocks[i]:
+            outputs[i] = max(outputs[i], n)
+        if not any(True for _ in module.children()):
+            largest_leaf = max(largest_leaf, n)
+            if i is not None:
+                inner[i] += n
+
+    for m in model.modules():
+        hooks.append(m.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            model(image)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not blocks:
+        return largest_leaf, largest_leaf
+    return max(outputs), max(inner)
+
+
+def calibration_memory(
+    model: nn.Module,
+    samples: int,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    input_size: tuple[int, int, int] | None = None,
+) -> MemoryEstimate:
+    """The memory a calibration of ``model`` on ``samples`` images will need, before it starts.
+
+    Reconstruction holds, on its device, all calibration images, every sample's quantized and
+    full-precision inputs of the current group and their outputs (four tensors of a block's output
+    size), the model with a rounding variable and two Adam moments per weight, and the activations
+    one batch keeps for the backward pass. ``input_size`` defaults to the size the model was built for.
+    """
+    device = torch.device(device)
+    if input_size is None:  # the size the architecture was built for, else its data config's
+        built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        config = timm.data.resolve_data_config({}, model=model)["input_size"]
+        input_size = (config[0], *built) if built else tuple(config)
+    per_image = 1
+    for d in input_size:
+        per_image *= int(d)
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    first = next(model.parameters(), None)
+    probe = torch.zeros(1, *input_size, device=first.device if first is not None else "cpu")
+    state, activations = _activation_sizes(model, probe)
+    device_free = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        device_free = torch.cuda.mem_get_info(device)[0]
+    return MemoryEstimate(
+        device=str(device),
+        images=samples * per_image * 4,
+        model=4 * parameters + buffers,
+        states=4 * samples * state * 4,
+        step=3 * min(batch_size, samples) * activations * 4,
+        host_available=available_memory(),
+        device_available=device_free,
+    )

@@ -34,13 +34,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from osqdeploy.load.data import ImageFiles, eval_transform
+from osqdeploy.io import os_reason
+from osqdeploy.load.data import DataError, ImageFiles, eval_transform
 from osqdeploy.load.models import (
     DEMO_RECIPE,
     CheckpointError,
     LoadedModel,
     ModelSpec,
-    read_state_dict,
+    content_fingerprint,
+    read_checkpoint_file,
     resolve_recipe,
 )
 
@@ -117,6 +119,19 @@ def ensure_demo_data() -> DemoPaths:
     data_dir = paths.train_dir.parent
     if data_dir.is_dir():
         return paths
+    try:
+        _write_demo_data(paths, data_dir)
+    except OSError as e:
+        raise _cache_error(e) from None
+    return paths
+
+
+def _cache_error(e: OSError) -> DataError:
+    where = e.filename or cache_dir()
+    return DataError(f"cannot write the demo cache {where}: {os_reason(e)}; set OSQ_CACHE to a writable folder")
+
+
+def _write_demo_data(paths: DemoPaths, data_dir: Path) -> None:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -141,7 +156,6 @@ def ensure_demo_data() -> DemoPaths:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return paths
 
 
 def _digit_image(pixels: np.ndarray) -> Image.Image:
@@ -170,10 +184,15 @@ def ensure_demo_model(progress: bool = True, epochs: int | None = None) -> Loade
     spec = recipe.spec()
     cached = _load_cached(paths, spec, config)
     if cached is None:
-        cached = train_demo_model(paths, spec, config, progress=progress)
-        _save(paths, *cached)
-    model, meta = cached
-    source = {"demo": str(paths.weights), "val_top1": meta["val_top1"]}
+        model, meta = train_demo_model(paths, spec, config, progress=progress)
+        try:
+            _save(paths, model, meta)
+            digest = content_fingerprint(paths.weights)
+        except OSError as e:
+            raise _cache_error(e) from None
+    else:
+        model, meta, digest = cached
+    source = {"demo": str(paths.weights), "val_top1": meta["val_top1"], **digest}
     return LoadedModel(model=model.eval(), recipe=recipe, spec=spec, source=source)
 
 
@@ -184,18 +203,21 @@ def _read_meta(paths: DemoPaths) -> dict[str, Any]:
         return {}
 
 
-def _load_cached(paths: DemoPaths, spec: ModelSpec, config: DemoTrainConfig) -> tuple[nn.Module, dict[str, Any]] | None:
-    """The cached model and its metadata, if they were made with this spec and config."""
+def _load_cached(
+    paths: DemoPaths, spec: ModelSpec, config: DemoTrainConfig
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]] | None:
+    """The cached model, its metadata and the weights file's digest, if made with this spec and config."""
     meta = _read_meta(paths)
     if meta.get("spec") != spec.to_dict() or meta.get("train") != asdict(config) or "val_top1" not in meta:
         return None
     model = spec.create()
     try:
-        model.load_state_dict(read_state_dict(paths.weights), strict=True)
+        state, digest = read_checkpoint_file(paths.weights)
+        model.load_state_dict(state, strict=True)
     except (CheckpointError, RuntimeError) as e:
         log.warning("demo model cache unusable (%s); retraining", e)
         return None
-    return model, meta
+    return model, meta, digest
 
 
 def train_demo_model(

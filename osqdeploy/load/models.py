@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import hashlib
+import io
 import json
 import os
 import pickle
@@ -29,6 +31,8 @@ import timm
 import torch
 from torch import nn
 
+from ..io import os_reason
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -39,13 +43,19 @@ __all__ = [
     "LoadedModel",
     "ModelRecipe",
     "ModelSpec",
+    "ModelSpecError",
     "RecipeError",
     "UnknownModelError",
     "WeightsUnavailableError",
+    "check_finite",
+    "content_fingerprint",
     "list_recipes",
     "load_model",
+    "read_checkpoint_file",
     "read_state_dict",
     "resolve_recipe",
+    "source_changes",
+    "state_fingerprint",
 ]
 
 FAMILIES = ("vit", "swin")
@@ -62,6 +72,12 @@ class RecipeError(ValueError):
 
 class UnknownModelError(ValueError):
     """The name is neither a recipe, an alias, nor a timm model name."""
+
+
+
+
+class ModelSpecError(UnknownModelError):
+    """timm cannot build the architecture a spec names (an unknown name, or kwargs it refuses)."""
 
 
 class CheckpointError(ValueError):
@@ -98,8 +114,17 @@ class ModelSpec:
         return cls(timm_name=data["timm_name"], kwargs=dict(data.get("kwargs") or {}))
 
     def create(self) -> nn.Module:
-        """Build the architecture with random weights, in eval mode."""
-        return timm.create_model(self.timm_name, pretrained=False, **_as_timm_kwargs(self.kwargs)).eval()
+        """Build the architecture with random weights, in eval mode.
+
+        A name or kwargs timm cannot build (a damaged run's spec, a typo in a recipe) is a
+        :class:`ModelSpecError`: timm itself raises anything from KeyError to AssertionError.
+        """
+        try:
+            return timm.create_model(self.timm_name, pretrained=False, **_as_timm_kwargs(self.kwargs)).eval()
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise ModelSpecError(f"timm cannot build {self.timm_name} with {self.kwargs!r}: {_first_line(e)}") from e
 
 
 @dataclass
@@ -138,7 +163,9 @@ class LoadedModel:
     model: nn.Module
     recipe: ModelRecipe
     spec: ModelSpec
-    source: dict[str, Any]  # JSON-able: {"checkpoint": path} | {"pretrained": "timm"} | {"demo": path} | ...
+    # JSON-able: {"checkpoint": path, "sha256": ..., "bytes": ...} | {"pretrained": "timm"}
+    # | {"demo": path, "sha256": ..., ...} | {"random_init": True}; the digest is of the bytes loaded
+    source: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         return {"recipe": self.recipe.to_dict(), "spec": self.spec.to_dict(), "source": dict(self.source)}
@@ -232,39 +259,126 @@ def resolve_recipe(name: str) -> ModelRecipe:
 # ----------------------------------------------------------------------------------- checkpoints
 
 
+def content_fingerprint(path: str | Path) -> dict[str, Any]:
+    """``{"sha256": ..., "bytes": ...}`` of a file's contents, read in chunks.
+
+    What a resume compares to know the weights are the ones the interrupted run read: a path
+    says nothing about a file overwritten in place.
+    """
+    path = Path(path)
+    h, size = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+                size += len(chunk)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {os_reason(e)}") from None
+    return {"sha256": h.hexdigest(), "bytes": size}
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a ``.pth``/``.pt``/``.bin``/``.safetensors`` file, never unpickling code.
 
     Accepts a bare state dict or one wrapped under "model"/"state_dict"/"state_dict_ema", and strips
-    the "module." prefix DataParallel/DDP checkpoints carry.
+    the "module." prefix DataParallel/DDP checkpoints carry.  Tensors holding NaN or Inf are refused.
+    """
+    return read_checkpoint_file(path)[0]
+
+
+def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`read_state_dict`, and the :func:`content_fingerprint` of the very bytes it parsed.
+
+    The file is read once into memory and both hashed and parsed from there, so the digest is of
+    what was loaded even if the file changes meanwhile.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint is not a file: {path}")
-    if path.stat().st_size == 0:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {os_reason(e)}") from None
+    if not data:
         raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    digest = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    kind = _checkpoint_kind(data)
+    if kind is None or (path.suffix == ".safetensors" and kind != "safetensors"):
+        raise CheckpointError(
+            f"{path} is not a checkpoint: its bytes are neither a PyTorch file (zip or pickle) nor safetensors"
+        )
+    try:
+        if kind == "safetensors":
+            from safetensors.torch import load as load_safetensors
 
-        try:
-            obj: Any = load_file(str(path), device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated?): {_first_line(e)}") from e
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "weights only load failed" in str(e).lower():
-                raise CheckpointError(
-                    f"checkpoint {path} holds Python objects besides tensors; refusing to unpickle code "
-                    "(torch.load weights_only=True). Re-save it as a plain state dict."
-                ) from e
-            raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated?): {_first_line(e)}") from e
-        except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated?): {_first_line(e)}") from e
-    return _unwrap_state_dict(obj, path)
+            obj: Any = load_safetensors(data)
+        else:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects besides tensors; refusing to unpickle code "
+                "(torch.load weights_only=True). Re-save it as a plain state dict."
+            ) from e
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged or truncated ({_first_line(e)})") from e
+    except Exception as e:  # torch and safetensors raise many types for damaged files
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged or truncated ({_first_line(e)})") from e
+    state = _unwrap_state_dict(obj, path)
+    check_finite(state, f"checkpoint {path}")
+    return state, digest
+
+
+def _checkpoint_kind(data: bytes) -> str | None:
+    """"zip" (torch.save), "pickle" (legacy torch.save), "safetensors", or None, from the first bytes."""
+    if data[:4] == b"PK\x03\x04":
+        return "zip"
+    if data[:1] == b"\x80":  # pickle protocol 2+ opens with PROTO
+        return "pickle"
+    if len(data) >= 9:
+        header = int.from_bytes(data[:8], "little")
+        if 2 <= header <= len(data) - 8 and data[8:9] == b"{":
+            return "safetensors"
+    return None
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and values (weights that came from no one file)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the tensor: a calibration of them can only fail, late."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{what} holds NaN or Inf values in {bad[0]}{more}; these weights cannot be quantized")
+
+
+def source_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """How the weights of ``after`` (a :attr:`LoadedModel.source`) differ from those of ``before``.
+
+    For the message refusing a resume: names the file and its old and new digests.
+    """
+    old_file = before.get("checkpoint") or before.get("demo")
+    new_file = after.get("checkpoint") or after.get("demo")
+    if old_file != new_file:
+        return [f"weights {old_file or _origin(before)} → {new_file or _origin(after)}"]
+    if before.get("sha256") != after.get("sha256"):
+        old_sha, new_sha = str(before.get("sha256") or "?")[:12], str(after.get("sha256") or "?")[:12]
+        what = f"weights file {new_file}" if new_file else f"weights ({_origin(after)})"
+        return [f"{what} changed since (sha256 {old_sha}… → {new_sha}…)"]
+    return []
+
+
+def _origin(source: dict[str, Any]) -> str:
+    return "timm pretrained" if source.get("pretrained") else "random init" if source.get("random_init") else "?"
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -366,13 +480,15 @@ def load_model(
     spec = recipe.spec(model_kwargs)
     if checkpoint is not None:
         path = Path(checkpoint).expanduser().resolve()
-        state = read_state_dict(path)  # before building the model: a bad file fails fast
+        state, digest = read_checkpoint_file(path)  # before building the model: a bad file fails fast
         model = spec.create()
         _load_strict(model, state, path, spec.timm_name)
-        source: dict[str, Any] = {"checkpoint": str(path)}
+        source: dict[str, Any] = {"checkpoint": str(path), **digest}
     elif pretrained:
         model = _create_pretrained_offline(spec, recipe.name)
-        source = {"pretrained": "timm"}
+        state = model.state_dict()
+        check_finite(state, f"pretrained weights of {spec.timm_name}")
+        source = {"pretrained": "timm", "sha256": state_fingerprint(state)}
     else:
         model = spec.create()
         source = {"random_init": True}

@@ -11,8 +11,6 @@ log-grid quantizer of the attention probabilities is an explicit elementwise sub
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +27,7 @@ from .. import __version__
 from ..quant.layers import quant_layers
 from ..quant.mode import QuantMode, quant_mode
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
-from ..run.store import file_mode
+from ..run import store
 
 if TYPE_CHECKING:
     from ..api import Run
@@ -183,18 +181,10 @@ def export_model(run: Run, out: str | Path, batch_size: int | None = None, verif
 
     n_qdq = sum(1 for n in proto.graph.node if n.op_type == "QuantizeLinear")
     n_act = sum(1 for m in model.modules() if isinstance(m, ActQuantizer) and m.mode is QuantMode.NEAREST)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save_model(proto, tmp)
+    with store.atomic_output(out) as tmp:  # OSError -> OutputError naming ``out``; nothing half-written
+        onnx.save_model(proto, str(tmp))
         if verify:
-            _verify_with_ort(tmp, model, example)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            _verify_with_ort(str(tmp), model, example)
     return ExportInfo(
         path=str(out),
         bytes=out.stat().st_size,
@@ -233,5 +223,6 @@ def float_export(model: nn.Module, out: str | Path) -> int:
     proto = program.model_proto
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     _strip_trace_metadata(proto)
-    onnx.save_model(proto, str(out))
+    with store.atomic_output(out) as tmp:
+        onnx.save_model(proto, str(tmp))
     return Path(out).stat().st_size

@@ -188,6 +188,9 @@ class Manifest:
             raise ManifestError(f"{len(m.groups)} group results for a plan of {len(m.plan.groups)} groups")
         if m.complete and (m.state_sha256 is None or len(m.groups) != len(m.plan.groups)):
             raise ManifestError("marked complete but lacks the state checksum or a result for every group")
+        problem = _details_problem(m)
+        if problem:
+            raise ManifestError(problem)
         return m
 
 
@@ -205,7 +208,7 @@ def read(run_dir: str | Path) -> Manifest:
         raise ManifestError(f"{path}: unreadable ({e.strerror or e})") from None
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ManifestError(f"{path}: corrupt manifest ({e})") from None
     return Manifest.from_dict(data, origin=str(path))
 
@@ -264,3 +267,76 @@ def _config(cls: type, d: Any, name: str) -> Any:
     cfg = cls(**values)
     cfg.validate()
     return cfg
+
+
+# --- the records inside a manifest, field by field ---------------------------------------------------
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+_GROUP_FIELDS = {"index", "units", "iters", "mse_before", "mse_after", "seconds", "loss_curve", "flipped", "phases"}
+
+
+def group_record_problem(group: object, position: int) -> str | None:
+    """What is wrong with one group's record (``GroupResult.to_dict``) at ``position``, or None."""
+    if not isinstance(group, dict):
+        return f"group {position} is not a record"
+    unknown = sorted(set(group) - _GROUP_FIELDS, key=str)
+    missing = sorted({"index", "units", "iters", "mse_before", "mse_after", "seconds"} - set(group))
+    if unknown or missing:
+        return f"group {position} record has unknown fields {unknown} or lacks {missing}"
+    if type(group["index"]) is not int or group["index"] != position:
+        return f"group {position} record says index {group['index']!r}"
+    if not isinstance(group["units"], list) or not all(isinstance(u, str) for u in group["units"]):
+        return f"group {position} units are not a list of names"
+    if type(group["iters"]) is not int or group["iters"] < 0:
+        return f"group {position} iterations {group['iters']!r} are not a count"
+    if not all(_is_number(group.get(k, 0.0)) for k in ("mse_before", "mse_after", "seconds", "flipped")):
+        return f"group {position} losses, seconds or flipped fraction are not numbers"
+    curve = group.get("loss_curve", [])
+    if not isinstance(curve, list) or not all(
+        isinstance(p, list) and len(p) == 2 and type(p[0]) is int and _is_number(p[1]) for p in curve
+    ):
+        return f"group {position} loss curve is not a list of [iteration, loss]"
+    phases = group.get("phases", {})
+    if not isinstance(phases, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in phases.items()):
+        return f"group {position} phases are not seconds by name"
+    return None
+
+
+def _details_problem(m: Manifest) -> str | None:
+    """What is wrong inside the free-form records (groups, timings, outliers, data, weight source), or None.
+
+    Each is read by a report or a later stage: a string where a number is formatted, or a number
+    where a path is opened, would end there as a traceback.
+    """
+    for i, group in enumerate(m.groups):
+        problem = group_record_problem(group, i)
+        if problem:
+            return problem
+    if not all(isinstance(k, str) and _is_number(v) for k, v in m.stage_seconds.items()):
+        return "stage_seconds must map stage names to seconds"
+    for i, s in enumerate(m.outliers):
+        if not (
+            isinstance(s, dict) and type(s.get("block")) is int
+            and isinstance(s.get("channels"), list) and all(type(c) is int for c in s["channels"])
+            and isinstance(s.get("max"), list) and all(_is_number(v) for v in s["max"])
+            and _is_number(s.get("ratio_to_median"))
+        ):
+            return f"outliers[{i}] must have a block, channels, max values and a ratio to the median"
+    for key in ("calib_dir", "eval_dir"):
+        if m.data.get(key) is not None and not isinstance(m.data[key], str):
+            return f"data.{key} must be a path"
+    source = m.model.source
+    for key in ("checkpoint", "demo", "sha256", "pretrained"):
+        if key in source and not isinstance(source[key], str):
+            return f"model.source.{key} must be a string"
+    if "bytes" in source and not (type(source["bytes"]) is int and source["bytes"] >= 0):
+        return "model.source.bytes must be a count"
+    if m.output_mse is not None and m.output_mse < 0:
+        return f"output_mse must be ≥ 0, got {m.output_mse}"
+    if m.output_top1_agreement is not None and not 0.0 <= m.output_top1_agreement <= 1.0:
+        return f"output_top1_agreement must be in [0, 1], got {m.output_top1_agreement}"
+    return None
