@@ -27,6 +27,7 @@ from torch import nn
 from .. import __version__
 from ..pipeline import LoadedRun, load_run
 from ..quant.modules import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, exporting
+from .ort_int8 import FORMAT_KEY, ExportFormat, to_ort_int8, weight_types
 
 OPSET = 21
 MAX_IR_VERSION = 10  # ONNX Runtime refuses newer IR versions
@@ -61,6 +62,7 @@ class ExportInfo:
     weight_initializers: dict[str, int]  # ONNX type name -> count
     dynamic_batch: bool
     opset: int = OPSET
+    format: str = ExportFormat.qdq.value
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,11 +124,15 @@ def _input_size(model: nn.Module) -> tuple[int, int, int]:
     return (3, h, w)
 
 
-def export_model(run: LoadedRun, out: str | Path, batch_size: int | None = None, verify: bool = True) -> ExportInfo:
+def export_model(run: LoadedRun, out: str | Path, batch_size: int | None = None, verify: bool = True,
+                 format: ExportFormat | str = ExportFormat.qdq) -> ExportInfo:
     """Write ``run``'s deployed model as QDQ ONNX at ``out`` (atomically; checked before rename).
 
-    ``batch_size=None`` exports a dynamic batch axis; an integer fixes it.
+    ``batch_size=None`` exports a dynamic batch axis; an integer fixes it. ``format``: ``qdq``
+    (≤4-bit grids packed as int4) or ``ort-int8`` (the same grids in uint8/int8, which ONNX
+    Runtime's CPU provider runs as integer kernels; see ``ort_int8``).
     """
+    fmt = ExportFormat(format)
     out = Path(out)
     model = copy.deepcopy(run.model).cpu().eval()
     for m in model.modules():
@@ -168,10 +174,14 @@ def export_model(run: LoadedRun, out: str | Path, batch_size: int | None = None,
         "a_bits": str(a_bits),
         "plan": run.manifest["plan"]["spec"],
         "model": run.manifest["model"]["spec"]["timm_name"],
+        FORMAT_KEY: ExportFormat.qdq.value,
     }
     del proto.metadata_props[:]
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
+    if fmt is ExportFormat.ort_int8:
+        proto = to_ort_int8(proto)
+        counts = weight_types(proto)
     try:
         onnx.checker.check_model(proto)
         onnx.shape_inference.infer_shapes(proto, strict_mode=True)
@@ -200,6 +210,7 @@ def export_model(run: LoadedRun, out: str | Path, batch_size: int | None = None,
         act_quantizers=n_act,
         weight_initializers=counts,
         dynamic_batch=dynamic,
+        format=fmt.value,
     )
 
 
@@ -218,9 +229,10 @@ def _verify_with_ort(path: str, model: nn.Module, example: torch.Tensor) -> None
         raise ExportError(f"ONNX Runtime output has shape {got.shape} / non-finite values; expected {ref.shape}")
 
 
-def export_run(run_dir: str | Path, out: str | Path, batch_size: int | None = None) -> ExportInfo:
+def export_run(run_dir: str | Path, out: str | Path, batch_size: int | None = None,
+               format: ExportFormat | str = ExportFormat.qdq) -> ExportInfo:
     """Export a finished run directory (its original weights are not needed)."""
-    return export_model(load_run(run_dir), out, batch_size)
+    return export_model(load_run(run_dir), out, batch_size, format=format)
 
 
 def float_export(model: nn.Module, out: str | Path) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["FORMAT_KEY", "ExportFormat", "FormatError", "file_format", "to_ort_int8"]
+__all__ = ["FORMAT_KEY", "ExportFormat", "FormatError", "file_format", "to_ort_int8", "weight_types"]
 
 # metadata key every osq ONNX file carries: which of the formats below it is
 FORMAT_KEY = "osq_format"
@@ -49,6 +49,17 @@ class FormatError(ValueError):
 def file_format(proto: onnx.ModelProto) -> str:
     """The ``osq_format`` an osq file declares (files written before the key existed are ``qdq``)."""
     return next((p.value for p in proto.metadata_props if p.key == FORMAT_KEY), ExportFormat.qdq.value)
+
+
+def weight_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """ONNX type name → count of the integer weight tensors (``DequantizeLinear`` inputs that are initializers)."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    names = {n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    counts: dict[str, int] = {}
+    for name in names:
+        kind = TensorProto.DataType.Name(inits[name].data_type)
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def _set_format(proto: onnx.ModelProto, fmt: ExportFormat) -> None:
