@@ -43,7 +43,7 @@ from rich.console import Console  # noqa: E402
 
 from osqdeploy.config import CalibrationConfig, QuantConfig  # noqa: E402
 from osqdeploy.evaluation import OnnxRuntime, evaluate, parity  # noqa: E402
-from osqdeploy.evaluation.throughput import ort_speed, speed_table  # noqa: E402
+from osqdeploy.evaluation.throughput import compare_speed, speed_table  # noqa: E402
 from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform  # noqa: E402
 from osqdeploy.load.models import load_model  # noqa: E402
 from osqdeploy.onnx_export.onnx_qdq import export_run, float_export  # noqa: E402
@@ -167,11 +167,8 @@ def main() -> None:
         onnx.save(to_ort_int8(onnx.load(str(qdq))), str(fast))
         files += [(f"osq W{w}A{a} qdq", qdq), (f"osq W{w}A{a} ort-int8", fast)]
 
-    rows = []
-    for label, path in files:
-        rows += ort_speed(path, label, tuple(args.batches), threads=args.threads, seconds=args.seconds)
-        r = rows[-1]
-        console.print(f"{label}: {r.median_ms:.1f} ms at batch {r.batch}, {r.census.integer_kernels} integer kernels")
+    console.print(f"timing {len(files)} files, taking turns, {args.seconds:g} s each per batch size")
+    rows = compare_speed(dict(files), tuple(args.batches), threads=args.threads, seconds=args.seconds)
 
     accuracy = _accuracy(files, held_out, args) if held_out is not None else {}
     machine = args.machine or platform.node() or "cpu"

@@ -14,6 +14,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ import onnx
 import onnxruntime as ort
 from rich.table import Table
 
-__all__ = ["INTEGER_KERNELS", "GraphCensus", "SpeedRow", "graph_census", "ort_session", "ort_speed", "speed_table"]
+__all__ = [
+    "INTEGER_KERNELS", "GraphCensus", "SpeedRow", "compare_speed", "graph_census", "ort_session", "ort_speed",
+    "speed_table",
+]
 
 # ONNX Runtime's integer compute kernels (what a fused QDQ graph runs)
 INTEGER_KERNELS = frozenset({
@@ -57,6 +61,7 @@ class SpeedRow:
     threads: int | None  # intra-op threads asked for (None: ORT's default, one per core)
     median_ms: float
     images_per_s: float
+    runs: int
     file_bytes: int
     census: GraphCensus
 
@@ -104,33 +109,57 @@ def ort_speed(
     min_runs: int = 3,
     max_runs: int = 200,
 ) -> list[SpeedRow]:
-    """Median latency and images/s of ``path`` at each batch size, with the optimized graph's census.
+    """Median latency and images/s of one file at each batch size (see :func:`compare_speed`)."""
+    return compare_speed({label or Path(path).stem: path}, batch_sizes, provider, threads, seconds, min_runs,
+                         max_runs)
 
-    Each batch size runs until ``seconds`` of timed runs (at least ``min_runs``, at most
-    ``max_runs``) after one warm-up. The input is a seeded standard-normal image batch of the
-    file's own input shape: speed does not depend on the pixel values.
+
+def compare_speed(
+    files: Mapping[str, str | Path],
+    batch_sizes: tuple[int, ...] = (1, 32),
+    provider: str = "cpu",
+    threads: int | None = None,
+    seconds: float = 3.0,
+    min_runs: int = 3,
+    max_runs: int = 200,
+) -> list[SpeedRow]:
+    """Median latency and images/s of every file (label → path) at each batch size, with their graph census.
+
+    The files take turns, one timed run each per round, so a processor whose load changes while
+    they are measured (other programs, clock boost) slows them all alike instead of whichever ran
+    then. Rounds continue until each file has ``seconds`` of timed runs (at least ``min_runs``, at
+    most ``max_runs``), after one warm-up run each. The input is a seeded standard-normal batch of
+    each file's input shape: speed does not depend on pixel values.
     """
-    census = graph_census(path, provider)
-    session = ort_session(path, provider, threads)
-    inp = session.get_inputs()[0]
-    shape = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
+    census = {label: graph_census(path, provider) for label, path in files.items()}
+    sessions = {label: ort_session(path, provider, threads) for label, path in files.items()}
     rows = []
     for batch in batch_sizes:
-        if shape[0] is not None and shape[0] != batch:
-            continue  # a fixed-batch file runs its own batch size only
-        x = np.random.default_rng(0).standard_normal([batch, *shape[1:]]).astype(np.float32)
-        session.run(None, {inp.name: x})
-        times: list[float] = []
-        while len(times) < max_runs and (len(times) < min_runs or sum(times) < seconds):
-            start = time.perf_counter()
-            session.run(None, {inp.name: x})
-            times.append(time.perf_counter() - start)
-        median = statistics.median(times)
-        rows.append(SpeedRow(
-            label=label or Path(path).stem, path=str(path), provider=session.get_providers()[0], batch=batch,
-            threads=threads, median_ms=1e3 * median, images_per_s=batch / median,
-            file_bytes=os.path.getsize(path), census=census,
-        ))
+        feeds = {}
+        for label, session in sessions.items():
+            inp = session.get_inputs()[0]
+            fixed = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+            if fixed is not None and fixed != batch:
+                continue  # a fixed-batch file runs its own batch size only
+            dims = [batch, *(d if isinstance(d, int) else 1 for d in inp.shape[1:])]
+            feeds[label] = {inp.name: np.random.default_rng(0).standard_normal(dims).astype(np.float32)}
+            session.run(None, feeds[label])
+        times: dict[str, list[float]] = {label: [] for label in feeds}
+        while any(len(t) < max_runs and (len(t) < min_runs or sum(t) < seconds) for t in times.values()):
+            for label, feed in feeds.items():
+                t = times[label]
+                if len(t) >= max_runs or (len(t) >= min_runs and sum(t) >= seconds):
+                    continue
+                start = time.perf_counter()
+                sessions[label].run(None, feed)
+                t.append(time.perf_counter() - start)
+        for label, t in times.items():
+            median = statistics.median(t)
+            rows.append(SpeedRow(
+                label=label, path=str(files[label]), provider=sessions[label].get_providers()[0], batch=batch,
+                threads=threads, median_ms=1e3 * median, images_per_s=batch / median, runs=len(t),
+                file_bytes=os.path.getsize(files[label]), census=census[label],
+            ))
     return rows
 
 
