@@ -14,6 +14,12 @@ MatMuls run in float on dequantized copies, slower than the float model. This pa
   ``q − z`` fits int8, which holds for every ≤7-bit grid; otherwise (8-bit grids) int8 ``q − 128``
   with zero points ``z − 128``.
 
+* the log√2 / log2 grid of the attention probabilities, an elementwise subgraph of some twenty
+  nodes over the largest tensor of the model (``Pow``, ``Where``, ``Ceil``… once per element),
+  keeps its code computation (``Round(−k·log2(p/δ))``) and reads the value of each code from a
+  table of its 2^b levels (``Clip → Cast → Gather``); the table is that subgraph's own output for
+  every code, computed by ONNX Runtime when the file is converted, so the values are the same.
+
 It works on the ModelProto alone, so an existing ``qdq`` file converts without its run.
 """
 
@@ -154,6 +160,7 @@ def to_ort_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
     del graph.value_info[:]  # types changed; the checker re-infers them
+    _log_grids_as_tables(out)
     _set_format(out, ExportFormat.ort_int8)
     onnx.checker.check_model(out)
     return out
@@ -176,3 +183,108 @@ def _int8_weight(codes: np.ndarray, zp: np.ndarray, axis: int, name: str) -> tup
     if codes.min() < 0 or codes.max() > 255 or zp.min() < 0 or zp.max() > 255:
         raise FormatError(f"weight {name} does not fit an 8-bit grid")
     return (codes - 128).astype(np.int8), (zp - 128).astype(np.int8)
+
+
+def _log_grids_as_tables(proto: onnx.ModelProto) -> int:
+    """Replace each log-grid value subgraph (``Round`` → … → ``Where``) by a table lookup; returns how many.
+
+    The exporter writes ``fake_quantize_log`` as codes ``Round(−k·log2(p/δ))``, then a
+    ``GreaterOrEqual(codes, 2^b)`` underflow test and the level's value, joined by a ``Where``.
+    Codes are clipped to ``[0, 2^b]`` (``2^b``: underflow, value 0) and looked up.
+    """
+    import onnxruntime as ort
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    replaced = 0
+    drop: set[int] = set()
+    added: dict[int, list[onnx.NodeProto]] = {}  # insert after the node at this position
+    position = {id(n): i for i, n in enumerate(graph.node)}
+    for rnd in [n for n in graph.node if n.op_type == "Round"]:
+        code = rnd.output[0]
+        ge = [n for n in consumers.get(code, []) if n.op_type == "GreaterOrEqual"]
+        if len(ge) != 1 or ge[0].input[1] not in inits:
+            continue
+        where = [n for n in consumers.get(ge[0].output[0], []) if n.op_type == "Where"]
+        if len(where) != 1:
+            continue
+        levels = int(numpy_helper.to_array(inits[ge[0].input[1]]).reshape(()))
+        body = _between(code, where[0], producer)
+        if body is None or any(o in {x.name for x in graph.output} for n in body for o in n.output):
+            continue
+        outside = {o for n in body for o in n.output} - {where[0].output[0]}
+        if any(c not in body for o in outside for c in consumers.get(o, [])):
+            continue  # an intermediate value is used elsewhere: leave the subgraph alone
+        table = _evaluate(body, code, where[0].output[0], inits, levels, ort)
+        base = f"{code}.level_table"
+        graph.initializer.extend([
+            numpy_helper.from_array(table, base),
+            numpy_helper.from_array(np.array(0, np.float32), f"{base}_lo"),
+            numpy_helper.from_array(np.array(levels, np.float32), f"{base}_hi"),
+        ])
+        lookup = [
+            helper.make_node("Clip", [code, f"{base}_lo", f"{base}_hi"], [f"{base}_code"], name=f"{base}_clip"),
+            helper.make_node("Cast", [f"{base}_code"], [f"{base}_index"], to=TensorProto.INT64, name=f"{base}_cast"),
+            helper.make_node("Gather", [base, f"{base}_index"], [where[0].output[0]], axis=0, name=f"{base}_gather"),
+        ]
+        added[position[id(rnd)]] = lookup
+        drop |= {id(n) for n in body}
+        replaced += 1
+    nodes = []
+    for i, n in enumerate(graph.node):
+        if id(n) not in drop:
+            nodes.append(n)
+        nodes += added.get(i, [])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return replaced
+
+
+def _between(start: str, end: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> list[onnx.NodeProto] | None:
+    """The nodes ``end`` depends on that depend on ``start`` (``end`` included), or None if it reaches a graph input."""
+    memo: dict[str, bool] = {}
+
+    def reaches(name: str) -> bool:
+        if name == start:
+            return True
+        if name not in memo:
+            node = producer.get(name)
+            memo[name] = node is not None and any(reaches(i) for i in node.input if i)
+        return memo[name]
+
+    body, stack, seen = [], [end], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        body.append(node)
+        stack += [producer[i] for i in node.input if i and i != start and reaches(i)]
+    return body
+
+
+def _evaluate(body: list[onnx.NodeProto], code: str, value: str, inits: dict[str, TensorProto], levels: int,
+              ort) -> np.ndarray:
+    """The subgraph's value for codes 0 … 2^b (the last one: underflow), computed by ONNX Runtime."""
+    needed = {i for n in body for i in n.input} - {o for n in body for o in n.output} - {code, ""}
+    sub = helper.make_graph(
+        body, "log_grid",
+        [helper.make_tensor_value_info(code, TensorProto.FLOAT, [levels + 1])],
+        [helper.make_tensor_value_info(value, TensorProto.FLOAT, None)],
+        initializer=[inits[n] for n in needed if n in inits],
+    )
+    if needed - set(inits):
+        raise FormatError(f"the log-grid subgraph after {code} reads values that are not initializers")
+    model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (table,) = session.run(None, {code: np.arange(levels + 1, dtype=np.float32)})
+    return table.astype(np.float32).reshape(levels + 1)
