@@ -1,5 +1,7 @@
 """The ort-int8 format: the qdq file's grids in 8-bit types, fused by ONNX Runtime's CPU provider."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -115,3 +117,26 @@ def test_a_graph_osq_did_not_write_is_refused():
     proto = helper.make_model(helper.make_graph(nodes, "g", [x, s], [y]))
     with pytest.raises(FormatError, match="not an initializer"):
         to_ort_int8(proto)
+
+
+def test_cli_convert_and_speed(pair, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from cli import deploy
+
+    app = typer.Typer()
+    app.command("convert")(deploy.convert)
+    app.command("speed")(deploy.speed)
+    runner = CliRunner()
+    _, qdq, _ = pair
+    target = tmp_path / "fast.onnx"
+    result = runner.invoke(app, ["convert", str(qdq), "--out", str(target)])
+    assert result.exit_code == 0, result.output
+    assert file_format(onnx.load(str(target))) == "ort-int8"
+    result = runner.invoke(app, ["speed", str(qdq), str(target), "--batch", "2", "--seconds", "0.01",
+                                 "--report", str(tmp_path / "speed.json")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "speed.json").read_text())
+    assert [r["label"] for r in rows] == ["qdq.onnx", "fast.onnx"] and rows[1]["census"]["integer_kernels"] > 0
+    assert runner.invoke(app, ["convert", str(tmp_path / "missing.onnx")]).exit_code == 2
