@@ -493,9 +493,16 @@ def calibrate(
 
 
 def export(
-    run: Run | str | Path, path: str | Path, *, batch_size: int | None = None, verify: bool = True
+    run: Run | str | Path,
+    path: str | Path,
+    *,
+    batch_size: int | None = None,
+    verify: bool = True,
+    format: str = "qdq",
 ) -> ExportInfo:
-    """Write ``run``'s deployed model as QDQ ONNX (integer weights; ≤4-bit ones as UINT4).
+    """Write ``run``'s deployed model as QDQ ONNX: ``format`` "qdq" (integer weights, ≤4-bit ones as
+    UINT4: the smallest file) or "ort-int8" (the same grids in uint8/int8 QDQ, which ONNX Runtime's CPU
+    provider runs as integer kernels).
 
     The output location is checked before the export starts; the file appears only once ONNX
     Runtime has loaded and run it.
@@ -505,7 +512,7 @@ def export(
     if path.is_dir():
         raise store.OutputError(f"{path} is a directory; name the .onnx file to write")
     loaded = run if isinstance(run, Run) else load_run(run)
-    return export_model(loaded, path, batch_size, verify=verify)
+    return export_model(loaded, path, batch_size, verify=verify, format=format)
 
 
 # Float exports of models with more parameters than this are skipped by ``float_onnx_bytes``: the

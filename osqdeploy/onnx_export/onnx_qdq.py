@@ -28,6 +28,7 @@ from ..quant.layers import quant_layers
 from ..quant.mode import QuantMode, quant_mode
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..run import store
+from .ort_int8 import FORMAT_KEY, ExportFormat, to_ort_int8, weight_types
 
 if TYPE_CHECKING:
     from ..api import Run
@@ -65,6 +66,7 @@ class ExportInfo:
     weight_initializers: dict[str, int]  # ONNX type name -> count
     dynamic_batch: bool
     opset: int = OPSET
+    format: str = ExportFormat.qdq.value
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,11 +128,15 @@ def _input_size(model: nn.Module) -> tuple[int, int, int]:
     return (3, h, w)
 
 
-def export_model(run: Run, out: str | Path, batch_size: int | None = None, verify: bool = True) -> ExportInfo:
+def export_model(run: Run, out: str | Path, batch_size: int | None = None, verify: bool = True,
+                 format: ExportFormat | str = ExportFormat.qdq) -> ExportInfo:
     """Write ``run``'s deployed model as QDQ ONNX at ``out`` (atomically; checked before rename).
 
-    ``batch_size=None`` exports a dynamic batch axis; an integer fixes it.
+    ``batch_size=None`` exports a dynamic batch axis; an integer fixes it. ``format``: ``qdq``
+    (≤4-bit grids packed as int4) or ``ort-int8`` (the same grids in uint8/int8, which ONNX
+    Runtime's CPU provider runs as integer kernels; see ``ort_int8``).
     """
+    fmt = ExportFormat(format)
     out = Path(out)
     model = copy.deepcopy(run.model).cpu().eval()
     for layer in quant_layers([model]):
@@ -169,10 +175,14 @@ def export_model(run: Run, out: str | Path, batch_size: int | None = None, verif
         "a_bits": str(a_bits),
         "plan": run.manifest.plan.spec,
         "model": run.manifest.model.timm_name,
+        FORMAT_KEY: ExportFormat.qdq.value,
     }
     del proto.metadata_props[:]
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
+    if fmt is ExportFormat.ort_int8:
+        proto = to_ort_int8(proto)
+        counts = weight_types(proto)
     try:
         onnx.checker.check_model(proto)
         onnx.shape_inference.infer_shapes(proto, strict_mode=True)
@@ -194,6 +204,7 @@ def export_model(run: Run, out: str | Path, batch_size: int | None = None, verif
         act_quantizers=n_act,
         weight_initializers=counts,
         dynamic_batch=dynamic,
+        format=fmt.value,
     )
 
 
