@@ -97,7 +97,7 @@ def run_job(args) -> dict:
     from osqdeploy.evaluation import TorchRuntime, evaluate, kl_divergence
     from osqdeploy.load import calibration_augment, calibration_tensor, load_model
     from osqdeploy.pipeline import calibrate, load_run
-    from osqdeploy.run.store import MANIFEST
+    from osqdeploy.run.store import MANIFEST, phase_totals
 
     out = Path(args.out)
     name = job_name(args.job, args.seed)
@@ -125,6 +125,8 @@ def run_job(args) -> dict:
         "fp32_top1": fp_res.top1, "top1": q_res.top1, "kl": kl_divergence(fp_res.logits, q_res.logits),
         "output_mse": m["output_mse"], "groups": len(m["groups"]),
         "calib_seconds": m.get("seconds"), "job_seconds": round(seconds, 1),
+        # iterations ("steps") apart from per-group fixed costs, to project other schedules
+        "phase_seconds": {k: round(v, 1) for k, v in phase_totals(m).items()},
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "run": str(run_dir),
     }
     (out / "jobs").mkdir(parents=True, exist_ok=True)
