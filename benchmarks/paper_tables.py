@@ -157,8 +157,8 @@ def run_swin_test(args) -> None:
     out = Path(args.out)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     held_out = test_images(256, 56, seed=7)
-    for cell in args.cells or TABLE2:
-        for seed in range(args.seeds):
+    for seed in range(args.seeds):  # seed-major: an interrupted run still covers every slicing
+        for cell in args.cells or TABLE2:
             path = out / "jobs" / f"{job_name(cell, seed)}.json"
             if path.is_file():
                 continue
