@@ -139,7 +139,8 @@ def run_job(args) -> dict:
 
 def run_swin_test(args) -> None:
     """Table 2's slicings on the tests' tiny Swin with planted outliers: output MSE and KL against
-    its own float model on held-out random images (random weights: top-1 means nothing)."""
+    its own float model on held-out random images (random weights: top-1 means nothing).
+    Sequential, on the GPU when there is one (``--device cpu`` forces the CPU)."""
     import copy
 
     import torch
@@ -153,7 +154,7 @@ def run_swin_test(args) -> None:
     from conftest import images as test_images
     from conftest import loaded_tiny
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(args.jobs, 1)))
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     held_out = test_images(256, 56, seed=7)
@@ -165,18 +166,18 @@ def run_swin_test(args) -> None:
             loaded = loaded_tiny("swin")
             fp_model = copy.deepcopy(loaded.model)
             ccfg = CalibrationConfig(samples=args.samples, batch_size=min(32, args.samples), iters=args.iters,
-                                     granularity=cell, seed=seed, device="cpu")
+                                     granularity=cell, seed=seed, device=device.type)
             t0 = time.perf_counter()
             m = calibrate(loaded, test_images(args.samples, 56, seed=100 + seed), QuantConfig(4, 4), ccfg,
                           out / "runs" / f"{job_name(cell, seed)}-{args.iters}it")
-            fp_logits = logits(fp_model, held_out, 64, torch.device("cpu"))
-            q_logits = logits(loaded.model, held_out, 64, torch.device("cpu"))
+            fp_logits = logits(fp_model.to(device), held_out, 64, device)
+            q_logits = logits(loaded.model, held_out, 64, device)
             row = {"model": "tiny test Swin (random weights, planted outliers)", "bits": "W4A4", "cell": cell,
                    "plan": m["plan"]["spec"], "seed": seed, "iters": args.iters, "calib_images": args.samples,
                    "eval_images": held_out.shape[0], "fp32_top1": None, "top1": None,
                    "kl": kl_divergence(fp_logits, q_logits),
                    "output_mse": float((q_logits - fp_logits).pow(2).mean()), "groups": len(m["groups"]),
-                   "job_seconds": round(time.perf_counter() - t0, 1), "device": "cpu"}
+                   "job_seconds": round(time.perf_counter() - t0, 1), "device": device.type}
             _atomic_json(path, row)
             print(json.dumps(row), flush=True)
     summarize(out, held_out_mse=True)
@@ -347,7 +348,7 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=None, metavar="S",
                     help="interrupt running jobs (they keep their checkpoints) after S seconds")
     ap.add_argument("--summarize", action="store_true", help="only write tables.md/tables.png from the job JSONs")
-    ap.add_argument("--swin-test", action="store_true", help="slicing table on the planted-outlier test Swin, CPU")
+    ap.add_argument("--swin-test", action="store_true", help="slicing table on the planted-outlier test Swin")
     ap.add_argument("--job", help=argparse.SUPPRESS)  # one (cell, seed), run by the scheduler
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
