@@ -14,13 +14,13 @@ unfinished ones from their last group. ``--time-budget`` interrupts the jobs cle
 keep their checkpoints) before an outer limit would kill them.
 
     # GPU host, the full tables (30 calibrations), then the markdown table and plot:
-    python benchmarks/paper_tables.py --out results/paper_tables --jobs-per-gpu 4
-    python benchmarks/paper_tables.py --out results/paper_tables --summarize
+    python -m benchmarks.paper_tables --out results/paper_tables --jobs-per-gpu 4
+    python -m benchmarks.paper_tables --out results/paper_tables --summarize
     # CPU smoke run:
-    python benchmarks/paper_tables.py --out /tmp/pt --iters 2 --samples 16 --seeds 1 \
+    python -m benchmarks.paper_tables --out /tmp/pt --iters 2 --samples 16 --seeds 1 \
         --cells blocks:3,slices:A-B-C --eval-limit 8 --jobs 2
     # the slicing table on the planted-outlier test Swin (random weights; no real Swin weights here):
-    python benchmarks/paper_tables.py --swin-test --out results/paper_tables_swin --iters 200 --samples 64
+    python -m benchmarks.paper_tables --swin-test --out results/paper_tables_swin --iters 200 --samples 64
 
 ``--summarize`` writes ``OUT/tables.md`` and ``OUT/tables.png`` from the per-job JSONs alone.
 """
@@ -36,9 +36,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SHARED = Path("/work/shared/data")
 DEFAULT_IMAGES = SHARED / "imagenet-sample"
@@ -93,11 +90,11 @@ def run_job(args) -> dict:
     """Calibrate one (cell, seed) of the real DeiT-Tiny, evaluate it on the held-out half, write its JSON."""
     import torch
 
+    from osqdeploy.api import calibrate, load_run
     from osqdeploy.config import CalibrationConfig, QuantConfig
     from osqdeploy.evaluation import TorchRuntime, evaluate, kl_divergence
     from osqdeploy.load import calibration_augment, calibration_tensor, load_model
-    from osqdeploy.pipeline import calibrate, load_run
-    from osqdeploy.run.store import MANIFEST, phase_totals
+    from osqdeploy.run.store import MANIFEST
 
     out = Path(args.out)
     name = job_name(args.job, args.seed)
@@ -120,13 +117,13 @@ def run_job(args) -> dict:
     q_res = evaluate(TorchRuntime(run.model, device, "torch-quant"), eval_set, limit=limit, progress=False)
     m = run.manifest
     row = {
-        "model": "deit_t", "bits": "W4A4", "cell": args.job, "plan": m["plan"]["spec"], "seed": args.seed,
+        "model": "deit_t", "bits": "W4A4", "cell": args.job, "plan": m.plan.spec, "seed": args.seed,
         "iters": args.iters, "calib_images": int(images.shape[0]), "eval_images": q_res.n,
         "fp32_top1": fp_res.top1, "top1": q_res.top1, "kl": kl_divergence(fp_res.logits, q_res.logits),
-        "output_mse": m["output_mse"], "groups": len(m["groups"]),
-        "calib_seconds": m.get("seconds"), "job_seconds": round(seconds, 1),
+        "output_mse": m.output_mse, "groups": len(m.groups),
+        "calib_seconds": m.seconds, "job_seconds": round(seconds, 1),
         # iterations ("steps") apart from per-group fixed costs, to project other schedules
-        "phase_seconds": {k: round(v, 1) for k, v in phase_totals(m).items()},
+        "phase_seconds": {k: round(v, 1) for k, v in m.phase_totals().items()},
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "run": str(run_dir),
     }
     (out / "jobs").mkdir(parents=True, exist_ok=True)
@@ -145,14 +142,12 @@ def run_swin_test(args) -> None:
 
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests"))
+    from osqdeploy.api import calibrate
     from osqdeploy.config import CalibrationConfig, QuantConfig
     from osqdeploy.evaluation import kl_divergence
-    from osqdeploy.pipeline import calibrate
+    from osqdeploy.load.synthetic import images as test_images
+    from osqdeploy.load.synthetic import loaded_tiny
     from osqdeploy.reconstruct import logits
-
-    from conftest import images as test_images
-    from conftest import loaded_tiny
 
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     out = Path(args.out)
@@ -169,14 +164,14 @@ def run_swin_test(args) -> None:
                                      granularity=cell, seed=seed, device=device.type)
             t0 = time.perf_counter()
             m = calibrate(loaded, test_images(args.samples, 56, seed=100 + seed), QuantConfig(4, 4), ccfg,
-                          out / "runs" / f"{job_name(cell, seed)}-{args.iters}it")
+                          out / "runs" / f"{job_name(cell, seed)}-{args.iters}it").manifest
             fp_logits = logits(fp_model.to(device), held_out, 64, device)
             q_logits = logits(loaded.model, held_out, 64, device)
             row = {"model": "tiny test Swin (random weights, planted outliers)", "bits": "W4A4", "cell": cell,
-                   "plan": m["plan"]["spec"], "seed": seed, "iters": args.iters, "calib_images": args.samples,
+                   "plan": m.plan.spec, "seed": seed, "iters": args.iters, "calib_images": args.samples,
                    "eval_images": held_out.shape[0], "fp32_top1": None, "top1": None,
                    "kl": kl_divergence(fp_logits, q_logits),
-                   "output_mse": float((q_logits - fp_logits).pow(2).mean()), "groups": len(m["groups"]),
+                   "output_mse": float((q_logits - fp_logits).pow(2).mean()), "groups": len(m.groups),
                    "job_seconds": round(time.perf_counter() - t0, 1), "device": device.type}
             _atomic_json(path, row)
             print(json.dumps(row), flush=True)

@@ -5,32 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from osqdeploy.analysis import DEFAULT_THRESHOLD, JSON_NAME, AnalysisError
-from osqdeploy.analysis import analyze as run_analysis
-from osqdeploy.evaluation import RuntimeLoadError
-from osqdeploy.load import CheckpointError, DataError, UnknownModelError, WeightsUnavailableError
-from osqdeploy.load.models import RecipeError
-from osqdeploy.reconstruct import resolve_device
-from osqdeploy.run import store
-
-from .workspace import Workspace, WorkspaceError
+from .errors import UsageError, boundary, note
 
 out = Console()
 err = Console(stderr=True)
-
-USAGE_ERROR, FAILURE = 2, 1
-INPUT_ERRORS = (AnalysisError, DataError, store.RunError, UnknownModelError, CheckpointError,
-                WeightsUnavailableError, RecipeError, RuntimeLoadError, WorkspaceError)
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"error: {' '.join(message.split())}", markup=False, highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+DEFAULT_THRESHOLD = 5.0  # osqdeploy.analysis.DEFAULT_THRESHOLD, repeated so that help needs no torch import
 
 
 def analyze(
@@ -65,22 +48,23 @@ def analyze(
 ) -> None:
     """Figures of the paper's evidence for your model: outlier channels per block, reconstruction loss per
     group, sensitivity ranking, and granularity across runs, with the numbers in analysis.json."""
-    try:
+    with boundary():
+        from osqdeploy.analysis import JSON_NAME, AnalysisError
+        from osqdeploy.analysis import analyze as run_analysis
+        from osqdeploy.reconstruct import resolve_device
+
+        from .workspace import Workspace
+
         if not targets:
             latest = Workspace.here().latest_finished_run()
             if latest is None:
-                raise AnalysisError("no finished run in this workspace (.osq/): pass a MODEL or RUN")
+                raise UsageError("no finished run in this workspace (.osq/): pass a MODEL or RUN")
             targets = [str(latest)]
         try:
-            dev = resolve_device(device)
-        except RuntimeError as e:
-            raise AnalysisError(str(e)) from None
-        result = run_analysis(targets, out_dir, data=data, checkpoint=checkpoint, images=images, limit=limit,
-                              threshold=threshold, device=dev, progress=err.is_terminal)
-    except INPUT_ERRORS as e:
-        raise _fail(str(e), USAGE_ERROR) from None
-    except (torch.cuda.OutOfMemoryError, OSError) as e:
-        raise _fail(str(e), FAILURE) from None
+            result = run_analysis(targets, out_dir, data=data, checkpoint=checkpoint, images=images, limit=limit,
+                                  threshold=threshold, device=resolve_device(device), progress=err.is_terminal)
+        except AnalysisError as e:
+            raise UsageError(str(e)) from None
 
     table = Table(title=f"osq analyze → {out_dir}", title_justify="left")
     table.add_column("figure")
@@ -89,5 +73,5 @@ def analyze(
         table.add_row(key, str(path))
     table.add_row("numbers", str(out_dir / JSON_NAME))
     out.print(table)
-    for note in result.notes:
-        err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True, style="yellow")
+    for text in result.notes:
+        note(f"note: {text}")

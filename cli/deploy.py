@@ -12,18 +12,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import onnx
 import typer
 from rich.console import Console
 
-from osqdeploy.evaluation.per_layer import PerLayerReport, per_layer_parity, per_layer_table
-from osqdeploy.evaluation.runtimes import RuntimeLoadError
-from osqdeploy.evaluation.throughput import compare_speed, speed_table
-from osqdeploy.load.data import DataError, ImageFiles, eval_transform
-from osqdeploy.onnx_export.ort_int8 import ExportFormat, FormatError, file_format, to_ort_int8
-from osqdeploy.run.store import RunError, atomic_write_bytes
+from osqdeploy.onnx_export.ort_int8 import ExportFormat
+
+if TYPE_CHECKING:
+    from osqdeploy.evaluation.per_layer import PerLayerReport
 
 out = Console()
 err = Console(stderr=True)
@@ -40,6 +38,11 @@ class SpeedProvider(str, Enum):
 @contextmanager
 def _boundary() -> Iterator[None]:
     """The library's documented errors as one line on stderr: bad input exits 2, failed work 1."""
+    from osqdeploy.evaluation.runtimes import RuntimeLoadError
+    from osqdeploy.load.data import DataError
+    from osqdeploy.onnx_export.ort_int8 import FormatError
+    from osqdeploy.run.store import RunError
+
     try:
         yield
     except (FormatError, DataError, RunError, RuntimeLoadError, FileNotFoundError, ValueError) as e:
@@ -69,6 +72,9 @@ def convert(
     ] = ExportFormat.ort_int8,
 ) -> None:
     """Rewrite an exported QDQ file in another format; the grids and their values stay the same."""
+    from osqdeploy.onnx_export.ort_int8 import file_format, to_ort_int8
+    from osqdeploy.run.store import atomic_write_bytes
+
     with _boundary():
         proto = _load_onnx(source)
         if format is ExportFormat.qdq:
@@ -87,6 +93,8 @@ def per_layer_report(model, onnx_path: Path, dataset, limit: int | None, batch_s
                      threshold: float = 0.01, provider: str = "cpu") -> PerLayerReport:
     """For ``osq eval --per-layer``: the report (its ``to_dict()`` goes into the JSON report as
     ``"per_layer"``) after printing its table; ``model`` is the run's fake-quant model."""
+    from osqdeploy.evaluation.per_layer import per_layer_parity, per_layer_table
+
     report = per_layer_parity(model, onnx_path, dataset, batch_size=batch_size, limit=limit, threshold=threshold,
                               provider=provider)
     out.print(per_layer_table(report))
@@ -113,6 +121,8 @@ def parity(
     block where the two diverge is marked.
     """
     from osqdeploy.api import load_run
+    from osqdeploy.load.data import ImageFiles, eval_transform
+    from osqdeploy.run.store import atomic_write_bytes
 
     with _boundary():
         loaded = load_run(run)
@@ -137,6 +147,9 @@ def speed(
     The first file is the baseline of the speed-up column; the census columns count the graph
     ONNX Runtime executes after optimization (integer kernels, QuantizeLinear, DequantizeLinear).
     """
+    from osqdeploy.evaluation.throughput import compare_speed, speed_table
+    from osqdeploy.run.store import atomic_write_bytes
+
     with _boundary():
         labelled: dict[str, Path] = {}
         for f in files:

@@ -12,17 +12,20 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from osqdeploy import __version__
 
+from . import deploy
 from . import options as o
+from .analyze import analyze
 from .distributed import on_gpus, sweep, under_torchrun
-from .errors import UsageError, boundary, note
+from .errors import RunDamaged, UsageError, boundary, note
 from .options import Device, Provider, RuntimeName
+from .ranks import calibrate_rank, eval_rank, source_text
 from .report import eval_tables, export_table, inspect_tables, list_tables, sensitivity_table
 
 app = typer.Typer(
@@ -62,6 +65,7 @@ def calibrate(
     seed: o.SeedOpt = 0,
     run_dir: o.RunDirOpt = None,
     resume: o.ResumeOpt = True,
+    method: o.MethodOpt = o.Method.paper,
     gpus: o.GpusOpt = None,
     global_batch_scale: o.GlobalBatchScaleOpt = 1,
 ) -> None:
@@ -94,6 +98,7 @@ def calibrate(
         )
         if fast and iters is None:  # the preset shortens a schedule, never lengthens one (the demo's)
             ccfg = fast_preset(ccfg)
+        ccfg = ccfg.with_method(method.value)
         if global_batch_scale > 1:
             from osqdeploy.distributed import scale_global_batch
 
@@ -112,7 +117,7 @@ def calibrate(
         )
         ws.record_run(target)
         job = (model, qcfg, ccfg, target, shown, data, eval_data, checkpoint, augment, resume)
-        m, n_images = on_gpus(gpus, _calibrate_rank, *job) if gpus or under_torchrun() else _calibrate_rank(None, *job)
+        m, n_images = on_gpus(gpus, calibrate_rank, *job) if gpus or under_torchrun() else calibrate_rank(None, *job)
         ws.record_run(target)
     from .progress import summary_table
 
@@ -131,45 +136,6 @@ def calibrate(
     out.print("Next: osq export --out model.onnx", highlight=False)
 
 
-def _calibrate_rank(ctx, model, qcfg, ccfg, target, shown, data, eval_data, checkpoint, augment, resume):
-    """One process' share of ``osq calibrate`` (all of it on one device); the first rank prints."""
-    from dataclasses import replace
-
-    from osqdeploy import api
-
-    from .progress import CalibrationProgress
-
-    if ctx is not None and ctx.active:
-        ccfg = replace(ccfg, device=str(ctx.device))
-    main = ctx is None or ctx.is_main
-    inputs = api.calibration_inputs(model, ccfg, data=data, eval_data=eval_data, checkpoint=checkpoint, augment=augment)
-    loaded, images, views = inputs.loaded, inputs.images, inputs.augmented_views
-    if main:
-        w, a = qcfg.w_bits, qcfg.a_bits
-        ranks = f" on {ctx.world} ranks" if ctx is not None and ctx.active else ""
-        out.print(f"[bold]osq calibrate[/] {loaded.recipe.name} ({loaded.spec.timm_name}) W{w}A{a}, weights: "
-                  f"{_source_text(loaded.source)}")
-        out.print(f"  {images.shape[0]} calibration images" + (f" ({views} of them augmented views)" if views else "")
-                  + f" from {inputs.data_info['calib_dir']}; {ccfg.iters} iters/group, batch {ccfg.batch_size}, "
-                  f"seed {ccfg.seed}, device {ccfg.device}{ranks}; run: {shown}", highlight=False)
-    with CalibrationProgress(err if main else Console(quiet=True), plan_console=out if main else Console(quiet=True),
-                             iters_per_group=ccfg.iters) as callbacks:
-        run = api.calibrate(loaded, images, qcfg, ccfg, target, callbacks=callbacks, resume=resume,
-                            data_info=inputs.data_info, dist=ctx)
-    return run.manifest, int(images.shape[0])
-
-
-def _source_text(source: dict[str, Any]) -> str:
-    if "demo" in source:
-        acc = source.get("val_top1")
-        return "embedded digits demo" + (f" (held-out top-1 {acc:.2f}%)" if isinstance(acc, (int, float)) else "")
-    if "checkpoint" in source:
-        return f"checkpoint {source['checkpoint']}"
-    if "pretrained" in source:
-        return "timm pretrained (local cache)"
-    return ", ".join(f"{k}={v}" for k, v in source.items()) or "?"
-
-
 @app.command()
 def export(
     run: Annotated[
@@ -183,6 +149,7 @@ def export(
     batch_size: Annotated[
         int | None, typer.Option(help="Fix the batch dimension to N. \\[default: dynamic batch]", min=1)
     ] = None,
+    format: o.FormatOpt = o.ExportFormat.qdq,
     float_baseline: Annotated[
         bool, typer.Option(help="Also trace a float export of the same architecture, for the size ratio.")
     ] = True,
@@ -209,7 +176,7 @@ def export(
         loaded = api.load_run(run_dir)
         t0 = time.perf_counter()
         with _quiet_stdout():
-            info = api.export(loaded, target, batch_size=batch_size)
+            info = api.export(loaded, target, batch_size=batch_size, format=format.value)
         seconds = time.perf_counter() - t0
         float_bytes = None
         if float_baseline:
@@ -226,6 +193,7 @@ def export(
                 "float_bytes": float_bytes,
                 "qdq_pairs": info.qdq_pairs,
                 "weight_initializers": info.weight_initializers,
+                "format": format.value,
                 "w_bits": info.w_bits,
                 "a_bits": info.a_bits,
                 "dynamic_batch": info.dynamic_batch,
@@ -262,6 +230,7 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Images per runtime call.", min=1)] = 64,
     limit: Annotated[int | None, typer.Option(help="Evaluate N images spread over the folder.", min=1)] = None,
     gpus: o.GpusOpt = None,
+    per_layer: o.PerLayerOpt = False,
 ) -> None:
     """Accuracy, KL to fp32 and speed of a runtime beside its references, and ONNX-vs-PyTorch parity.
 
@@ -271,7 +240,7 @@ def eval_(
     """
     ws = _workspace()
     with boundary(batch_size):
-        from osqdeploy import api
+        from osqdeploy import api, load
 
         onnx_path, run_dir = ws.eval_target(target, api.onnx_run_sha)
         if runtime == RuntimeName.onnxruntime and onnx_path is None:
@@ -280,10 +249,18 @@ def eval_(
                 "--runtime torch-quant"
             )
         job = (run_dir, onnx_path, data, runtime.value, provider.value, device.value, batch_size, limit)
-        report = on_gpus(gpus, _eval_rank, *job) if gpus or under_torchrun() else _eval_rank(None, *job)
+        report = on_gpus(gpus, eval_rank, *job) if gpus or under_torchrun() else eval_rank(None, *job)
         if report is None:  # a torchrun rank other than the first
             return
         report.extra["sizes"] = ws.sizes(onnx_path, run_dir)
+        if per_layer:
+            if onnx_path is None or run_dir is None:
+                raise UsageError("--per-layer compares an ONNX file with the run it came from; both must be known")
+            from .deploy import per_layer_report
+
+            quant = api.load_run(run_dir)
+            images = load.ImageFiles(report.data, transform=load.eval_transform(quant.model), max_files=limit or 32)
+            report.extra["per_layer"] = per_layer_report(quant.model, onnx_path, images, limit or 32).to_dict()
         report_path = onnx_path.with_name(f"{onnx_path.stem}.eval.json") if onnx_path else run_dir / "eval.json"
         report.write(report_path)
     out.print(f"{report.n} images of {ws.display(report.data)}", highlight=False)
@@ -292,17 +269,11 @@ def eval_(
     out.print(f"Report: {ws.display(report_path)}", highlight=False)
 
 
-def _eval_rank(ctx, run_dir, onnx_path, data, runtime, provider, device, batch_size, limit):
-    """One process' shard of ``osq eval``; the first rank returns the gathered report."""
-    from osqdeploy import api
-
-    main = ctx is None or ctx.is_main
-    report = api.evaluate(run_dir, onnx_path, data=data, runtime=runtime, provider=provider, device=device,
-                          batch_size=batch_size, limit=limit, progress=main and out.is_terminal, dist=ctx)
-    return report if main else None
-
-
 app.command("sweep")(sweep)
+app.command("analyze")(analyze)
+app.command("convert")(deploy.convert)
+app.command("parity")(deploy.parity)
+app.command("speed")(deploy.speed)
 
 
 @app.command("list")
@@ -348,7 +319,10 @@ def inspect(
         run_dir = run if run is not None else ws.latest_run()
         if run_dir is None:
             raise UsageError("no run in this workspace (.osq/): pass RUN")
-        m = store.read_manifest(run_dir)
+        health = store.verify_run(run_dir)
+        if not health.ok:
+            raise RunDamaged(f"{ws.display(run_dir)} is damaged: {health.reason}")
+        m = health.manifest
         if sensitivity:  # fail on bad input before printing anything
             recorded = m.data.get("eval_dir")
             data_dir = data or (Path(recorded) if recorded else None)
@@ -360,7 +334,7 @@ def inspect(
             if not dataset.labelled:
                 raise UsageError(f"{ws.display(data_dir)} has no labels; --sensitivity needs top-1 and cross-entropy")
         progress = "" if m.complete else api.checkpoint_progress(run_dir, len(m.plan.groups))
-    for t in inspect_tables(ws.display(run_dir), m, _source_text(m.model.source), progress):
+    for t in inspect_tables(ws.display(run_dir), m, source_text(m.model.source), progress):
         out.print(t)
     if sensitivity:
         with boundary():

@@ -146,3 +146,41 @@ GlobalBatchScaleOpt = Annotated[
         "per step for several GPUs to share. 1 is the paper's schedule.",
     ),
 ]
+
+
+class ExportFormat(str, Enum):  # osqdeploy.onnx_export.ort_int8.ExportFormat's values
+    qdq = "qdq"
+    ort_int8 = "ort-int8"
+
+
+class Method(str, Enum):  # osqdeploy.config.Method's presets
+    paper = "paper"
+    fisher = "fisher"
+    prediction = "prediction"
+    output_tuned = "output_tuned"
+
+
+FormatOpt = Annotated[
+    ExportFormat,
+    typer.Option(
+        "--format",
+        help="qdq: ≤4-bit grids packed as int4, the smallest file; ort-int8: the same grids in uint8/int8 QDQ, "
+        "which ONNX Runtime's CPU provider runs as integer kernels.",
+    ),
+]
+PerLayerOpt = Annotated[
+    bool,
+    typer.Option(
+        "--per-layer",
+        help="Also compare every activation quantizer of the ONNX file with the fake-quant model: values on another "
+        "grid step, and the first block where the two diverge.",
+    ),
+]
+MethodOpt = Annotated[
+    Method,
+    typer.Option(
+        help="paper: the paper's block reconstruction; output_tuned adds output-level tuning of steps, LayerNorms "
+        "and biases (KL to fp32); prediction adds the KL of predictions to the last group; fisher weights the "
+        "block error by Fisher information.",
+    ),
+]

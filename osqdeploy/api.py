@@ -27,7 +27,14 @@ from .config import CalibrationConfig, ConfigError, QuantConfig
 from .distributed import DistContext
 from .evaluation import EvalResult, OnnxRuntime, ParityReport, TorchRuntime, kl_divergence, parity, write_report
 from .evaluation import evaluate as evaluate_runtime
-from .load.data import DataError, ImageFiles, calibration_augment, calibration_tensor, eval_transform
+from .load.data import (
+    DataError,
+    ImageFiles,
+    calibration_augment,
+    calibration_memory,
+    calibration_tensor,
+    eval_transform,
+)
 from .load.demo import ensure_demo_data, ensure_demo_model
 from .load.models import (
     DEMO_RECIPE,
@@ -42,10 +49,12 @@ from .load.models import (
     resolve_recipe,
 )
 from .onnx_export.onnx_qdq import ExportInfo, export_model, float_export
+from .onnx_export.onnx_qdq import input_size as onnx_input_size
 from .plan import Plan, build_plan
 from .plan.outliers import block_outlier_stats
 from .reconstruct import Callbacks, GroupResult, Reconstructor, logits, prepare_model, resolve_device
 from .run import store
+from .run.integrity import check_onnx_for_run, check_onnx_input
 from .run.manifest import Manifest, ModelInfo, RunStatus
 
 # Calibration images are drawn from at most this many files of a folder (an even spread), so a
@@ -242,6 +251,7 @@ def calibration_inputs(
         loaded = ensure_demo_model(progress=True)
     else:
         loaded = load_model(model, checkpoint=checkpoint)
+    calibration_memory(loaded.model, ccfg.samples, ccfg.batch_size, resolve_device(ccfg.device)).check()
     if files is None:  # the demo: its own train/val split
         paths = ensure_demo_data()
         files, eval_data = ImageFiles(paths.train_dir), eval_data or paths.val_dir
@@ -400,7 +410,8 @@ def calibrate(
     run_dir = Path(run_dir)
     if writer:
         check_run_dir(run_dir)
-        store.check_writable(run_dir)
+        total, largest = store.run_bytes(loaded.model)
+        store.check_writable(run_dir, need_bytes=total, largest_file=largest)
     # the manifest (and a resume's identity) records the precision actually run, not "auto"
     ccfg = replace(ccfg, autocast=ccfg.autocast_on(device.type))
     images = images.float().cpu()
@@ -480,9 +491,9 @@ def calibrate(
             seconds=round(time.perf_counter() - t0, 3),
             stage_seconds={k: round(v, 3) for k, v in stages.items()},
             resumed_from_group=done,
-            state_sha256=store.save_deployed(run_dir, net) if writer else None,
         )
-        if writer:
+        if writer:  # the state file carries the checksum of the manifest's meaning-bearing fields
+            manifest = replace(manifest, state_sha256=store.save_deployed(run_dir, net, manifest))
             store.write_manifest(run_dir, manifest)
             store.clear_checkpoint(run_dir)
     dist.barrier()
@@ -696,9 +707,8 @@ def evaluate(
     dev = dist.device if dist is not None and dist.active else resolve_device(str(device))
     quant = (run if isinstance(run, Run) else load_run(run, dev)) if run is not None else None
     if quant is not None and onnx is not None:
-        recorded = onnx_run_sha(onnx)
-        if recorded is not None and recorded != quant.manifest.state_sha256:
-            raise store.RunError(f"{onnx} was exported from another run than {quant.run_dir} (run checksums differ)")
+        info = check_onnx_for_run(onnx, quant.manifest.state_sha256)
+        check_onnx_input(info, onnx_input_size(quant.model))
     ort_rt = OnnxRuntime(Path(onnx), provider=provider, name="onnxruntime") if onnx is not None else None
     recorded = quant.manifest.data.get("eval_dir") if quant is not None else None
     data = data or recorded

@@ -1,4 +1,5 @@
-"""Tiny timm models with planted outlier channels, so the paper's problem is really there."""
+"""Shared fixtures: tiny timm models with planted outlier channels, so the paper's problem is really there
+(osqdeploy.load.synthetic), and the real assets when they are at hand."""
 
 from __future__ import annotations
 
@@ -6,13 +7,21 @@ import os
 from pathlib import Path
 
 import pytest
-import timm
 import torch
+
+from osqdeploy.load.synthetic import (  # noqa: F401  (the fixtures and helpers the tests import from here)
+    OUTLIER_CHANNELS,
+    TINY_SWIN_KWARGS,
+    TINY_VIT_KWARGS,
+    images,
+    loaded_tiny,
+    plant_outliers,
+    tiny_swin,
+    tiny_vit,
+)
 
 # one thread per xdist worker (the suite runs one worker per core), else all cores
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
-
-OUTLIER_CHANNELS = (3, 17)
 
 # The real assets (ImageNet sample images, real DeiT-Tiny weights): OSQ_TEST_DATA, else ../shared/data
 # beside the checkout. Tests that need them take the fixtures below and skip, saying where they looked.
@@ -38,47 +47,6 @@ def deit_tiny_weights() -> Path:
     return _shared("weights/deit_tiny_patch16_224.pth")
 
 
-def plant_outliers(model: torch.nn.Module, channels=OUTLIER_CHANNELS, gain: float = 12.0) -> torch.nn.Module:
-    """Scale a few LayerNorm gains and the residual writes of those channels.
-
-    LayerNorm outputs then have a few channels with ~``gain``× larger ranges (what RepQ-ViT
-    reparameterisation targets) and the residual stream carries the same outliers from block to
-    block (what the paper's reconstruction granularity targets).
-    """
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, torch.nn.LayerNorm) and m.weight.shape[0] > max(channels):
-                m.weight[list(channels)] *= gain
-            if name.endswith("mlp.fc2") and m.weight.shape[0] > max(channels):
-                m.weight[list(channels)] *= gain / 2
-    return model
-
-
-def tiny_vit(depth: int = 6, outliers: bool = True, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    m = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=depth,
-        embed_dim=64, num_heads=2, num_classes=10,
-    ).eval()
-    return plant_outliers(m) if outliers else m
-
-
-def tiny_swin(outliers: bool = True, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    m = timm.create_model(
-        "swin_tiny_patch4_window7_224", pretrained=False, img_size=56, patch_size=4, embed_dim=32,
-        depths=(2, 2), num_heads=(2, 4), window_size=7, num_classes=10,
-    ).eval()
-    return plant_outliers(m) if outliers else m
-
-
-def images(n: int, size: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, 3, size, size, generator=g)
-    # smooth the noise a little so images have spatial structure, as real ones do
-    return torch.nn.functional.avg_pool2d(base, 3, stride=1, padding=1) * 2
-
-
 @pytest.fixture
 def vit_model():
     return tiny_vit()
@@ -89,23 +57,3 @@ def swin_model():
     return tiny_swin()
 
 
-TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, depth=6, embed_dim=64, num_heads=2, num_classes=10)
-TINY_SWIN_KWARGS = dict(
-    img_size=56, patch_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=7, num_classes=10
-)
-
-
-def loaded_tiny(kind: str = "vit", seed: int = 0, **overrides):
-    """A LoadedModel (as ``load_model`` returns it) of a tiny timm model with planted outliers."""
-    from osqdeploy.load.models import load_model
-
-    torch.manual_seed(seed)
-    if kind == "vit":
-        loaded = load_model("vit_tiny_patch16_224", pretrained=False, model_kwargs={**TINY_VIT_KWARGS, **overrides})
-    else:
-        loaded = load_model(
-            "swin_tiny_patch4_window7_224", pretrained=False, model_kwargs={**TINY_SWIN_KWARGS, **overrides}
-        )
-    plant_outliers(loaded.model)
-    loaded.source = {"random_init": True, "seed": seed, "planted_outliers": list(OUTLIER_CHANNELS)}
-    return loaded

@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 from cli.analyze import analyze as analyze_command
 from osqdeploy.analysis import SITES, activation_ranges, analyze
+from osqdeploy.api import calibrate, load_run
 from osqdeploy.config import CalibrationConfig, QuantConfig
 from osqdeploy.evaluation import TorchRuntime, evaluate, kl_divergence
 from osqdeploy.evaluation.sensitivity import sensitivity
 from osqdeploy.load import ImageFiles, eval_transform
 from osqdeploy.load.data import spread_indices
-from osqdeploy.pipeline import calibrate, load_run
 
 from conftest import OUTLIER_CHANNELS, images, loaded_tiny, tiny_swin, tiny_vit
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..api import load_run
 from ..evaluation import TorchRuntime, evaluate, kl_divergence
 from ..evaluation.sensitivity import SensitivityRow, sensitivity
 from ..load import ImageFiles, eval_transform, load_model
@@ -29,7 +30,6 @@ from ..load.models import (
     read_state_dict,
     resolve_recipe,
 )
-from ..pipeline import load_run
 from ..run import store
 from . import figures
 from .activations import DEFAULT_THRESHOLD, activation_ranges
@@ -198,7 +198,7 @@ def analyze(
         raise AnalysisError(f"give either one model or run directories, not both ({names[0]!r} is not a run)")
     if len(names) > 1:
         raise AnalysisError(f"one model at a time, got {', '.join(names)}")
-    manifests = [store.read_manifest(r) for r in runs]
+    manifests = [store.read_manifest(r).to_dict() for r in runs]
     specs = {str((m.get("model") or {}).get("spec")) for m in manifests}
     if len(specs) > 1:
         raise AnalysisError("the runs are of different models; a granularity comparison needs runs of one model")

@@ -122,7 +122,7 @@ def _strip_trace_metadata(proto: onnx.ModelProto) -> None:
         node.doc_string = ""
 
 
-def _input_size(model: nn.Module) -> tuple[int, int, int]:
+def input_size(model: nn.Module) -> tuple[int, int, int]:
     """The image size the architecture was built for (timm's patch embedding knows it)."""
     h, w = model.patch_embed.img_size
     return (3, h, w)
@@ -141,7 +141,7 @@ def export_model(run: Run, out: str | Path, batch_size: int | None = None, verif
     model = copy.deepcopy(run.model).cpu().eval()
     for layer in quant_layers([model]):
         layer.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # integers replace it
-    size = _input_size(model)
+    size = input_size(model)
     example = torch.randn(batch_size or 2, *size)
     dynamic = batch_size is None
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
@@ -225,7 +225,7 @@ def _verify_with_ort(path: str, model: nn.Module, example: torch.Tensor) -> None
 
 def float_export(model: nn.Module, out: str | Path) -> int:
     """Plain float ONNX of a timm model (the size and speed baseline); returns its size in bytes."""
-    example = torch.randn(2, *_input_size(model))
+    example = torch.randn(2, *input_size(model))
     program = torch.onnx.export(
         model.eval(), (example,), dynamo=True, opset_version=OPSET,
         dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
