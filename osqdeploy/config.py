@@ -53,7 +53,7 @@ class QuantConfig:
     # where most values lie) to 0, a systematic shift that fc2 sums over 4·dim inputs; keeping
     # the min took real DeiT-Tiny W4A4 round-to-nearest from 41.6% to 61.2% top-1, and a short
     # (50 iterations/group) reconstruction from 49.2% to 67.2% (250 held-out images, 128
-    # calibration images; benchmarks/w4a4_ablation.py). The paper is silent on its observers;
+    # calibration images; docs/method.md). The paper is silent on its observers;
     # this one won on measured accuracy, so it is the default.
     post_gelu_range: str = "mse_max"
     # Inputs of the 8-bit edge layers (patch embedding, head). "mse": the MSE observer, as
@@ -164,7 +164,7 @@ class CalibrationConfig:
     output_tuning_iters: int = 0
     output_tuning: str = "steps"
     output_tuning_lr: float = 1e-3
-    # Speed features (issue 5), used on CUDA devices only. TF32 matmuls change float rounding;
+    # Speed features, used on CUDA devices only. TF32 matmuls change float rounding;
     # replaying each group's training step as a CUDA graph changes nothing that is computed
     # (reconstruct/step.py); compiled quantizer kernels fuse the same arithmetic (quant/kernels.py).
     tf32: bool = True
@@ -179,8 +179,8 @@ class CalibrationConfig:
     # with it). fp16 is the CUDA default because it was measured both ways: on an H200 it is
     # 1.23-1.42x faster than TF32 (ViT-S, DeiT-B, Swin-B), group-0 losses within 0.16 %, and the
     # real DeiT-Tiny's W4A4 held-out KL was 0.316 / 0.321 against TF32's 0.326 / 0.325 (two
-    # seeds, 20,000 iterations; README, Results). Off on CPUs, whose half matmuls are no faster.
-    # bf16 stays opt-in: with bf16 grid arithmetic (before session 6) it raised that KL by 6 %.
+    # seeds, 20,000 iterations; docs/results.md). Off on CPUs, whose half matmuls are no faster.
+    # bf16 stays opt-in: when the grid arithmetic itself ran in bf16 it raised that KL by 6 %.
     # The MSE reported before/after each group is always computed in fp32.
     autocast: str = "auto"
     loss_scale: float = 1024.0  # fp16 autocast only
@@ -189,8 +189,8 @@ class CalibrationConfig:
     # quantizer alone. Any device; QDrop's masks stay eager draws (each a graph break), so it
     # computes what the eager step computes up to float reassociation. Blocks of one shape share
     # one compiled graph (parameters are graph inputs). Off: no faster on ViT-S (H100 and H200,
-    # with and without fused_rng; session 8: 4.10 against 3.88 s / 1k before the fused training
-    # kernels, which take most of its fusions), and Swin-B under fp16 overflowed at its first step.
+    # with and without fused_rng: 4.10 against 3.88 s / 1k before the fused training kernels,
+    # which take most of its fusions), and Swin-B under fp16 overflowed at its first step.
     compile_group: bool = False
     # One fused Adam kernel per parameter group instead of a chain of foreach kernels (CUDA). The
     # same update formula; its float operations are ordered differently, so weights' rounding can
@@ -268,8 +268,6 @@ class CalibrationConfig:
     def from_dict(cls, d: dict) -> CalibrationConfig:
         known = {f.name for f in fields(cls)}
         d = dict(d)  # "method" is derived from the other settings, which are the record
-        if "bf16" in d:  # manifests before session 6 had a bf16 switch, off meaning fp32/TF32
-            d.setdefault("autocast", "bf16" if d.pop("bf16") else "off")
         return cls(**{k: v for k, v in d.items() if k in known})
 
 

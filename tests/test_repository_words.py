@@ -15,6 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 THIS = Path(__file__).resolve().relative_to(ROOT).as_posix()  # holds the patterns themselves
 
+# pytest's own name for a fixture that lives for the whole test run
+API_TERMS = re.compile(r'scope="session"')
 FORBIDDEN = re.compile(
     r"\bsessions?\b|\bissues? ?#?\d+|\blent\b|previous engine|GPU machine",
     re.IGNORECASE,
@@ -54,7 +56,7 @@ def word_hits(names: list[str]) -> list[str]:
         if text is None:
             continue
         for number, line in enumerate(text.splitlines(), start=1):
-            hits += [f"{name}:{number}: {m.group(0)!r}" for m in FORBIDDEN.finditer(line)]
+            hits += [f"{name}:{number}: {m.group(0)!r}" for m in FORBIDDEN.finditer(API_TERMS.sub("", line))]
     return hits
 
 

@@ -349,9 +349,7 @@ def test_auto_autocast_is_fp16_on_cuda_only_and_explicit_modes_hold_everywhere()
         assert {CalibrationConfig(autocast=mode).autocast_on(d) for d in ("cuda", "cpu")} == {mode}
 
 
-def test_legacy_bf16_switch_reads_as_bf16_autocast():
-    assert CalibrationConfig.from_dict({"bf16": True}).autocast == "bf16"
-    assert CalibrationConfig.from_dict({"bf16": False}).autocast == "off"
+def test_unknown_autocast_is_refused():
     with pytest.raises(ConfigError, match="autocast must be one of"):
         CalibrationConfig(autocast="fp8").validate()
 

@@ -198,8 +198,8 @@ def per_layer_parity(
     model = model.eval().cpu()
     names = _quantizers(model)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(_exposed(proto, tapped).SerializeToString(), providers=providers)
-    input_name = session.get_inputs()[0].name
+    sess = ort.InferenceSession(_exposed(proto, tapped).SerializeToString(), providers=providers)
+    input_name = sess.get_inputs()[0].name
     wanted = [t.dequantize_output for t in tapped] + [t.quantize_input for t in tapped]
 
     calls: list[tuple[nn.Module, torch.Tensor]] = []
@@ -216,7 +216,7 @@ def per_layer_parity(
             for batch in _batches(images, batch_size, limit):
                 calls.clear()
                 model(batch.float())
-                got = dict(zip(wanted, session.run(wanted, {input_name: batch.numpy().astype(np.float32)}),
+                got = dict(zip(wanted, sess.run(wanted, {input_name: batch.numpy().astype(np.float32)}),
                                strict=True))
                 if order is None:
                     order = [m for m, _ in calls]

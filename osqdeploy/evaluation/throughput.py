@@ -71,7 +71,10 @@ class SpeedRow:
 
 def ort_session(path: str | Path, provider: str = "cpu", threads: int | None = None,
                 optimized_path: str | Path | None = None) -> ort.InferenceSession:
-    """A session with all graph optimizations on; ``optimized_path`` receives the graph ORT runs."""
+    """An ONNX Runtime InferenceSession with every graph optimization on.
+
+    ``optimized_path`` receives the graph ORT really runs (fused kernels included).
+    """
     if provider not in _PROVIDERS:
         raise ValueError(f"provider must be one of {', '.join(_PROVIDERS)}, got {provider!r}")
     options = ort.SessionOptions()
@@ -132,18 +135,18 @@ def compare_speed(
     each file's input shape: speed does not depend on pixel values.
     """
     census = {label: graph_census(path, provider) for label, path in files.items()}
-    sessions = {label: ort_session(path, provider, threads) for label, path in files.items()}
+    runners = {label: ort_session(path, provider, threads) for label, path in files.items()}
     rows = []
     for batch in batch_sizes:
         feeds = {}
-        for label, session in sessions.items():
-            inp = session.get_inputs()[0]
+        for label, sess in runners.items():
+            inp = sess.get_inputs()[0]
             fixed = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
             if fixed is not None and fixed != batch:
                 continue  # a fixed-batch file runs its own batch size only
             dims = [batch, *(d if isinstance(d, int) else 1 for d in inp.shape[1:])]
             feeds[label] = {inp.name: np.random.default_rng(0).standard_normal(dims).astype(np.float32)}
-            session.run(None, feeds[label])
+            sess.run(None, feeds[label])
         times: dict[str, list[float]] = {label: [] for label in feeds}
         while any(len(t) < max_runs and (len(t) < min_runs or sum(t) < seconds) for t in times.values()):
             for label, feed in feeds.items():
@@ -151,12 +154,12 @@ def compare_speed(
                 if len(t) >= max_runs or (len(t) >= min_runs and sum(t) >= seconds):
                     continue
                 start = time.perf_counter()
-                sessions[label].run(None, feed)
+                runners[label].run(None, feed)
                 t.append(time.perf_counter() - start)
         for label, t in times.items():
             median = statistics.median(t)
             rows.append(SpeedRow(
-                label=label, path=str(files[label]), provider=sessions[label].get_providers()[0], batch=batch,
+                label=label, path=str(files[label]), provider=runners[label].get_providers()[0], batch=batch,
                 threads=threads, median_ms=1e3 * median, images_per_s=batch / median, runs=len(t),
                 file_bytes=os.path.getsize(files[label]), census=census[label],
             ))

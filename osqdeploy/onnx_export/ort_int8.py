@@ -285,6 +285,6 @@ def _evaluate(body: list[onnx.NodeProto], code: str, value: str, inits: dict[str
     if needed - set(inits):
         raise FormatError(f"the log-grid subgraph after {code} reads values that are not initializers")
     model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (table,) = session.run(None, {code: np.arange(levels + 1, dtype=np.float32)})
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (table,) = sess.run(None, {code: np.arange(levels + 1, dtype=np.float32)})
     return table.astype(np.float32).reshape(levels + 1)

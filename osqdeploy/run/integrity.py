@@ -26,7 +26,7 @@ class OnnxMismatchError(RunError):
 
 @dataclass(frozen=True)
 class OnnxInfo:
-    """What an ONNX file says about itself, read without building a runtime session."""
+    """What an ONNX file says about itself, read without building an ONNX Runtime instance."""
 
     path: Path
     metadata: dict[str, str]
