@@ -26,10 +26,6 @@ class UsageError(ValueError):
     """A command line that cannot be carried out as given (missing data, nothing to export...)."""
 
 
-class RunDamaged(RuntimeError):
-    """A run directory whose checks failed (``osq inspect``): exit code 1, not a usage error."""
-
-
 def one_line(e: BaseException | str) -> str:
     text = " ".join(str(e).split())
     return text or type(e).__name__
@@ -91,7 +87,7 @@ def boundary(batch_size: int | None = None, interrupted: Callable[[], str] | Non
                 ) from None
             from osqdeploy.load import ResourceError
 
-            if isinstance(e, (OutputError, ResourceError, RunDamaged)):
+            if isinstance(e, (OutputError, ResourceError)):
                 raise fail(one_line(e), FAILURE) from None
             if isinstance(e, _input_errors()):
                 raise fail(one_line(e), USAGE_ERROR) from None

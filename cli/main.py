@@ -23,7 +23,7 @@ from . import deploy
 from . import options as o
 from .analyze import analyze
 from .distributed import on_gpus, sweep, under_torchrun
-from .errors import RunDamaged, UsageError, boundary, note
+from .errors import UsageError, boundary, note
 from .options import Device, Provider, RuntimeName
 from .ranks import calibrate_rank, eval_rank, source_text
 from .report import eval_tables, export_table, inspect_tables, list_tables, sensitivity_table
@@ -115,8 +115,7 @@ def calibrate(
         state["hint"] = f"interrupted; finished groups are checkpointed in {shown}: resume with the same command" + (
             "" if run_dir is not None else f" plus --run-dir {shown}"
         )
-        ws.record_run(target)
-        job = (model, qcfg, ccfg, target, shown, data, eval_data, checkpoint, augment, resume)
+        job = (model, qcfg, ccfg, target, shown, data, eval_data, checkpoint, augment, resume, ws)
         m, n_images = on_gpus(gpus, calibrate_rank, *job) if gpus or under_torchrun() else calibrate_rank(None, *job)
         ws.record_run(target)
     from .progress import summary_table
@@ -321,7 +320,7 @@ def inspect(
             raise UsageError("no run in this workspace (.osq/): pass RUN")
         health = store.verify_run(run_dir)
         if not health.ok:
-            raise RunDamaged(f"{ws.display(run_dir)} is damaged: {health.reason}")
+            raise store.RunError(health.reason if str(run_dir) in health.reason else f"{run_dir}: {health.reason}")
         m = health.manifest
         if sensitivity:  # fail on bad input before printing anything
             recorded = m.data.get("eval_dir")

@@ -11,8 +11,9 @@ out = Console()  # tables and results
 err = Console(stderr=True)  # progress, notes and errors
 
 
-def calibrate_rank(ctx, model, qcfg, ccfg, target, shown, data, eval_data, checkpoint, augment, resume):
-    """One process' share of ``osq calibrate`` (all of it on one device); the first rank prints."""
+def calibrate_rank(ctx, model, qcfg, ccfg, target, shown, data, eval_data, checkpoint, augment, resume, ws):
+    """One process' share of ``osq calibrate`` (all of it on one device); the first rank prints and
+    records the run in the workspace, once its model and images have loaded."""
     from dataclasses import replace
 
     from osqdeploy import api
@@ -25,6 +26,7 @@ def calibrate_rank(ctx, model, qcfg, ccfg, target, shown, data, eval_data, check
     inputs = api.calibration_inputs(model, ccfg, data=data, eval_data=eval_data, checkpoint=checkpoint, augment=augment)
     loaded, images, views = inputs.loaded, inputs.images, inputs.augmented_views
     if main:
+        ws.record_run(target)
         w, a = qcfg.w_bits, qcfg.a_bits
         ranks = f" on {ctx.world} ranks" if ctx is not None and ctx.active else ""
         out.print(f"[bold]osq calibrate[/] {loaded.recipe.name} ({loaded.spec.timm_name}) W{w}A{a}, weights: "

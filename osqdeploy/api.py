@@ -492,8 +492,10 @@ def calibrate(
             stage_seconds={k: round(v, 3) for k, v in stages.items()},
             resumed_from_group=done,
         )
-        if writer:  # the state file carries the checksum of the manifest's meaning-bearing fields
-            manifest = replace(manifest, state_sha256=store.save_deployed(run_dir, net, manifest))
+        # run.json carries the checksum of its meaning-bearing fields (store.write_manifest); the state
+        # file does not, so that the same calibration writes the same bytes whatever its timings
+        if writer:
+            manifest = replace(manifest, state_sha256=store.save_deployed(run_dir, net))
             store.write_manifest(run_dir, manifest)
             store.clear_checkpoint(run_dir)
     dist.barrier()

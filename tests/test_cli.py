@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -282,7 +282,8 @@ def test_finished_run_dir_is_not_overwritten(finished_run):
 
 
 def test_eval_without_recorded_data_asks_for_data(finished_run):
-    _edit_manifest(finished_run, data={})
+    # a run calibrated through the API without data_info records no evaluation folder
+    store.write_manifest(finished_run, replace(store.read_manifest(finished_run), data={}))
     result = osq("eval", finished_run, "--runtime", "torch-quant")
     assert result.exit_code == 2 and "pass --data DIR" in result.stderr
 

@@ -170,8 +170,11 @@ def test_cuda_provider_is_asked_for_full_fp32_unless_tf32_is_wanted(monkeypatch)
     from osqdeploy.evaluation import runtimes
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert runtimes._providers("cuda") == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
-    assert runtimes._providers("auto", tf32=True)[0] == ("CUDAExecutionProvider", {"use_tf32": "1"})
+    # device_id: each rank of a sharded evaluation on its own GPU (torch's current device; 0 here)
+    assert runtimes._providers("cuda") == [
+        ("CUDAExecutionProvider", {"use_tf32": "0", "device_id": "0"}), "CPUExecutionProvider"
+    ]
+    assert runtimes._providers("auto", tf32=True)[0] == ("CUDAExecutionProvider", {"use_tf32": "1", "device_id": "0"})
     assert runtimes._providers("cpu") == ["CPUExecutionProvider"]
 
 
