@@ -443,3 +443,19 @@ def _umask() -> int:
 def test_help_answers_without_importing_torch():
     code = "import sys; from cli.main import app; import typer.main; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_sensitivity_table_signs_are_released_minus_quantized():
+    """Δ top-1 and Δ CE are the released set's value minus the quantized model's: a set whose
+    release lowers cross-entropy shows a negative Δ CE."""
+    from rich.console import Console
+
+    from cli.report import sensitivity_table
+    from osqdeploy.evaluation.sensitivity import SensitivityRow
+
+    rows = [SensitivityRow("(none)", "baseline", 0, 8, 50.0, 2.0, 0.0, 0.0),
+            SensitivityRow("blocks.0", "block", 3, 8, 62.5, 1.5, 12.5, 0.5)]
+    console = Console(record=True, width=200)
+    console.print(sensitivity_table(rows, "val"))
+    line = next(ln for ln in console.export_text().splitlines() if "blocks.0" in ln)
+    assert "+12.5" in line and "-0.5000" in line and "+0.5000" not in line
