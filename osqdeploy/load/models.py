@@ -241,10 +241,7 @@ def resolve_recipe(name: str) -> ModelRecipe:
     lowered = key.lower()
     arch, _, tag = lowered.partition(".")
     for r in list_recipes():
-        # a recipe that reshapes its architecture (the demo) answers to its own names only, never to
-        # the timm name it builds on
-        names = (r.name, *r.aliases) + (() if r.model_kwargs else (r.timm_name,))
-        if lowered in (n.lower() for n in names):
+        if lowered in (r.name.lower(), r.timm_name.lower(), *(a.lower() for a in r.aliases)):
             return r
         if tag and arch == r.timm_name.lower():
             return replace(r, timm_name=key)  # keep the pretrained tag for timm
