@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from osqdeploy.api import calibrate
 from osqdeploy.api import export as export_run
 from osqdeploy.config import CalibrationConfig, QuantConfig
-from osqdeploy.evaluation.throughput import graph_census, ort_speed, speed_table
+from osqdeploy.evaluation.throughput import compare_speed, graph_census, speed_table
 from osqdeploy.onnx_export.ort_int8 import ExportFormat, FormatError, file_format, to_ort_int8, weight_types
 
 from conftest import images, loaded_tiny
@@ -102,7 +102,7 @@ def test_export_writes_the_fast_format(tmp_path):
     assert info.format == ExportFormat.ort_int8.value
     assert info.weight_initializers == {"INT8": sum(info.weight_initializers.values())}
     assert file_format(onnx.load(str(tmp_path / "fast.onnx"))) == "ort-int8"
-    rows = ort_speed(tmp_path / "fast.onnx", "fast", batch_sizes=(1, 4), seconds=0.05, min_runs=2)
+    rows = compare_speed({"fast": tmp_path / "fast.onnx"}, batch_sizes=(1, 4), seconds=0.05, min_runs=2)
     assert [r.batch for r in rows] == [1, 4] and all(r.images_per_s > 0 for r in rows)
     assert rows[0].provider == "CPUExecutionProvider" and rows[0].census.integer_kernels >= 5 * DEPTH
     assert speed_table(rows, baseline="fast").row_count == 2

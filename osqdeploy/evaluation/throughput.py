@@ -25,7 +25,7 @@ import onnxruntime as ort
 from rich.table import Table
 
 __all__ = [
-    "INTEGER_KERNELS", "GraphCensus", "SpeedRow", "compare_speed", "graph_census", "ort_session", "ort_speed",
+    "INTEGER_KERNELS", "GraphCensus", "SpeedRow", "compare_speed", "graph_census", "ort_session",
     "speed_table",
 ]
 
@@ -100,21 +100,6 @@ def graph_census(path: str | Path, provider: str = "cpu") -> GraphCensus:
         dequantize=ops.get("DequantizeLinear", 0),
         ops=dict(ops.most_common()),
     )
-
-
-def ort_speed(
-    path: str | Path,
-    label: str | None = None,
-    batch_sizes: tuple[int, ...] = (1, 32),
-    provider: str = "cpu",
-    threads: int | None = None,
-    seconds: float = 3.0,
-    min_runs: int = 3,
-    max_runs: int = 200,
-) -> list[SpeedRow]:
-    """Median latency and images/s of one file at each batch size (see :func:`compare_speed`)."""
-    return compare_speed({label or Path(path).stem: path}, batch_sizes, provider, threads, seconds, min_runs,
-                         max_runs)
 
 
 def compare_speed(
