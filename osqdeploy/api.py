@@ -54,7 +54,7 @@ from .plan import Plan, build_plan
 from .plan.outliers import block_outlier_stats
 from .reconstruct import Callbacks, GroupResult, Reconstructor, logits, prepare_model, resolve_device
 from .run import store
-from .run.integrity import check_onnx_for_run, check_onnx_input
+from .run.integrity import check_onnx_for_run, check_onnx_input, onnx_info
 from .run.manifest import Manifest, ModelInfo, RunStatus
 
 # Calibration images are drawn from at most this many files of a folder (an even spread), so a
@@ -205,14 +205,15 @@ class CalibrationInputs:
 
 def check_calibration_inputs(
     model: str, data: str | Path | None, checkpoint: str | Path | None, samples: int = 1024
-) -> None:
+) -> ImageFiles | None:
     """Refuse a calibration that lacks images or weights, naming everything missing at once and where
-    weights were looked for, before any model is built."""
+    weights were looked for, before any model is built; returns the scanned calibration folder."""
     recipe = resolve_recipe(model)
     problems = []
+    files = None
     if data is not None:
         try:
-            scan_images(data, samples)
+            files = scan_images(data, samples)
         except DataError as e:
             problems.append(str(e))
     elif recipe.name != DEMO_RECIPE:
@@ -227,6 +228,7 @@ def check_calibration_inputs(
             problems.append(str(e))
     if problems:
         raise DataError(f"{recipe.name} cannot be calibrated yet: " + "; ".join(problems))
+    return files
 
 
 def calibration_inputs(
@@ -242,9 +244,8 @@ def calibration_inputs(
 
     Folders are scanned before the (possibly slow) model load, so a bad folder fails fast.
     """
-    check_calibration_inputs(model, data, checkpoint, ccfg.samples)
+    files = check_calibration_inputs(model, data, checkpoint, ccfg.samples)
     is_demo = resolve_recipe(model).name == DEMO_RECIPE
-    files = scan_images(data, ccfg.samples) if data is not None else None
     if eval_data is not None:
         ImageFiles(Path(eval_data), max_files=1)  # exists and holds images
     if is_demo and checkpoint is None:
@@ -548,13 +549,10 @@ def float_onnx_bytes(run: Run) -> int | None:
 
 def onnx_run_sha(path: str | Path) -> str | None:
     """The run checksum ``export`` writes into an ONNX file's metadata (None if absent or unreadable)."""
-    import onnx
-
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not ONNX at all: the runtime reports it properly later
+        return onnx_info(path).run_state_sha256
+    except store.RunError:  # not ONNX at all: the runtime reports it properly later
         return None
-    return next((p.value for p in proto.metadata_props if p.key == "run_state_sha256"), None)
 
 
 # -------------------------------------------------------------------------------------- evaluate
