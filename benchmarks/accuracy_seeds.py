@@ -18,6 +18,11 @@ on the other half.
         --checkpoint ../shared/data/weights/deit_tiny_patch16_224.pth --out results/accuracy \\
         --variants paper@w4a4 output_tuned@w4a4 paper@w6a6 --seeds 0 1 2 --jobs-per-gpu 7 --ort
     python -m benchmarks.accuracy_seeds --summarize --out results/accuracy
+    python -m benchmarks.accuracy_seeds --ort-only --images ... --checkpoint ... --out results/accuracy
+
+``--ort-only`` adds ONNX Runtime's CPU figures to rows already measured (calibrated on a GPU host,
+evaluated in ORT on the deployment CPU): each finished run is exported and run in ORT beside its
+fake-quant model, which is re-evaluated on this host only for the agreement between the two.
 
 A variant is ``NAME[,key=value...][@wWaA]``: a name of ``VARIANTS`` (each a ``Method`` of
 ``osqdeploy.config`` or one with settings added), then settings of CalibrationConfig or
@@ -233,6 +238,45 @@ def _ort(row: dict, run_dir: Path, ref, q, eval_set, args: argparse.Namespace) -
         onnx_path.unlink()
     return {**row, "ort_cpu_top1": o.top1, "ort_minus_fake_quant": o.top1 - q.top1,
             "ort_agreement_with_fake_quant": parity(q, o).top1_agreement, "ort_kl": parity(ref, o).kl_divergence}
+
+
+def add_ort(args: argparse.Namespace, only: list[str] | None = None) -> None:
+    """ORT CPU figures for every finished row of OUT that lacks them (``only``: job names to restrict to)."""
+    import torch
+
+    from osqdeploy.api import load_run
+    from osqdeploy.evaluation import TorchRuntime, evaluate
+    from osqdeploy.load import ImageFiles, eval_transform, load_model
+
+    fp = load_model(args.model, checkpoint=args.checkpoint).model
+    eval_set = ImageFiles(args.images, transform=eval_transform(fp)).split(EVAL_FRACTION, seed=SPLIT_SEED)[1]
+    ref = None
+    for path in sorted((Path(args.out) / "jobs").glob("*.json")):
+        row = json.loads(path.read_text())
+        if row.get("status") != "ok" or "ort_cpu_top1" in row or (only and row["job"] not in only):
+            continue
+        if ref is None:
+            ref = evaluate(TorchRuntime(fp, "cpu"), eval_set, progress=False, limit=args.limit_eval)
+        run_dir = Path(args.out) / "runs" / row["job"]
+        if not run_dir.is_dir():
+            print(f"{row['job']}: no run directory, skipped", flush=True)
+            continue
+        q = evaluate(TorchRuntime(load_run(run_dir, "cpu").model, "cpu", name="torch-quant"), eval_set,
+                     progress=False, limit=args.limit_eval)
+        _write({**_ort(row, run_dir, ref, q, eval_set, args), "ort_host": _cpu_name(), "cpu_fake_quant_top1": q.top1,
+                "ort_threads": args.ort_threads or torch.get_num_threads()}, args)
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -496,6 +540,8 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=None, metavar="S",
                     help="stop jobs still running S seconds after launch (a re-run resumes them from their last group)")
     ap.add_argument("--summarize", action="store_true", help="print and write the summary of OUT's finished jobs")
+    ap.add_argument("--ort-only", nargs="*", default=None, metavar="JOB",
+                    help="add ONNX Runtime CPU figures to OUT's finished rows (these jobs only, if named)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--concurrent", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -505,7 +551,11 @@ def main() -> None:
         print(summarize(args.out))
         return
     if args.images is None or args.checkpoint is None:
-        ap.error("--images and --checkpoint are needed to calibrate")
+        ap.error("--images and --checkpoint are needed to calibrate or evaluate")
+    if args.ort_only is not None:
+        add_ort(args, args.ort_only)
+        print(summarize(args.out))
+        return
     jobs = parse_jobs(args.variants, args.bits, args.seeds)
     with mps_daemon(args.out) if args.mps else contextlib.nullcontext():
         launch(jobs, args)

@@ -7,6 +7,7 @@ their eager definitions.
 """
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -347,6 +348,12 @@ def test_auto_autocast_is_fp16_on_cuda_only_and_explicit_modes_hold_everywhere()
     assert (auto.autocast_on("cuda"), auto.autocast_on("cpu")) == ("fp16", "off")
     for mode in ("off", "bf16", "fp16"):
         assert {CalibrationConfig(autocast=mode).autocast_on(d) for d in ("cuda", "cpu")} == {mode}
+
+
+def test_prediction_method_reconstructs_in_bf16_on_cuda_unless_told_otherwise():
+    prediction = CalibrationConfig().with_method("prediction")
+    assert (prediction.autocast_on("cuda"), prediction.autocast_on("cpu")) == ("bf16", "off")
+    assert replace(prediction, autocast="fp16").autocast_on("cuda") == "fp16"
 
 
 def test_unknown_autocast_is_refused():
