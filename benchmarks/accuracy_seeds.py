@@ -6,7 +6,9 @@ predictions from the fp32 model's and logit MSE (the smooth measures, which rank
 top-1 on 250 images moves in whole images), and optionally the exported ONNX file's top-1 in
 ONNX Runtime on the CPU. A DeiT-Tiny reconstruction step is bound by kernel launches, not by the
 GPU's arithmetic, so several jobs share each GPU (``--jobs-per-gpu``), each a process pinned to
-one GPU with CUDA_VISIBLE_DEVICES. Every job writes its own JSON under ``OUT/jobs/``; a re-run
+one GPU with CUDA_VISIBLE_DEVICES. On 2× H200 under MPS, 6 jobs per GPU took 437 s each (36 s
+per job overall), 11 per GPU 1,224–1,518 s each (about 70 s per job): past about 6 per GPU the
+jobs slow each other more than sharing gains. Every job writes its own JSON under ``OUT/jobs/``; a re-run
 skips the finished ones (and retries failed ones), so an interrupted batch continues.
 
 The 500 images are split once (seed 0, half and half, ``ImageFiles.split`` → ``split_files``);
