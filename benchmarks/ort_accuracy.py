@@ -13,7 +13,10 @@ Peers are ``quantize_static`` QDQ files of the float export: uint8 activations (
         --images ../shared/data/imagenet-sample --runs runs/paper-w8a8-s0 runs/paper-w4a4-s0 ...
 
 Every file's held-out logits are kept under ``--workdir``, so an interrupted run resumes where it
-stopped. JSON goes to ``benchmarks/results/ort_accuracy_<model>_cpu.json``.
+stopped. With ``--noise-floor`` each run's PyTorch fake-quant model is evaluated too, plain and with
+every Linear/LayerNorm output moved by one float32 ulp (``UlpPerturbed``): the top-1 agreement of two
+equally exact float implementations, against which the ort-int8/qdq agreement is judged.
+JSON goes to ``benchmarks/results/ort_accuracy_<model>_cpu.json``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from rich.console import Console
 from rich.table import Table
 
 from osqdeploy.api import export as export_run
-from osqdeploy.evaluation import OnnxRuntime, evaluate
+from osqdeploy.api import load_run
+from osqdeploy.evaluation import OnnxRuntime, TorchRuntime, UlpPerturbed, evaluate
 from osqdeploy.evaluation.evaluator import EvalResult, kl_divergence
 from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform
 from osqdeploy.load.models import load_model
@@ -58,6 +62,25 @@ class Row:
     max_abs_logit_diff_to_qdq: float | None = None
     seconds: float | None = None
     error: str | None = None
+    # --noise-floor: the run's PyTorch fake-quant model against the ONNX files and against itself
+    noise: dict[str, float] | None = None
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 100.0 * float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
+def _torch_logits(run_dir: Path, held_out: ImageFiles, work: Path, ulp_seed: int | None) -> torch.Tensor:
+    """Held-out logits of the run's fake-quant model on this CPU (one ulp per output with ``ulp_seed``), cached."""
+    cache = work / f"{run_dir.name}.torch{'' if ulp_seed is None else f'~ulp{ulp_seed}'}.logits.pt"
+    if cache.is_file():
+        return torch.load(cache)
+    runtime = TorchRuntime(load_run(run_dir).model, "cpu", name="torch-quant")
+    if ulp_seed is not None:
+        runtime = UlpPerturbed(runtime, ulp_seed)
+    logits = evaluate(runtime, held_out, batch_size=25, progress=False).logits
+    torch.save(logits, cache)
+    return logits
 
 
 def _evaluated(path: Path, label: str, held_out: ImageFiles, work: Path, threads: int | None) -> EvalResult:
@@ -76,10 +99,22 @@ def _evaluated(path: Path, label: str, held_out: ImageFiles, work: Path, threads
 
 
 class _Reader:
-    """quantize_static's calibration reader over a tensor of images."""
+    """quantize_static's calibration reader over a tensor of images, in batches.
+
+    ``set_range`` lets quantize_static feed the calibrator a few batches at a time
+    (``CalibStridedMinMax``): ORT's histogram calibrators (Entropy, Percentile) otherwise keep every
+    intermediate tensor of all 250 images in memory at once (over 20 GB for DeiT-Tiny).
+    """
 
     def __init__(self, images: torch.Tensor, input_name: str, batch: int = 10):
-        self._batches = iter([{input_name: b.numpy()} for b in images.split(batch)])
+        self._all = [{input_name: b.numpy()} for b in images.split(batch)]
+        self._batches = iter(self._all)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._batches = iter(self._all[start_index:end_index])
 
     def get_next(self):
         return next(self._batches, None)
@@ -101,7 +136,8 @@ def quantize_static_peer(float_path: Path, out: Path, calib: torch.Tensor, peer:
     quantize_static(str(pre), str(out), _Reader(calib, name), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt4 if a == 4 else QuantType.QUInt8,
                     weight_type=QuantType.QInt4 if w == 4 else QuantType.QInt8,
-                    calibrate_method=CalibrationMethod[method], calibration_cache_path=str(ranges))
+                    calibrate_method=CalibrationMethod[method], calibration_cache_path=str(ranges),
+                    extra_options={"CalibStridedMinMax": 1})  # one batch per collection: bounded memory
     return out
 
 
@@ -115,6 +151,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: one per core)")
     ap.add_argument("--workdir", type=Path, default=Path(".osq/ort_accuracy"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--noise-floor", action="store_true",
+                    help="also run each run's PyTorch fake-quant model, plain and one-ulp perturbed")
     args = ap.parse_args()
     console = Console()
     work = args.workdir / args.model
@@ -169,14 +207,25 @@ def main() -> None:
                         max_abs_logit_diff_to_qdq=float((rq.logits - rf.logits).abs().max()),
                         seconds=time.perf_counter() - t0))
         console.print(f"{run_dir.name}: qdq {rq.top1:.1f}, ort-int8 {rf.top1:.1f}, agreement {agree:.1f} %")
+        if args.noise_floor:
+            tq, tu = (_torch_logits(run_dir, held_out, work, seed) for seed in (None, 0))
+            labels = rq.labels
+            rows[-1].noise = {
+                "torch_quant_top1": 100.0 * float((tq.argmax(1) == labels).float().mean()),
+                "torch_vs_torch_ulp": _agreement(tq, tu),
+                "torch_vs_qdq": _agreement(tq, rq.logits),
+                "torch_vs_ort_int8": _agreement(tq, rf.logits),
+            }
+            console.print(f"  noise floor: {rows[-1].noise}")
 
     table = Table(title=f"{args.model}: ONNX Runtime CPU, {ref.n} held-out images", title_justify="left")
-    for col in ("file", "bits", "top-1 %", "KL to fp32", "agreement with qdq %"):
+    for col in ("file", "bits", "top-1 %", "KL to fp32", "agreement with qdq %", "torch vs torch~ulp %"):
         table.add_column(col, justify="left" if col in ("file", "bits") else "right")
     for r in rows:
         agree = "" if r.agreement_with_qdq is None else f"{r.agreement_with_qdq:.1f}"
+        floor = "" if r.noise is None else f"{r.noise['torch_vs_torch_ulp']:.1f}"
         table.add_row(r.label, r.bits, "failed" if r.error else f"{r.top1:.1f}",
-                      "" if r.error else f"{r.kl_to_fp32:.4f}", agree)
+                      "" if r.error else f"{r.kl_to_fp32:.4f}", agree, floor)
     console.print(table)
     from benchmarks.ort_speed import _cpu_name, _ort_version
 
