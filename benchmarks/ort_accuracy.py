@@ -14,8 +14,9 @@ Peers are ``quantize_static`` QDQ files of the float export: uint8 activations (
 
 Every file's held-out logits are kept under ``--workdir``, so an interrupted run resumes where it
 stopped. With ``--noise-floor`` each run's PyTorch fake-quant model is evaluated too, plain and with
-every Linear/LayerNorm output moved by one float32 ulp (``UlpPerturbed``): the top-1 agreement of two
-equally exact float implementations, against which the ort-int8/qdq agreement is judged.
+every Linear/LayerNorm output moved by one float32 ulp (``UlpPerturbed``), and the qdq file once more
+with ONNX Runtime's basic graph optimizations only: top-1 agreements of equally exact float
+implementations, against which the ort-int8/qdq agreement is judged.
 JSON goes to ``benchmarks/results/ort_accuracy_<model>_cpu.json``.
 """
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -83,16 +85,19 @@ def _torch_logits(run_dir: Path, held_out: ImageFiles, work: Path, ulp_seed: int
     return logits
 
 
-def _evaluated(path: Path, label: str, held_out: ImageFiles, work: Path, threads: int | None) -> EvalResult:
+def _evaluated(path: Path, label: str, held_out: ImageFiles, work: Path, threads: int | None,
+               level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> EvalResult:
     """Held-out logits of one file (cached beside it, keyed by the file's size and mtime)."""
     stat = path.stat()
-    cache = work / f"{path.name}.logits.pt"
+    suffix = "" if level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL else f".{level.name}"
+    cache = work / f"{path.name}{suffix}.logits.pt"
     key = [stat.st_size, stat.st_mtime_ns]
     if cache.is_file():
         saved = torch.load(cache)
         if saved["key"] == key:
             return EvalResult(label, len(saved["logits"]), saved["top1"], None, 0.0, saved["logits"], saved["labels"])
-    runtime = OnnxRuntime(path, provider="cpu", name=label, intra_op_num_threads=threads)
+    runtime = OnnxRuntime(path, provider="cpu", name=label, intra_op_num_threads=threads,
+                          graph_optimization_level=level)
     result = evaluate(runtime, held_out, batch_size=25, progress=False)
     torch.save({"key": key, "logits": result.logits, "labels": result.labels, "top1": result.top1}, cache)
     return result
@@ -210,11 +215,15 @@ def main() -> None:
         if args.noise_floor:
             tq, tu = (_torch_logits(run_dir, held_out, work, seed) for seed in (None, 0))
             labels = rq.labels
+            # the same qdq file, ONNX Runtime's basic graph optimizations only (no kernel fusions)
+            basic = _evaluated(qdq, f"{run_dir.name} qdq basic", held_out, work, args.threads,
+                               ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
             rows[-1].noise = {
                 "torch_quant_top1": 100.0 * float((tq.argmax(1) == labels).float().mean()),
                 "torch_vs_torch_ulp": _agreement(tq, tu),
                 "torch_vs_qdq": _agreement(tq, rq.logits),
                 "torch_vs_ort_int8": _agreement(tq, rf.logits),
+                "qdq_vs_qdq_basic_optimization": _agreement(rq.logits, basic.logits),
             }
             console.print(f"  noise floor: {rows[-1].noise}")
 
