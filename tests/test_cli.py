@@ -156,9 +156,9 @@ def test_inspect_and_list(in_chain):
         assert text in result.stdout
     listing = osq("list")
     assert listing.exit_code == 0
-    for text in ("demo", "deit_s", "swin_t", "slices:A-B-C", "blocks:N", "--cross-stage", "W4A4 (default)", "W4A8",
-                 "W8A8", "--bits 4 8"):
+    for text in ("demo", "deit_s", "swin_t", "slices:A-B-C", "blocks:N", "--cross-stage", "(default)", "W4A8", "W8A8"):
         assert text in listing.stdout
+    assert "--bits 4 8" in " ".join(listing.stdout.split())  # the sentence may wrap at any width
 
 
 @pytest.mark.parametrize("bits", [(4, 8), (8, 8)], ids=["w4a8", "w8a8"])
