@@ -46,7 +46,8 @@ class RuntimeName(str, Enum):
 
 BitsOpt = Annotated[
     tuple[int, int] | None,
-    typer.Option(metavar="W A", help="Weight and activation bit-widths, 2..8. \\[default: the recipe's]"),
+    typer.Option(metavar="W A", help="Weight and activation bit-widths, 2..8: e.g. 4 8 or 8 8 for int8 runtimes. "
+                 "\\[default: the recipe's first pair, see `osq list`]"),
 ]
 
 DataOpt = Annotated[

@@ -106,10 +106,12 @@ def list_tables(recipes: list[Any], defaults: Any, recipe_calibration: dict[str,
     for r in recipes:
         resolved = resolve_spec(r.granularity, r.family == "swin")
         gran = r.granularity if resolved == r.granularity else f"{r.granularity} → {resolved}"
-        table.add_row(r.name, ", ".join(r.aliases), r.timm_name, r.family or "-", gran, f"W{r.w_bits}A{r.a_bits}")
+        pairs = [f"W{w}A{a}" for w, a in r.bit_pairs]
+        table.add_row(r.name, ", ".join(r.aliases), r.timm_name, r.family or "-", gran,
+                      ", ".join([f"{pairs[0]} (default)", *pairs[1:]]))
     lines = [
         f"Calibration defaults: {defaults.samples} images, {defaults.iters} iterations per group, "
-        f"batch {defaults.batch_size}."
+        f"batch {defaults.batch_size}. Any listed pair: --bits W A (e.g. --bits 4 8, --bits 8 8).",
     ]
     lines += [
         f"  {name}: " + ", ".join(f"{v} {k}" for k, v in cal.items()) + " (a quick demonstration; options override)"

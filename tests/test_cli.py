@@ -156,8 +156,32 @@ def test_inspect_and_list(in_chain):
         assert text in result.stdout
     listing = osq("list")
     assert listing.exit_code == 0
-    for text in ("demo", "deit_s", "swin_t", "slices:A-B-C", "blocks:N", "--cross-stage"):
+    for text in ("demo", "deit_s", "swin_t", "slices:A-B-C", "blocks:N", "--cross-stage", "(default)", "W4A8", "W8A8"):
         assert text in listing.stdout
+    assert "--bits 4 8" in " ".join(listing.stdout.split())  # the sentence may wrap at any width
+
+
+@pytest.mark.parametrize("bits", [(4, 8), (8, 8)], ids=["w4a8", "w8a8"])
+def test_int8_pairs_calibrate_export_in_both_formats_and_evaluate(fresh, bits):
+    w, a = bits
+    assert osq("calibrate", "demo", "--bits", w, a, *QUICK).exit_code == 0
+    run = _workspace(fresh)["latest_run"]
+    assert f"-w{w}a{a}-" in run
+    reports = {}
+    for fmt in ("qdq", "ort-int8"):
+        target = f"demo.{fmt}.onnx"
+        result = osq("export", "--format", fmt, "--out", target, "--no-float-baseline")
+        assert result.exit_code == 0, result.output
+        result = osq("eval", target, "--runtime", "onnxruntime", "--provider", "cpu", "--limit", "48")
+        assert result.exit_code == 0, result.output
+        reports[fmt] = json.loads((fresh / f"demo.{fmt}.eval.json").read_text())
+    for fmt, report in reports.items():
+        assert report["bits"] == [w, a], fmt
+        # the ONNX file against the PyTorch fake-quant run it came from, on the same 48 images
+        assert report["parity"]["top1_agreement"] >= 95.0, fmt
+    onnx_top1 = {fmt: next(r["top1"] for r in rep["results"] if r["runtime"] == "onnxruntime")
+                 for fmt, rep in reports.items()}
+    assert abs(onnx_top1["qdq"] - onnx_top1["ort-int8"]) <= 100 / 48 + 1e-9  # at most one image apart
 
 
 def test_inspect_names_the_matmul_precision_a_run_was_reconstructed_in():

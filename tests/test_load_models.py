@@ -15,8 +15,10 @@ from osqdeploy.load.data import ImageFiles, eval_transform, spread_indices
 from osqdeploy.load.models import (
     CheckpointError,
     ModelSpec,
+    RecipeError,
     UnknownModelError,
     WeightsUnavailableError,
+    _parse_recipe,
     list_recipes,
     load_model,
     resolve_recipe,
@@ -57,6 +59,25 @@ def test_every_recipe_names_a_real_timm_model():
         assert (r.timm_name, r.family) == (timm_name, family)
         assert timm.is_model(r.timm_name)
         assert (r.w_bits, r.a_bits) == (4, 4) and r.granularity == "auto"
+        assert {(4, 8), (8, 8)} <= set(r.bit_pairs), "W4A8 and W8A8 are first-class pairs of every recipe"
+
+
+@pytest.mark.parametrize(("bits", "pairs"), [
+    ([4, 4], [(4, 4)]),
+    ([[8, 8], [4, 8]], [(8, 8), (4, 8)]),
+])
+def test_recipe_bits_is_a_pair_or_a_list_of_pairs_first_is_default(bits, pairs):
+    data = {"name": "x", "timm_name": "vit_tiny_patch16_224", "family": "vit", "bits": bits}
+    r = _parse_recipe(data, "x.toml")
+    assert r.bit_pairs == pairs and (r.w_bits, r.a_bits) == pairs[0]
+    assert _parse_recipe(r.to_dict(), "round trip").bit_pairs == pairs
+
+
+@pytest.mark.parametrize("bits", [[], [4], [[4, 4], [4, 4]], [[4, 16]], [[4, 4.0]], "w4a4"])
+def test_recipe_bits_refused(bits):
+    data = {"name": "x", "timm_name": "vit_tiny_patch16_224", "family": "vit", "bits": bits}
+    with pytest.raises(RecipeError, match="bits"):
+        _parse_recipe(data, "x.toml")
 
 
 def test_demo_recipe_has_two_groups_of_three_blocks():

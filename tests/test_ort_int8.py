@@ -40,9 +40,13 @@ def _run(path, x):
 
 
 def test_fast_file_computes_what_the_qdq_file_computes(pair):
-    _, qdq, fast = pair
+    (w, _), qdq, fast = pair
     x = images(64, 32, seed=7).numpy()
     ref, got = _run(qdq, x), _run(fast, x)
+    if w == 8:
+        # 8-bit weights sit in 8-bit types in both files: ONNX Runtime runs the same integer kernels on
+        # the same codes, so the logits are the same bits (the log-grid table included)
+        np.testing.assert_array_equal(ref, got)
     # Same grid values on both sides; only float summation order differs (integer kernels against
     # float MatMuls on dequantized weights), so an activation at a rounding boundary may move one step.
     assert (ref.argmax(1) == got.argmax(1)).mean() >= 63 / 64

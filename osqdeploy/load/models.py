@@ -136,9 +136,20 @@ class ModelRecipe:
     timm_name: str
     family: str | None  # "vit" | "swin"; None for a bare timm name the recipes don't know
     granularity: str = "auto"
-    w_bits: int = 4
-    a_bits: int = 4
+    # the (w_bits, a_bits) pairs the recipe is meant for; the first is what `osq calibrate` uses
+    # without --bits.  W4A8 and W8A8 are what int8 hardware and runtimes execute today.
+    bit_pairs: list[tuple[int, int]] = field(default_factory=lambda: [(4, 4)])
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def w_bits(self) -> int:
+        """The default pair's weight bit-width."""
+        return self.bit_pairs[0][0]
+
+    @property
+    def a_bits(self) -> int:
+        """The default pair's activation bit-width."""
+        return self.bit_pairs[0][1]
 
     def spec(self, model_kwargs: dict[str, Any] | None = None) -> ModelSpec:
         """The recipe's architecture, with ``model_kwargs`` overriding the recipe's own kwargs."""
@@ -151,7 +162,7 @@ class ModelRecipe:
             "timm_name": self.timm_name,
             "family": self.family,
             "granularity": self.granularity,
-            "bits": [self.w_bits, self.a_bits],
+            "bits": [list(p) for p in self.bit_pairs],
             "model_kwargs": json.loads(json.dumps(self.model_kwargs)),
         }
 
@@ -186,9 +197,7 @@ def _parse_recipe(data: dict[str, Any], origin: str) -> ModelRecipe:
     aliases = data.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
         raise RecipeError(f"{origin}: 'aliases' must be a list of strings")
-    bits = data.get("bits", [4, 4])
-    if not (isinstance(bits, list) and len(bits) == 2 and all(isinstance(b, int) and 2 <= b <= 16 for b in bits)):
-        raise RecipeError(f"{origin}: 'bits' must be [w_bits, a_bits] with integers in 2..16, got {bits!r}")
+    bit_pairs = _bit_pairs(data.get("bits", [[4, 4]]), origin)
     granularity = data.get("granularity", "auto")
     if not isinstance(granularity, str) or not granularity:
         raise RecipeError(f"{origin}: 'granularity' must be a non-empty string")
@@ -201,10 +210,25 @@ def _parse_recipe(data: dict[str, Any], origin: str) -> ModelRecipe:
         timm_name=data["timm_name"],
         family=data["family"],
         granularity=granularity,
-        w_bits=bits[0],
-        a_bits=bits[1],
+        bit_pairs=bit_pairs,
         model_kwargs=model_kwargs,
     )
+
+
+def _bit_pairs(bits: Any, origin: str) -> list[tuple[int, int]]:
+    """A recipe's ``bits``: a list of ``[w_bits, a_bits]`` pairs (the first the default), or one bare pair."""
+    def is_pair(p: Any) -> bool:
+        return isinstance(p, list) and len(p) == 2 and all(type(b) is int and 2 <= b <= 8 for b in p)
+
+    if is_pair(bits):
+        return [(bits[0], bits[1])]
+    if not (isinstance(bits, list) and bits and all(is_pair(p) for p in bits)):
+        raise RecipeError(f"{origin}: 'bits' must be a list of [w_bits, a_bits] pairs with integers in 2..8 "
+                          f"(the first is the default), got {bits!r}")
+    pairs = [(p[0], p[1]) for p in bits]
+    if len(set(pairs)) != len(pairs):
+        raise RecipeError(f"{origin}: 'bits' lists a pair twice: {bits!r}")
+    return pairs
 
 
 @lru_cache(maxsize=1)
