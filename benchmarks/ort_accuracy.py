@@ -9,7 +9,7 @@ run, the top-1 agreement of its ort-int8 file with its qdq file (the same grids,
 Peers are ``quantize_static`` QDQ files of the float export: uint8 activations (``QUInt4`` for
 4-bit ones), int8 per-channel weights (``QInt4`` for 4-bit ones), MinMax / Entropy / Percentile.
 
-    python benchmarks/ort_accuracy.py --checkpoint ../shared/data/weights/deit_tiny_patch16_224.pth \\
+    python -m benchmarks.ort_accuracy --checkpoint ../shared/data/weights/deit_tiny_patch16_224.pth \\
         --images ../shared/data/imagenet-sample --runs runs/paper-w8a8-s0 runs/paper-w4a4-s0 ...
 
 Every file's held-out logits are kept under ``--workdir``, so an interrupted run resumes where it

@@ -11,7 +11,7 @@ on the same images, so one can tell a first divergence (a bug: codes differ wher
 identical) from accumulated summation-order flips (a few per million at the first MatMul, growing
 downstream).
 
-    python benchmarks/ort_code_flips.py run.qdq.onnx run.ort-int8.onnx --images DIR --limit 25
+    python -m benchmarks.ort_code_flips run.qdq.onnx run.ort-int8.onnx --images DIR --limit 25
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ times per operator type and, for osq files, those of the attention probabilities
 (what lies between each ``Softmax`` and the ``Gather`` or ``Where`` that yields the grid value),
 an elementwise chain over the model's largest tensor that no ONNX Runtime kernel fuses.
 
-    python benchmarks/ort_profile.py FILE.onnx [FILE.onnx ...] --batch 32 --runs 3
+    python -m benchmarks.ort_profile FILE.onnx [FILE.onnx ...] --batch 32 --runs 3
 """
 
 from __future__ import annotations

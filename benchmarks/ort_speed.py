@@ -9,13 +9,13 @@ Optionally, top-1 of every file on held-out images and the top-1 agreement of or
 
 Runs calibrated elsewhere (e.g. on a GPU), one directory per bit pair under ``--runs-dir``:
 
-    python benchmarks/ort_speed.py --model deit_t --checkpoint ../shared/data/weights/deit_tiny_patch16_224.pth \\
+    python -m benchmarks.ort_speed --model deit_t --checkpoint ../shared/data/weights/deit_tiny_patch16_224.pth \\
         --calib-dir ../shared/data/imagenet-sample --runs-dir runs/ --eval-fraction 0.5
 
 Self-calibrating (round-to-nearest or a short reconstruction, here on the CPU; speed does not
 depend on calibration quality); without ``--checkpoint`` the model has random weights:
 
-    python benchmarks/ort_speed.py --model deit_t --self-calibrate --iters 0 --calib-samples 32
+    python -m benchmarks.ort_speed --model deit_t --self-calibrate --iters 0 --calib-samples 32
 
 With ``--eval-fraction F`` the images of ``--calib-dir`` are split (seeded, as
 ``deit_tiny_accuracy.py`` splits them): calibration on one part, accuracy on the other.
