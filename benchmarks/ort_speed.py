@@ -46,7 +46,7 @@ from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform
 from osqdeploy.load.models import load_model
 from osqdeploy.onnx_export.onnx_qdq import float_export
 from osqdeploy.onnx_export.ort_int8 import to_ort_int8
-from osqdeploy.run.store import MANIFEST
+from osqdeploy.run.store import MANIFEST, read_manifest
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAIRS = ((4, 4), (4, 8), (8, 8))
@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(".osq/ort_speed"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="device of --self-calibrate")
+    ap.add_argument("--attn-grid", default="log", choices=["log", "uniform"],
+                    help="post-softmax grid of --self-calibrate's runs (QuantConfig.attn_grid)")
     args = ap.parse_args()
     console = Console()
     work = args.workdir / args.model
@@ -150,19 +152,22 @@ def main() -> None:
             if not args.self_calibrate:
                 console.print(f"W{w}A{a}: no finished run under {args.runs_dir}, skipped (or pass --self-calibrate)")
                 continue
-            run_dir = work / f"run_w{w}a{a}_{args.iters}it"
+            run_dir = work / f"run_w{w}a{a}_{args.iters}it_{args.attn_grid}"
             if not (run_dir / MANIFEST).is_file():
                 t0 = time.perf_counter()
                 model = load_model(args.model, checkpoint=args.checkpoint, pretrained=False)
-                calibrate(model, calib, QuantConfig(w, a), CalibrationConfig(
+                calibrate(model, calib, QuantConfig(w, a, attn_grid=args.attn_grid), CalibrationConfig(
                     samples=len(calib), batch_size=32, iters=args.iters, device=args.device, seed=args.seed), run_dir)
                 console.print(f"W{w}A{a}: calibrated in {time.perf_counter() - t0:.0f} s ({args.iters} it/group)")
-        qdq = work / f"osq_w{w}a{a}.qdq.onnx"
+        grid = read_manifest(run_dir).quant.attn_grid
+        tag = f"w{w}a{a}" + ("_uniform" if grid == "uniform" else "")
+        label = f"osq W{w}A{a}" + (" uniform softmax" if grid == "uniform" else "")
+        qdq = work / f"osq_{tag}.qdq.onnx"
         with contextlib.redirect_stdout(io.StringIO()):
             export_run(run_dir, qdq)
-        fast = work / f"osq_w{w}a{a}.ort-int8.onnx"
+        fast = work / f"osq_{tag}.ort-int8.onnx"
         onnx.save(to_ort_int8(onnx.load(str(qdq))), str(fast))
-        files += [(f"osq W{w}A{a} qdq", qdq), (f"osq W{w}A{a} ort-int8", fast)]
+        files += [(f"{label} qdq", qdq), (f"{label} ort-int8", fast)]
 
     console.print(f"timing {len(files)} files, taking turns, {args.seconds:g} s each per batch size")
     rows = compare_speed(dict(files), tuple(args.batches), threads=args.threads, seconds=args.seconds)

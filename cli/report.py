@@ -163,7 +163,7 @@ def inspect_tables(run: str, m: Any, source: str, progress: str) -> list[Any]:
         (
             "bits",
             f"W{q.w_bits}A{q.a_bits}, patch embedding and head {q.edge_bits}-bit, softmax on a "
-            f"log{'√2' if q.attn_log_base == 'sqrt2' else '2'} grid",
+            + (f"log{'√2' if q.attn_log_base == 'sqrt2' else '2'} grid" if q.attn_grid == "log" else "uniform grid"),
         ),
         (
             "calibration",

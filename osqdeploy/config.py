@@ -13,6 +13,7 @@ WEIGHT_INITS = ("minmax", "mse")
 AUTOCASTS = ("auto", "off", "bf16", "fp16")
 POST_GELU_RANGES = ("mse", "mse_max")
 EDGE_RANGES = ("mse", "minmax")
+ATTN_GRIDS = ("log", "uniform")
 LOSSES = ("mse", "fisher")
 OUTPUT_TUNING_PARAMS = ("steps", "steps+affine")
 
@@ -40,6 +41,11 @@ class QuantConfig:
     edge_bits: int = 8
     # Post-softmax attention: RepQ-ViT's log√2 grid ("sqrt2") or FQ-ViT's log2 grid ("2").
     attn_log_base: str = "sqrt2"
+    # "log": the post-softmax grid above, which keeps 4-bit attention accurate but which ONNX
+    # Runtime has no kernel for (39 % of the ort-int8 file's CPU time at batch 32, real DeiT-Tiny).
+    # "uniform": an ordinary per-tensor uniform grid, one QuantizeLinear in the exported graph, for
+    # the int8 targets (W4A8, W8A8) deployed on CPUs (docs/results.md).
+    attn_grid: str = "log"
     # RepQ-ViT scale reparameterisation of post-LayerNorm activations.
     reparam: bool = True
     # Per-output-channel weight grid: "minmax" spans each channel's min..max (the paper's and
@@ -71,6 +77,8 @@ class QuantConfig:
         _check_bits("weight bits", self.w_bits)
         _check_bits("activation bits", self.a_bits)
         _check_bits("edge bits", self.edge_bits)
+        if self.attn_grid not in ATTN_GRIDS:
+            raise ConfigError(f"attn_grid must be one of {', '.join(ATTN_GRIDS)}, got {self.attn_grid!r}")
         if self.attn_log_base not in ("sqrt2", "2"):
             raise ConfigError(f"attn_log_base must be 'sqrt2' or '2', got {self.attn_log_base!r}")
         if self.weight_init not in WEIGHT_INITS:

@@ -144,3 +144,38 @@ def test_cli_convert_and_speed(pair, tmp_path):
     rows = json.loads((tmp_path / "speed.json").read_text())
     assert [r["label"] for r in rows] == ["qdq.onnx", "fast.onnx"] and rows[1]["census"]["integer_kernels"] > 0
     assert runner.invoke(app, ["convert", str(tmp_path / "missing.onnx")]).exit_code == 2
+
+
+@pytest.mark.parametrize("bits", [(4, 8), (8, 8)], ids=["w4a8", "w8a8"])
+def test_uniform_attention_grid_leaves_no_float_attention_work(bits, tmp_path):
+    """attn_grid="uniform": the probabilities get one QuantizeLinear, so every matmul is an integer kernel."""
+    import torch
+
+    from osqdeploy.api import load_run
+
+    w, a = bits
+    calibrate(loaded_tiny("vit", depth=DEPTH), images(16, 32), QuantConfig(w, a, attn_grid="uniform"),
+              CalibrationConfig(samples=16, batch_size=16, iters=0), tmp_path / "run")
+    qdq, fast = tmp_path / "qdq.onnx", tmp_path / "fast.onnx"
+    export_run(tmp_path / "run", qdq)
+    onnx.save(to_ort_int8(onnx.load(str(qdq))), str(fast))
+    fused = graph_census(fast)
+    assert "Log" not in fused.ops and "Gather" not in fused.ops
+    assert "MatMul" not in fused.ops and fused.integer_kernels >= 6 * DEPTH  # probabilities · v̂ too
+    x = images(64, 32, seed=7)
+    ref, got = _run(qdq, x.numpy()), _run(fast, x.numpy())
+    if w == 8:
+        np.testing.assert_array_equal(ref, got)
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 63 / 64
+    # and the file computes what the fake-quant model computes
+    with torch.no_grad():
+        fq = load_run(tmp_path / "run").model(x).numpy()
+    assert (fq.argmax(1) == ref.argmax(1)).mean() >= 62 / 64
+    assert np.median(np.abs(fq - ref)) <= 1e-3 * (fq.max() - fq.min())
+
+
+def test_unknown_attention_grid_is_refused():
+    from osqdeploy.config import ConfigError
+
+    with pytest.raises(ConfigError, match="attn_grid"):
+        QuantConfig(attn_grid="cubic").validate()

@@ -18,7 +18,7 @@ from ..quant.quantizers import ActQuantizer, LogQuantizer
 
 
 class QuantMatMulAttention(nn.Module):
-    """softmax(q̂ k̂ᵀ·scale + bias) quantized on the log grid, times v̂.
+    """softmax(q̂ k̂ᵀ·scale + bias) quantized on the log grid (or a uniform one), times v̂.
 
     Two routes compute the same function. ``forward`` applies each quantizer module in turn: it
     is what observation (each quantizer sees its own tensor), full precision and ONNX export
@@ -34,7 +34,8 @@ class QuantMatMulAttention(nn.Module):
         self.q_quantizer = ActQuantizer(cfg.a_bits)
         self.k_quantizer = ActQuantizer(cfg.a_bits)
         self.v_quantizer = ActQuantizer(cfg.a_bits)
-        self.attn_quantizer = LogQuantizer(cfg.a_bits, cfg.attn_log_base)
+        self.attn_quantizer = (LogQuantizer(cfg.a_bits, cfg.attn_log_base) if cfg.attn_grid == "log"
+                               else ActQuantizer(cfg.a_bits))
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
@@ -48,7 +49,9 @@ class QuantMatMulAttention(nn.Module):
     def fusable(self) -> bool:
         qkv = (self.q_quantizer, self.k_quantizer, self.v_quantizer)
         quantizing = all(q.mode is QuantMode.NEAREST for q in (*qkv, self.attn_quantizer))
-        return quantizing and len({(q.bits, active_drop(q)) for q in qkv}) == 1
+        # the fused probabilities kernel computes the log grid only; a uniform grid takes ``forward``
+        log_grid = isinstance(self.attn_quantizer, LogQuantizer)
+        return quantizing and log_grid and len({(q.bits, active_drop(q)) for q in qkv}) == 1
 
     def fused_forward(self, qkv: torch.Tensor, bias: torch.Tensor | None = None, groups: int = 0) -> torch.Tensor:
         """The context ``[B, H, N, D]`` from the projection viewed ``[B, N, 3, H, D]`` (see ``fusable``).
