@@ -55,6 +55,7 @@ def calibrate(
     checkpoint: o.CheckpointOpt = None,
     granularity: o.GranularityOpt = None,
     cross_stage: o.CrossStageOpt = False,
+    attn_grid: o.AttnGridOpt = o.AttnGrid.log,
     iters: o.ItersOpt = None,
     fast: o.FastOpt = False,
     samples: o.SamplesOpt = None,
@@ -83,7 +84,7 @@ def calibrate(
 
         recipe = load.resolve_recipe(model)
         w_bits, a_bits = bits if bits is not None else (recipe.w_bits, recipe.a_bits)
-        qcfg = QuantConfig(w_bits=w_bits, a_bits=a_bits)
+        qcfg = QuantConfig(w_bits=w_bits, a_bits=a_bits, attn_grid=attn_grid.value)
         qcfg.validate()
         ccfg = api.calibration_config(
             recipe.name,

@@ -161,6 +161,19 @@ class Method(str, Enum):  # osqdeploy.config.Method's presets
     output_tuned = "output_tuned"
 
 
+class AttnGrid(str, Enum):  # osqdeploy.config.ATTN_GRIDS
+    log = "log"
+    uniform = "uniform"
+
+
+AttnGridOpt = Annotated[
+    AttnGrid,
+    typer.Option(
+        help="Post-softmax grid. log: RepQ-ViT's log√2 grid, accurate at 4 bits; uniform: one per-tensor grid, "
+        "which lets ONNX Runtime's CPU provider run every attention matmul as an integer kernel (for W4A8/W8A8 "
+        "ort-int8 files).",
+    ),
+]
 FormatOpt = Annotated[
     ExportFormat,
     typer.Option(

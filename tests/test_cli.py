@@ -483,3 +483,12 @@ def test_sensitivity_table_signs_are_released_minus_quantized():
     console.print(sensitivity_table(rows, "val"))
     line = next(ln for ln in console.export_text().splitlines() if "blocks.0" in ln)
     assert "+12.5" in line and "-0.5000" in line and "+0.5000" not in line
+
+
+def test_calibrate_with_a_uniform_attention_grid(fresh):
+    assert osq("calibrate", "demo", "--bits", 8, 8, "--attn-grid", "uniform", *QUICK).exit_code == 0
+    run = fresh / _workspace(fresh)["latest_run"]
+    assert json.loads((run / "run.json").read_text())["quant"]["attn_grid"] == "uniform"
+    result = osq("inspect")
+    assert result.exit_code == 0 and "uniform" in result.stdout and "log√2" not in result.stdout  # cells wrap
+    assert osq("calibrate", "demo", "--attn-grid", "cubic", *QUICK).exit_code == 2
