@@ -906,3 +906,38 @@ def test_an_edited_bit_width_makes_the_run_damaged_for_export_and_eval(plain_run
         result = _osq(*args)
         assert result.exit_code == 2 and "damaged run" in _error_line(result), args
     assert _snapshot(run_dir) == before and not (tmp_path / "m.onnx").exists()
+
+
+def _sealed_without(run_dir: Path, section: str, key: str) -> None:
+    """The run as the version before ``section.key`` existed wrote it: the field absent, sealed absent."""
+    manifest = json.loads((run_dir / store.MANIFEST).read_text())
+    del manifest[section][key]
+    body = {k: v for k, v in manifest.items() if k not in ("state_sha256", store.SEAL_KEY)}
+    seal = store.manifest_checksum(body)
+    tensors = store.load_tensors(run_dir / store.STATE)
+    sha = store.save_tensors(run_dir / store.STATE, tensors, {"format": store.RUN_FORMAT, store.SEAL_KEY: seal})
+    (run_dir / store.MANIFEST).write_text(json.dumps({**body, "state_sha256": sha, store.SEAL_KEY: seal}))
+
+
+def test_a_run_written_before_a_later_config_field_still_loads(sealed_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(sealed_run, run_dir)
+    _sealed_without(run_dir, "quant", "attn_grid")
+    assert store.verify_run(run_dir).status == "complete"
+    assert load_run(run_dir).manifest.quant.attn_grid == "log"
+    manifest = json.loads((run_dir / store.MANIFEST).read_text())
+    manifest["quant"]["a_bits"] = 8  # what it did record stays sealed
+    (run_dir / store.MANIFEST).write_text(json.dumps(manifest))
+    assert store.verify_run(run_dir).status == "damaged"
+
+
+def test_dropping_a_later_field_that_was_recorded_is_damage(tmp_path):
+    from conftest import images, loaded_tiny
+
+    run_dir = tmp_path / "run"
+    ccfg = CalibrationConfig(samples=8, batch_size=8, iters=0)
+    calibrate(loaded_tiny("vit", depth=1), images(8, 32), QuantConfig(8, 8, attn_grid="uniform"), ccfg, run_dir)
+    manifest = json.loads((run_dir / store.MANIFEST).read_text())
+    del manifest["quant"]["attn_grid"]  # would read back as the log grid: another model
+    (run_dir / store.MANIFEST).write_text(json.dumps(manifest))
+    assert store.verify_run(run_dir).status == "damaged"

@@ -21,6 +21,10 @@ RUN_FORMAT = "osqdeploy-run"
 # 2: typed manifest (quant/calibration configs and plan validated on read).
 RUN_FORMAT_VERSION = 2
 MANIFEST = "run.json"
+# Config fields added within this format version, with the value every run recorded before them
+# computed with: a record without one reads as that value and is sealed as recorded, without it,
+# so older runs stay valid while an edit of any field they did record is still caught.
+LATER_FIELDS: dict[str, dict[str, Any]] = {"quant": {"attn_grid": "log"}}
 
 
 class RunError(ValueError):

@@ -400,15 +400,22 @@ def canonical_sha256(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def manifest_checksum(manifest: Manifest | dict) -> str:
+def manifest_checksum(manifest: Manifest | dict, recorded: dict | None = None) -> str:
     """The checksum of a manifest's :data:`SEALED_FIELDS` (absent ones count as absent).
 
     Taken over ``Manifest.to_dict()``, the one form both the writer and every reader produce.
+    ``recorded``: the run.json a reader parsed ``manifest`` from; a config field of
+    ``LATER_FIELDS`` it lacks is left out, as the version that wrote it sealed it.
     """
     d = manifest.to_dict() if isinstance(manifest, Manifest) else manifest
     if isinstance(manifest, Manifest):  # as a reader will see it: JSON, then parsed (ints of float fields...)
         d = json.loads(json.dumps({**d, "state_sha256": d.get("state_sha256") or "0" * 64}))
         d = Manifest.from_dict(d).to_dict()
+    for section, later in manifest_io.LATER_FIELDS.items():
+        kept = (recorded or {}).get(section)
+        if isinstance(kept, dict) and isinstance(d.get(section), dict):
+            d = {**d, section: {k: v for k, v in d[section].items()
+                                if k in kept or k not in later or v != later[k]}}
     return canonical_sha256({k: d[k] for k in SEALED_FIELDS if k in d})
 
 
@@ -443,8 +450,9 @@ def check_sealed(run_dir: Path, manifest: Manifest) -> None:
         raise RunError(f"{run_dir}: damaged run: missing {STATE}")
     if sha256_file(path) != manifest.state_sha256:
         raise RunError(f"{path}: checksum mismatch (file changed or damaged since calibration)")
-    expected = manifest_checksum(manifest)
-    in_state, in_manifest = tensor_metadata(path).get(SEAL_KEY), read_raw_manifest(run_dir).get(SEAL_KEY)
+    recorded = read_raw_manifest(run_dir)
+    expected = manifest_checksum(manifest, recorded)
+    in_state, in_manifest = tensor_metadata(path).get(SEAL_KEY), recorded.get(SEAL_KEY)
     if any(sealed is not None and sealed != expected for sealed in (in_state, in_manifest)):
         raise RunError(
             f"{Path(run_dir) / MANIFEST}: damaged run: its settings, plan, groups or status differ from what "
