@@ -246,6 +246,7 @@ def add_ort(args: argparse.Namespace, only: list[str] | None = None) -> None:
     """ORT CPU figures for every finished row of OUT that lacks them (``only``: job names to restrict to)."""
     import torch
 
+    from benchmarks.ort_speed import cpu_name
     from osqdeploy.api import load_run
     from osqdeploy.evaluation import TorchRuntime, evaluate
     from osqdeploy.load import ImageFiles, eval_transform, load_model
@@ -265,20 +266,9 @@ def add_ort(args: argparse.Namespace, only: list[str] | None = None) -> None:
             continue
         q = evaluate(TorchRuntime(load_run(run_dir, "cpu").model, "cpu", name="torch-quant"), eval_set,
                      progress=False, limit=args.limit_eval)
-        _write({**_ort(row, run_dir, ref, q, eval_set, args), "ort_host": _cpu_name(), "cpu_fake_quant_top1": q.top1,
+        host = f"{cpu_name()} ({os.cpu_count()} cores)"
+        _write({**_ort(row, run_dir, ref, q, eval_set, args), "ort_host": host, "cpu_fake_quant_top1": q.top1,
                 "ort_threads": args.ort_threads or torch.get_num_threads()}, args)
-
-
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def worker(args: argparse.Namespace) -> int:

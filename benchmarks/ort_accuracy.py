@@ -205,7 +205,7 @@ def main() -> None:
             onnx.save(to_ort_int8(onnx.load(str(qdq))), str(fast))
         rq = _evaluated(qdq, f"{run_dir.name} qdq", held_out, work, args.threads)
         rf = _evaluated(fast, f"{run_dir.name} ort-int8", held_out, work, args.threads)
-        agree = 100.0 * float((rq.logits.argmax(1) == rf.logits.argmax(1)).float().mean())
+        agree = _agreement(rq.logits, rf.logits)
         rows.append(Row(f"{run_dir.name} qdq", "osq qdq", bits, rq.top1, kl_divergence(ref.logits, rq.logits)))
         rows.append(Row(f"{run_dir.name} ort-int8", "osq ort-int8", bits, rf.top1, kl_divergence(ref.logits, rf.logits),
                         agreement_with_qdq=agree,
@@ -236,14 +236,14 @@ def main() -> None:
         table.add_row(r.label, r.bits, "failed" if r.error else f"{r.top1:.1f}",
                       "" if r.error else f"{r.kl_to_fp32:.4f}", agree, floor)
     console.print(table)
-    from benchmarks.ort_speed import _cpu_name, _ort_version
+    from benchmarks.ort_speed import _ort_version, cpu_name
 
     out = args.out or RESULTS / f"ort_accuracy_{args.model.replace('-', '_')}_cpu.json"
     out.write_text(json.dumps({
         "model": args.model, "checkpoint": args.checkpoint, "images": str(args.images),
         "split": {"eval_fraction": EVAL_FRACTION, "seed": SPLIT_SEED, "calibration": len(calib_set),
                   "held_out": len(held_out)},
-        "processor": _cpu_name(), "cores": os.cpu_count(), "onnxruntime": _ort_version(),
+        "processor": cpu_name(), "cores": os.cpu_count(), "onnxruntime": _ort_version(),
         "runs": {d.name: str(d) for d in args.runs},
         "rows": [r.__dict__ for r in rows],
     }, indent=2, default=str) + "\n")

@@ -175,7 +175,7 @@ def main() -> None:
     accuracy = _accuracy(files, held_out, args) if held_out is not None else {}
     machine = args.machine or platform.node() or "cpu"
     info = {
-        "model": args.model, "checkpoint": args.checkpoint, "machine": machine, "processor": _cpu_name(),
+        "model": args.model, "checkpoint": args.checkpoint, "machine": machine, "processor": cpu_name(),
         "cores": os.cpu_count(), "threads": args.threads, "load_average": os.getloadavg(),
         "onnxruntime": _ort_version(), "torch": torch.__version__, "iters": args.iters,
         "calibration_images": len(calib), "runs": {f"W{w}A{a}": str(p) for (w, a), p in runs.items()},
@@ -218,7 +218,8 @@ def _accuracy(files: list[tuple[str, Path]], held_out: ImageFiles, args: argpars
     return summary
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The processor's model name (shared by the benchmarks that record where they ran)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
