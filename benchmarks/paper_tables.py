@@ -45,6 +45,27 @@ TABLE2 = [f"slices:{s}" for s in ("A-B-C", "AB-C", "A-BC", "ABC")]
 SPLIT_SEED = 0  # one split for every cell and seed: the evaluation images never change
 
 
+def same_plans(cells: list[str]) -> dict[str, str]:
+    """Each cell → the first cell with the same groups on DeiT-Tiny (itself if none).
+
+    On a ViT, whose blocks have no downsampling unit, ``slices:ABC`` (a block's three slices
+    together) is ``blocks:1``: one calibration serves both tables.
+    """
+    import timm
+    import torch
+
+    from osqdeploy.adapters import adapter_for
+    from osqdeploy.config import QuantConfig
+    from osqdeploy.plan import build_plan
+    from osqdeploy.reconstruct import prepare_model
+
+    with torch.device("meta"):  # structure only
+        model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+        units = prepare_model(model, QuantConfig(4, 4), adapter_for).units(model)
+    first: dict[str, str] = {}
+    return {c: first.setdefault(repr(build_plan(c, units).groups), c) for c in cells}
+
+
 def job_name(cell: str, seed: int) -> str:
     return f"{cell.replace(':', '-')}-s{seed}"
 
@@ -201,7 +222,11 @@ def schedule(args) -> None:
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     cells = args.cells or TABLE3 + TABLE2
-    pending = [(c, s) for c in cells for s in range(args.seeds)
+    canonical = same_plans(cells)
+    for c, same in canonical.items():
+        if same != c:
+            print(f"{c} is the same plan as {same} on DeiT: its rows are {same}'s", flush=True)
+    pending = [(c, s) for c in cells if canonical[c] == c for s in range(args.seeds)
                if not (out / "jobs" / f"{job_name(c, s)}.json").is_file()]
     gpus = _visible_gpus() if args.device != "cpu" else []
     slots = [g for g in gpus for _ in range(args.jobs_per_gpu)] or [None] * args.jobs
@@ -283,6 +308,11 @@ def summarize(out: Path, held_out_mse: bool = False) -> str:
     if not rows:
         print(f"no finished job in {out / 'jobs'}")
         return ""
+    if rows[0]["model"] == "deit_t":  # a plan both tables hold is calibrated once; show it in both
+        have = {r["cell"] for r in rows}
+        for c, same in same_plans(TABLE3 + TABLE2).items():
+            if c not in have and same != c:
+                rows += [{**r, "cell": c, "same_run_as": same} for r in rows if r["cell"] == same]
     order = {c: i for i, c in enumerate(TABLE3 + TABLE2)}
     rows.sort(key=lambda r: (order.get(r["cell"], 99), r["seed"]))
     fp32 = {r["fp32_top1"] for r in rows if r.get("fp32_top1") is not None}
@@ -305,7 +335,9 @@ def summarize(out: Path, held_out_mse: bool = False) -> str:
             rs = [r for r in rows if r["cell"] == c]
             first = [r["output_mse"] for r in rs] if held_out_mse else [r["top1"] for r in rs]
             secs = [r.get("calib_seconds") or r.get("job_seconds") or 0.0 for r in rs]
-            lines.append(f"| {c} | {len(rs)} | {rs[0]['groups']} | {_stats(first)} | {_stats([r['kl'] for r in rs])} "
+            label = f"{c} (= {rs[0]['same_run_as']})" if rs[0].get("same_run_as") else c
+            kl = _stats([r["kl"] for r in rs])
+            lines.append(f"| {label} | {len(rs)} | {rs[0]['groups']} | {_stats(first)} | {kl} "
                          f"| {statistics.fmean(secs):.0f} |")
         lines.append("")
     text = "\n".join(lines)

@@ -709,7 +709,8 @@ def evaluate(
     if quant is not None and onnx is not None:
         info = check_onnx_for_run(onnx, quant.manifest.state_sha256)
         check_onnx_input(info, onnx_input_size(quant.model))
-    ort_rt = OnnxRuntime(Path(onnx), provider=provider, name="onnxruntime") if onnx is not None else None
+    ort_rt = OnnxRuntime(Path(onnx), provider=provider, name="onnxruntime",
+                         intra_op_num_threads=torch.get_num_threads()) if onnx is not None else None
     recorded = quant.manifest.data.get("eval_dir") if quant is not None else None
     data = data or recorded
     if data is None:

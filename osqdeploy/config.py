@@ -14,6 +14,7 @@ AUTOCASTS = ("auto", "off", "bf16", "fp16")
 POST_GELU_RANGES = ("mse", "mse_max")
 EDGE_RANGES = ("mse", "minmax")
 ATTN_GRIDS = ("log", "uniform")
+POST_GELU_GRIDS = ("tensor", "channel")
 LOSSES = ("mse", "fisher")
 OUTPUT_TUNING_PARAMS = ("steps", "steps+affine")
 
@@ -62,6 +63,12 @@ class QuantConfig:
     # calibration images; docs/method.md). The paper is silent on its observers;
     # this one won on measured accuracy, so it is the default.
     post_gelu_range: str = "mse_max"
+    # Grid of the post-GELU activations. "tensor": one per-tensor grid, like every activation.
+    # "channel": a grid per channel, RepQ-ViT's reparameterisation carried over from post-LayerNorm
+    # activations: there is no affine before the quantizer to fold it into, so the quantizer keeps a
+    # per-channel multiply-add (one Mul and one Add in the exported graph) and fc2 absorbs the inverse.
+    # `osq inspect --sensitivity` ranks these inputs the costliest of a W4A4 DeiT-Tiny.
+    post_gelu_grid: str = "tensor"
     # Inputs of the 8-bit edge layers (patch embedding, head). "mse": the MSE observer, as
     # everywhere else; "minmax": the extremes of all calibration data, unclipped. The head sees
     # one pooled token per image, so its per-channel MSE ranges rest on few values and clip the
@@ -85,6 +92,10 @@ class QuantConfig:
             raise ConfigError(f"weight_init must be one of {', '.join(WEIGHT_INITS)}, got {self.weight_init!r}")
         if self.edge_range not in EDGE_RANGES:
             raise ConfigError(f"edge_range must be one of {', '.join(EDGE_RANGES)}, got {self.edge_range!r}")
+        if self.post_gelu_grid not in POST_GELU_GRIDS:
+            raise ConfigError(
+                f"post_gelu_grid must be one of {', '.join(POST_GELU_GRIDS)}, got {self.post_gelu_grid!r}"
+            )
         if self.post_gelu_range not in POST_GELU_RANGES:
             raise ConfigError(
                 f"post_gelu_range must be one of {', '.join(POST_GELU_RANGES)}, got {self.post_gelu_range!r}"

@@ -228,7 +228,9 @@ def run_job(job: Job, spec: SweepSpec, where: Path, device: torch.device) -> dic
     kw = dict(batch_size=spec.eval_batch_size, progress=False, limit=spec.eval_limit)
     r_fp = evaluate(TorchRuntime(fp32, device, name="torch-fp32"), dataset, **kw)
     r_q = evaluate(TorchRuntime(run.model, device, name="torch-quant"), dataset, **kw)
-    r_ort = evaluate(OnnxRuntime(onnx_path, provider=spec.provider, name="onnxruntime"), dataset, **kw)
+    ort_rt = OnnxRuntime(onnx_path, provider=spec.provider, name="onnxruntime",
+                         intra_op_num_threads=torch.get_num_threads())  # this rank's share of the cores
+    r_ort = evaluate(ort_rt, dataset, **kw)
     par = parity(r_q, r_ort)
     row = {
         "job": job.name,

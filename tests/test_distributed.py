@@ -72,10 +72,11 @@ def _sweep_spec(folder: str) -> SweepSpec:
 
 
 def _two_rank_checks(ctx: DistContext, folder: str, out: str) -> dict:
+    threads = torch.get_num_threads()  # as launch set it up
     torch.set_num_threads(1)
     from osqdeploy.sweep import run_sweep
 
-    found: dict = {"calibration": _calibrate(ctx)}
+    found: dict = {"threads": threads, "calibration": _calibrate(ctx)}
     try:
         _calibrate(ctx, data_seed=1 + ctx.rank)
     except DistributedError as e:
@@ -110,6 +111,12 @@ def test_two_rank_calibration_equals_one_process_with_the_same_global_batch(two_
     for c1, c2 in zip(curves, curves2, strict=True):
         assert [it for it, _ in c1] == [it for it, _ in c2]
         assert [v for _, v in c2] == pytest.approx([v for _, v in c1], rel=1e-5)
+
+
+def test_spawned_ranks_share_the_host_cores(two_ranks):
+    import os
+
+    assert two_ranks["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
 
 
 def test_different_data_on_different_ranks_is_one_clear_error(two_ranks):

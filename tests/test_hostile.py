@@ -919,12 +919,13 @@ def _sealed_without(run_dir: Path, section: str, key: str) -> None:
     (run_dir / store.MANIFEST).write_text(json.dumps({**body, "state_sha256": sha, store.SEAL_KEY: seal}))
 
 
-def test_a_run_written_before_a_later_config_field_still_loads(sealed_run, tmp_path):
+@pytest.mark.parametrize(("key", "value"), [("attn_grid", "log"), ("post_gelu_grid", "tensor")])
+def test_a_run_written_before_a_later_config_field_still_loads(sealed_run, tmp_path, key, value):
     run_dir = tmp_path / "run"
     shutil.copytree(sealed_run, run_dir)
-    _sealed_without(run_dir, "quant", "attn_grid")
+    _sealed_without(run_dir, "quant", key)
     assert store.verify_run(run_dir).status == "complete"
-    assert load_run(run_dir).manifest.quant.attn_grid == "log"
+    assert getattr(load_run(run_dir).manifest.quant, key) == value
     manifest = json.loads((run_dir / store.MANIFEST).read_text())
     manifest["quant"]["a_bits"] = 8  # what it did record stays sealed
     (run_dir / store.MANIFEST).write_text(json.dumps(manifest))

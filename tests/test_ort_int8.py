@@ -179,3 +179,29 @@ def test_unknown_attention_grid_is_refused():
 
     with pytest.raises(ConfigError, match="attn_grid"):
         QuantConfig(attn_grid="cubic").validate()
+
+
+def test_post_gelu_channel_grid_exports_and_runs_in_both_formats(tmp_path):
+    """post_gelu_grid="channel" adds a multiply-add per block before fc2's QuantizeLinear; both
+    files still compute what the fake-quant model computes, and ORT still fuses fc2."""
+    import torch
+
+    from osqdeploy.api import load_run
+    from osqdeploy.config import ConfigError
+
+    calibrate(loaded_tiny("vit", depth=DEPTH), images(16, 32), QuantConfig(8, 8, post_gelu_grid="channel"),
+              CalibrationConfig(samples=16, batch_size=16, iters=0), tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert run.manifest.quant.post_gelu_grid == "channel"
+    qdq, fast = tmp_path / "qdq.onnx", tmp_path / "fast.onnx"
+    export_run(tmp_path / "run", qdq)
+    onnx.save(to_ort_int8(onnx.load(str(qdq))), str(fast))
+    x = images(64, 32, seed=7)
+    ref, got = _run(qdq, x.numpy()), _run(fast, x.numpy())
+    np.testing.assert_array_equal(ref, got)  # W8A8: the same integer kernels
+    with torch.no_grad():
+        fq = run.model(x).numpy()
+    assert (fq.argmax(1) == ref.argmax(1)).mean() >= 62 / 64
+    assert graph_census(fast).integer_kernels >= 4 * DEPTH
+    with pytest.raises(ConfigError, match="post_gelu_grid"):
+        QuantConfig(post_gelu_grid="head").validate()

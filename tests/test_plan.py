@@ -71,3 +71,10 @@ def test_blocks_n(n, groups):
 def test_bad_specs_are_refused_with_the_options(spec):
     with pytest.raises(PlanError, match="blocks|slic|granularity"):
         build_plan(spec, _units("deit_tiny_patch16_224"))
+
+
+def test_whole_block_slicing_is_one_block_per_group_on_deit():
+    """Table 2's ABC and Table 3's 1 block per group are one plan on a ViT (no downsampling)."""
+    units = _units("deit_tiny_patch16_224")
+    assert build_plan("slices:ABC", units).groups == build_plan("blocks:1", units).groups
+    assert build_plan("slices:A-BC", units).groups != build_plan("blocks:1", units).groups

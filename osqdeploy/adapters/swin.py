@@ -31,6 +31,8 @@ class QuantSwinBlock(nn.Module):
         block.mlp.fc2 = QuantLinear(block.mlp.fc2, cfg.w_bits, cfg.a_bits)
         block.mlp.fc2.input_quantizer.range_keep_min = cfg.post_gelu_range == "mse_max"
         fold_gelu(block.mlp)
+        if cfg.post_gelu_grid == "channel":
+            block.mlp.fc2.input_quantizer.enable_channel_affine(block.mlp.fc2.in_features)
         self.block = block
 
     def part_a(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ class QuantBlock(nn.Module):
         self.mlp.fc2 = QuantLinear(block.mlp.fc2, cfg.w_bits, cfg.a_bits)
         self.mlp.fc2.input_quantizer.range_keep_min = cfg.post_gelu_range == "mse_max"
         fold_gelu(self.mlp)
+        if cfg.post_gelu_grid == "channel":
+            self.mlp.fc2.input_quantizer.enable_channel_affine(self.mlp.fc2.in_features)
 
     def part_a(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.attn(self.norm1(x), attn_mask=attn_mask)

@@ -54,6 +54,11 @@ class ActQuantizer(Quantizer):
         # the MLP by ``fold_gelu``: fused with the quantizer, the activation costs no pass of its
         # own over the MLP's widest tensor, forward or backward. Every route applies it first.
         self.gelu: str | None = None
+        # A per-channel multiply-add after the GELU, before the grid (QuantConfig.post_gelu_grid=
+        # 'channel'): the per-channel grid of RepQ-ViT's reparameterisation where no LayerNorm
+        # affine precedes the quantizer to absorb it. None unless enable_channel_affine was called.
+        self.register_buffer("affine_scale", None)
+        self.register_buffer("affine_shift", None)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, mode={self.mode.value}"
@@ -67,6 +72,21 @@ class ActQuantizer(Quantizer):
                 raise RuntimeError(f"export needs calibrated activation quantizers, not one in {self.mode.value!r}")
             self.zero_point_int = self.zero_point.round().to(torch.uint8)
         super().enter_mode(mode)
+
+    def enable_channel_affine(self, channels: int) -> None:
+        """Observe per channel and carry the reparameterised grid as a multiply-add (identity until
+        :func:`~osqdeploy.quant.reparam.reparameterize_input` sets it)."""
+        self.per_channel_observe = True
+        self.affine_scale = torch.ones(channels)
+        self.affine_shift = torch.zeros(channels)
+
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        """What the grid sees on the float routes: the fused GELU, then the channel affine."""
+        if self.gelu is not None:
+            x = F.gelu(x, approximate=self.gelu)
+        if self.affine_scale is not None:
+            x = x * self.affine_scale + self.affine_shift
+        return x
 
     def observe(self, x: torch.Tensor) -> None:
         if self.range_minmax:
@@ -107,9 +127,9 @@ class ActQuantizer(Quantizer):
         if self.mode is QuantMode.NEAREST:
             drop_prob = active_drop(self)
             return KERNELS["uniform"](x, self.scale, self.zero_point, self.bits, drop_prob, matmul_dtype(x),
-                                      self.gelu, draw_mask(x.shape, x.device, drop_prob))
-        if self.gelu is not None:
-            x = F.gelu(x, approximate=self.gelu)
+                                      self.gelu, draw_mask(x.shape, x.device, drop_prob),
+                                      self.affine_scale, self.affine_shift)
+        x = self._pre(x)
         if self.mode is QuantMode.OBSERVE:
             self.observe(x)
             return x

@@ -9,7 +9,9 @@ and the next Linear so that a per-tensor grid produces *exactly* the same codes:
     W' = W · diag(r),  c' = c + W (r ⊙ b)
 
 with r = Δ_c / mean(Δ) and b = min_c / r − target_min. The float network is unchanged up to
-rounding, and the quantized network equals the per-channel-quantized one.
+rounding, and the quantized network equals the per-channel-quantized one. Post-GELU activations
+(``QuantConfig.post_gelu_grid='channel'``) get the same grid with the LayerNorm's part played by a
+multiply-add the quantizer carries.
 """
 
 from __future__ import annotations
@@ -22,25 +24,46 @@ from .layers import QuantLinear
 from .quantizers import ActQuantizer
 
 
-@torch.no_grad()
-def reparameterize_norm(norm: nn.LayerNorm, quantizer: ActQuantizer, linears: list[QuantLinear]) -> None:
-    """Fold the per-channel ranges observed by ``quantizer`` into ``norm`` and ``linears``."""
+def _per_tensor_targets(quantizer: ActQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, b) that map the observed per-channel grids onto one per-tensor grid; sets that grid."""
     if quantizer.obs_min is None or quantizer.obs_min.dim() != 1:
         raise RuntimeError("reparameterisation needs per-channel observed ranges")
-    if norm.weight is None or norm.bias is None:
-        raise ValueError("reparameterisation needs a LayerNorm with an affine transform")
     delta_c, zp_c = P.qparams_from_range(quantizer.obs_min, quantizer.obs_max, quantizer.bits)
     target_delta = delta_c.mean()
     target_zp = zp_c.mean().round()
     act_min = -zp_c * delta_c
     target_min = -target_zp * target_delta
     r = delta_c / target_delta
-    b = act_min / r - target_min
+    quantizer.scale.copy_(target_delta)
+    quantizer.zero_point.copy_(target_zp)
+    return r, act_min / r - target_min
 
-    norm.weight.copy_(norm.weight / r)
-    norm.bias.copy_(norm.bias / r - b)
+
+def _fold_into_linears(linears: list[QuantLinear], r: torch.Tensor, b: torch.Tensor) -> None:
     for lin in linears:
         lin.bias.add_(lin.weight @ (r * b))
         lin.weight.mul_(r)
-    quantizer.scale.copy_(target_delta)
-    quantizer.zero_point.copy_(target_zp)
+
+
+@torch.no_grad()
+def reparameterize_norm(norm: nn.LayerNorm, quantizer: ActQuantizer, linears: list[QuantLinear]) -> None:
+    """Fold the per-channel ranges observed by ``quantizer`` into ``norm`` and ``linears``."""
+    if norm.weight is None or norm.bias is None:
+        raise ValueError("reparameterisation needs a LayerNorm with an affine transform")
+    r, b = _per_tensor_targets(quantizer)
+    norm.weight.copy_(norm.weight / r)
+    norm.bias.copy_(norm.bias / r - b)
+    _fold_into_linears(linears, r, b)
+
+
+@torch.no_grad()
+def reparameterize_input(layer: QuantLinear) -> None:
+    """The same for an input with no affine before it (post-GELU): the quantizer's own channel
+    affine takes the LayerNorm's part, so the exported graph gains one Mul and one Add."""
+    quantizer = layer.input_quantizer
+    if quantizer.affine_scale is None:
+        raise RuntimeError("reparameterize_input needs a quantizer with a channel affine (enable_channel_affine)")
+    r, b = _per_tensor_targets(quantizer)
+    quantizer.affine_scale.copy_(1 / r)
+    quantizer.affine_shift.copy_(-b)
+    _fold_into_linears([layer], r, b)

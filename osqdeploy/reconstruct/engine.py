@@ -34,7 +34,7 @@ from ..plan import Plan
 from ..quant.kernels import fused_quantizers
 from ..quant.layers import act_quantizers, quant_layers
 from ..quant.mode import QuantMode, quant_mode, set_mode
-from ..quant.reparam import reparameterize_norm
+from ..quant.reparam import reparameterize_input, reparameterize_norm
 from .objective import Objective, PredictionAwareMSE, make_objective
 from .output_tuning import OutputTuningResult, tune_outputs
 from .step import GroupStep, Schedule, run_steps, warm_compile_workers
@@ -201,6 +201,9 @@ class Reconstructor:
             q.finish_observation()
         for site in self.adapter.reparam_sites(self.model):
             reparameterize_norm(site.norm, site.quantizer, site.linears)
+        for layer in layers:
+            if getattr(layer.input_quantizer, "affine_scale", None) is not None:
+                reparameterize_input(layer)
         for layer in layers:
             layer.weight_quantizer.init_grid(layer.weight)
         for layer in self.adapter.edge_layers(self.model):
