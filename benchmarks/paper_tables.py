@@ -11,7 +11,9 @@ CUDA_VISIBLE_DEVICES, ``--jobs-per-gpu`` of them per GPU at once. Each writes
 ``OUT/jobs/<cell>-s<seed>.json`` when done and checkpoints its run after every group, so a
 re-run (after a time limit, a crash, or on another host) skips finished cells and resumes
 unfinished ones from their last group. ``--time-budget`` interrupts the jobs cleanly (they
-keep their checkpoints) before an outer limit would kill them.
+keep their checkpoints) before an outer limit would kill them. A DeiT-Tiny job is bound by kernel
+launches: on 2× H200 under MPS, 12 jobs at once pinned to 16 of the host's 32 cores took 650–800 s
+each, against 437 s for 12 unpinned (``benchmarks.accuracy_seeds``): leave them the whole CPU.
 
     # GPU host, the full tables (30 calibrations), then the markdown table and plot:
     python -m benchmarks.paper_tables --out results/paper_tables --jobs-per-gpu 4
@@ -299,6 +301,10 @@ def _stats(values: list[float]) -> str:
     return f"{mean:.4g} ± {sd:.2g} ({min(values):.4g}..{max(values):.4g})"
 
 
+def _span(counts: list[int]) -> str:
+    return str(counts[0]) if min(counts) == max(counts) else f"{min(counts)}–{max(counts)}"
+
+
 def summarize(out: Path, held_out_mse: bool = False) -> str:
     """``tables.md`` and ``tables.png`` from ``OUT/jobs/*.json``: mean ± sample standard deviation (min..max)."""
     from osqdeploy.analysis import granularity_data
@@ -352,7 +358,7 @@ def summarize(out: Path, held_out_mse: bool = False) -> str:
             p["output_mse"] = []
     plot_granularity(gd, out / "tables.png",
                      f"{model} W4A4 — granularity, {'/'.join(map(str, iters))} iterations per group, "
-                     f"seeds per plan: {max(len(p['runs']) for p in gd['plans'])}")
+                     f"seeds per plan: {_span([len(p['runs']) for p in gd['plans']])}")
     _atomic_json(out / "tables.json", gd)
     print(text)
     return text
