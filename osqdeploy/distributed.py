@@ -349,9 +349,13 @@ def _free_port() -> int:
 
 def _worker(local_rank: int, fn: Callable[..., Any], args: tuple, world: int, device_type: str, port: int,
             result_path: str, timeout: datetime.timedelta) -> None:
+    import torch._inductor.config as inductor_config
+
     # the ranks share this host's cores (torchrun does the same through OMP_NUM_THREADS): each
     # taking all of them oversubscribes the CPU stages (data, export, ONNX Runtime) N times over
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
+    share = max(1, len(os.sched_getaffinity(0)) // world)
+    torch.set_num_threads(share)
+    inductor_config.compile_threads = share  # its kernel-compiling workers too
     ctx = init_process_group(local_rank, world, local_rank, device_type, init_method=f"tcp://127.0.0.1:{port}",
                              timeout=timeout)
     try:

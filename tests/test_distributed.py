@@ -72,7 +72,9 @@ def _sweep_spec(folder: str) -> SweepSpec:
 
 
 def _two_rank_checks(ctx: DistContext, folder: str, out: str) -> dict:
-    threads = torch.get_num_threads()  # as launch set it up
+    import torch._inductor.config as inductor_config
+
+    threads = (torch.get_num_threads(), inductor_config.compile_threads)  # as launch set them up
     torch.set_num_threads(1)
     from osqdeploy.sweep import run_sweep
 
@@ -116,7 +118,8 @@ def test_two_rank_calibration_equals_one_process_with_the_same_global_batch(two_
 def test_spawned_ranks_share_the_host_cores(two_ranks):
     import os
 
-    assert two_ranks["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert two_ranks["threads"] == (share, share)
 
 
 def test_different_data_on_different_ranks_is_one_clear_error(two_ranks):
