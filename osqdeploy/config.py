@@ -67,7 +67,8 @@ class QuantConfig:
     # "channel": a grid per channel, RepQ-ViT's reparameterisation carried over from post-LayerNorm
     # activations: there is no affine before the quantizer to fold it into, so the quantizer keeps a
     # per-channel multiply-add (one Mul and one Add in the exported graph) and fc2 absorbs the inverse.
-    # `osq inspect --sensitivity` ranks these inputs the costliest of a W4A4 DeiT-Tiny.
+    # `osq inspect --sensitivity` ranks these inputs the costliest of a W4A4 DeiT-Tiny, yet per-channel
+    # grids did worse there at every schedule tried (docs/method.md): opt-in.
     post_gelu_grid: str = "tensor"
     # Inputs of the 8-bit edge layers (patch embedding, head). "mse": the MSE observer, as
     # everywhere else; "minmax": the extremes of all calibration data, unclipped. The head sees
