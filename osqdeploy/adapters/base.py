@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..quant.layers import QuantConv2d, QuantLinear
+from ..quant.layers import QuantConv2d, QuantLinear, fold_gelu
 from ..quant.quantizers import ActQuantizer
 
 State = tuple[torch.Tensor, ...]
@@ -86,6 +86,17 @@ class Adapter(ABC):
         ]
 
 
+
+
+def quantize_mlp(mlp: nn.Module, cfg: QuantConfig) -> None:
+    """Swap quantized Linears into a timm ``Mlp`` (both families use timm's): fc1's input observed
+    per channel for the LayerNorm reparameterisation, fc2's post-GELU input with its GELU folded in."""
+    mlp.fc1 = QuantLinear(mlp.fc1, cfg.w_bits, cfg.a_bits, per_channel_observe=cfg.reparam)
+    mlp.fc2 = QuantLinear(mlp.fc2, cfg.w_bits, cfg.a_bits)
+    mlp.fc2.input_quantizer.range_keep_min = cfg.post_gelu_range == "mse_max"
+    fold_gelu(mlp)
+    if cfg.post_gelu_grid == "channel":
+        mlp.fc2.input_quantizer.enable_channel_affine(mlp.fc2.in_features)
 
 
 def block_units(block: nn.Module, index: int, stage: int, a: list[nn.Module], b: list[nn.Module], c: list[nn.Module]):

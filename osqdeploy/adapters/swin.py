@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..quant.layers import QuantConv2d, QuantLinear, fold_gelu
+from ..quant.layers import QuantConv2d, QuantLinear
 from .attention import QuantWindowAttention
-from .base import Adapter, ReparamSite, State, Unit, block_units
+from .base import Adapter, ReparamSite, State, Unit, block_units, quantize_mlp
 
 
 class QuantSwinBlock(nn.Module):
@@ -27,12 +27,7 @@ class QuantSwinBlock(nn.Module):
         super().__init__()
         self.proj = QuantLinear(block.attn.proj, cfg.w_bits, cfg.a_bits)
         block.attn = QuantWindowAttention(block.attn, cfg)
-        block.mlp.fc1 = QuantLinear(block.mlp.fc1, cfg.w_bits, cfg.a_bits, per_channel_observe=cfg.reparam)
-        block.mlp.fc2 = QuantLinear(block.mlp.fc2, cfg.w_bits, cfg.a_bits)
-        block.mlp.fc2.input_quantizer.range_keep_min = cfg.post_gelu_range == "mse_max"
-        fold_gelu(block.mlp)
-        if cfg.post_gelu_grid == "channel":
-            block.mlp.fc2.input_quantizer.enable_channel_affine(block.mlp.fc2.in_features)
+        quantize_mlp(block.mlp, cfg)
         self.block = block
 
     def part_a(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..quant.layers import QuantConv2d, QuantLinear, fold_gelu
+from ..quant.layers import QuantConv2d, QuantLinear
 from .attention import QuantAttention
-from .base import Adapter, ReparamSite, State, Unit, block_units
+from .base import Adapter, ReparamSite, State, Unit, block_units, quantize_mlp
 
 
 class QuantBlock(nn.Module):
@@ -21,12 +21,7 @@ class QuantBlock(nn.Module):
         self.proj = QuantLinear(block.attn.proj, cfg.w_bits, cfg.a_bits)
         self.norm2, self.ls2, self.drop_path2 = block.norm2, block.ls2, block.drop_path2
         self.mlp = block.mlp
-        self.mlp.fc1 = QuantLinear(block.mlp.fc1, cfg.w_bits, cfg.a_bits, per_channel_observe=cfg.reparam)
-        self.mlp.fc2 = QuantLinear(block.mlp.fc2, cfg.w_bits, cfg.a_bits)
-        self.mlp.fc2.input_quantizer.range_keep_min = cfg.post_gelu_range == "mse_max"
-        fold_gelu(self.mlp)
-        if cfg.post_gelu_grid == "channel":
-            self.mlp.fc2.input_quantizer.enable_channel_affine(self.mlp.fc2.in_features)
+        quantize_mlp(self.mlp, cfg)
 
     def part_a(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.attn(self.norm1(x), attn_mask=attn_mask)
