@@ -113,14 +113,21 @@ def qdrop_mix(xf: torch.Tensor, xq: torch.Tensor, drop_prob: float, mask: torch.
     return torch.where(keep, xf, xq)
 
 
+def grid_input(x: torch.Tensor, gelu: str | None, affine_scale: torch.Tensor | None,
+               affine_shift: torch.Tensor | None) -> torch.Tensor:
+    """What a uniform grid sees: its input after the quantizer's own GELU (``ActQuantizer.gelu``)
+    and per-channel multiply-add (``ActQuantizer.affine_scale``), on every route."""
+    if gelu is not None:
+        x = F.gelu(x, approximate=gelu)
+    if affine_scale is not None:
+        x = x * affine_scale + affine_shift
+    return x
+
+
 def _uniform_train(x, scale, zero_point, bits: int, drop_prob: float, out_dtype: torch.dtype | None = None,
                    gelu: str | None = None, mask: torch.Tensor | None = None,
                    affine_scale: torch.Tensor | None = None, affine_shift: torch.Tensor | None = None):
-    xf = x.float()
-    if gelu is not None:  # the quantizer's own input activation (``ActQuantizer.gelu``), fused with it
-        xf = F.gelu(xf, approximate=gelu)
-    if affine_scale is not None:  # its per-channel grid, reparameterised (``ActQuantizer.affine_scale``)
-        xf = xf * affine_scale + affine_shift
+    xf = grid_input(x.float(), gelu, affine_scale, affine_shift)
     xq = P.fake_quantize_uniform(xf, scale, zero_point, bits)
     return qdrop_mix(xf, xq, drop_prob, mask).to(out_dtype or x.dtype)
 

@@ -10,11 +10,10 @@ exporter writes through the custom ops of :mod:`~osqdeploy.quant.kernels`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import primitives as P
-from .kernels import KERNELS, active_drop, draw_mask, matmul_dtype
+from .kernels import KERNELS, active_drop, draw_mask, grid_input, matmul_dtype
 from .mode import Quantizer, QuantMode
 
 
@@ -80,14 +79,6 @@ class ActQuantizer(Quantizer):
         self.affine_scale = torch.ones(channels)
         self.affine_shift = torch.zeros(channels)
 
-    def _pre(self, x: torch.Tensor) -> torch.Tensor:
-        """What the grid sees on the float routes: the fused GELU, then the channel affine."""
-        if self.gelu is not None:
-            x = F.gelu(x, approximate=self.gelu)
-        if self.affine_scale is not None:
-            x = x * self.affine_scale + self.affine_shift
-        return x
-
     def observe(self, x: torch.Tensor) -> None:
         if self.range_minmax:
             rows = x.detach().float().reshape(-1, x.shape[-1]) if self.per_channel_observe else x.detach().float()
@@ -129,7 +120,7 @@ class ActQuantizer(Quantizer):
             return KERNELS["uniform"](x, self.scale, self.zero_point, self.bits, drop_prob, matmul_dtype(x),
                                       self.gelu, draw_mask(x.shape, x.device, drop_prob),
                                       self.affine_scale, self.affine_shift)
-        x = self._pre(x)
+        x = grid_input(x, self.gelu, self.affine_scale, self.affine_shift)
         if self.mode is QuantMode.OBSERVE:
             self.observe(x)
             return x

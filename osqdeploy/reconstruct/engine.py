@@ -202,7 +202,7 @@ class Reconstructor:
         for site in self.adapter.reparam_sites(self.model):
             reparameterize_norm(site.norm, site.quantizer, site.linears)
         for layer in layers:
-            if getattr(layer.input_quantizer, "affine_scale", None) is not None:
+            if layer.input_quantizer.affine_scale is not None:
                 reparameterize_input(layer)
         for layer in layers:
             layer.weight_quantizer.init_grid(layer.weight)
