@@ -39,7 +39,7 @@ from rich.console import Console
 
 from osqdeploy.api import calibrate
 from osqdeploy.api import export as export_run
-from osqdeploy.config import CalibrationConfig, QuantConfig
+from osqdeploy.config import ATTN_GRIDS, CalibrationConfig, QuantConfig
 from osqdeploy.evaluation import OnnxRuntime, evaluate, parity
 from osqdeploy.evaluation.throughput import compare_speed, speed_table
 from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform
@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(".osq/ort_speed"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="device of --self-calibrate")
-    ap.add_argument("--attn-grid", default="log", choices=["log", "uniform"],
+    ap.add_argument("--attn-grid", default="log", choices=list(ATTN_GRIDS),
                     help="post-softmax grid of --self-calibrate's runs (QuantConfig.attn_grid)")
     args = ap.parse_args()
     console = Console()

@@ -15,7 +15,7 @@ keep their checkpoints) before an outer limit would kill them. A DeiT-Tiny job i
 launches: on 2× H200 under MPS, 12 jobs at once pinned to 16 of the host's 32 cores took 650–800 s
 each, against 437 s for 12 unpinned (``benchmarks.accuracy_seeds``): leave them the whole CPU.
 
-    # GPU host, the full tables (30 calibrations), then the markdown table and plot:
+    # GPU host, the full tables (27 calibrations: slicing ABC is blocks:1), then the markdown table and plot:
     python -m benchmarks.paper_tables --out results/paper_tables --jobs-per-gpu 4
     python -m benchmarks.paper_tables --out results/paper_tables --summarize
     # CPU smoke run:
