@@ -13,7 +13,10 @@ re-run (after a time limit, a crash, or on another host) skips finished cells an
 unfinished ones from their last group. ``--time-budget`` interrupts the jobs cleanly (they
 keep their checkpoints) before an outer limit would kill them. A DeiT-Tiny job is bound by kernel
 launches: on 2× H200 under MPS, 12 jobs at once pinned to 16 of the host's 32 cores took 650–800 s
-each, against 437 s for 12 unpinned (``benchmarks.accuracy_seeds``): leave them the whole CPU.
+each, against 437 s for 12 unpinned (``benchmarks.accuracy_seeds``): leave them the whole CPU;
+19 unpinned at once took about 1,000 s each. Under MPS a client stopped mid-kernel can take the
+GPU's other clients down with it (seen: "illegal memory access" in every job on that GPU when
+another scheduler's deadline stopped its jobs); the checkpoints make that a re-run, not a loss.
 
     # GPU host, the full tables (27 calibrations: slicing ABC is blocks:1), then the markdown table and plot:
     python -m benchmarks.paper_tables --out results/paper_tables --jobs-per-gpu 4
@@ -144,7 +147,7 @@ def run_job(args) -> dict:
         "iters": args.iters, "calib_images": int(images.shape[0]), "eval_images": q_res.n,
         "fp32_top1": fp_res.top1, "top1": q_res.top1, "kl": kl_divergence(fp_res.logits, q_res.logits),
         "output_mse": m.output_mse, "groups": len(m.groups),
-        "calib_seconds": m.seconds, "job_seconds": round(seconds, 1),
+        "calib_seconds": m.seconds, "job_seconds": round(seconds, 1), "resumed_from_group": m.resumed_from_group,
         # iterations ("steps") apart from per-group fixed costs, to project other schedules
         "phase_seconds": {k: round(v, 1) for k, v in m.phase_totals().items()},
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "run": str(run_dir),
@@ -324,7 +327,8 @@ def summarize(out: Path, held_out_mse: bool = False) -> str:
     fp32 = {r["fp32_top1"] for r in rows if r.get("fp32_top1") is not None}
     model, iters = rows[0]["model"], sorted({r["iters"] for r in rows})
     lines = [f"# {model} W4A4: reconstruction granularity", "",
-             f"{len(rows)} calibrations, {'/'.join(map(str, iters))} iterations per group, "
+             f"{sum(not r.get('same_run_as') for r in rows)} calibrations, {'/'.join(map(str, iters))} "
+             "iterations per group, "
              f"{rows[0]['calib_images']} calibration images, {rows[0]['eval_images']} held-out evaluation images"
              + (f"; fp32 top-1 {fp32.pop():.2f}%" if len(fp32) == 1 else "") + ". "
              "Cells: mean ± sample standard deviation over seeds (min..max).", ""]
@@ -335,12 +339,15 @@ def summarize(out: Path, held_out_mse: bool = False) -> str:
         sel = [c for c in cells if any(r["cell"] == c for r in rows)]
         if not sel:
             continue
-        lines += [f"## {title}", "", "| plan | seeds | groups | " + " | ".join(metric_cols) + " | calib s (mean) |",
+        lines += [f"## {title}", "",
+                  "| plan | seeds | groups | " + " | ".join(metric_cols) + " | reconstruction s (mean) |",
                   "|---|---|---|" + "---|" * len(metric_cols) + "---|"]
         for c in sel:
             rs = [r for r in rows if r["cell"] == c]
             first = [r["output_mse"] for r in rs] if held_out_mse else [r["top1"] for r in rs]
-            secs = [r.get("calib_seconds") or r.get("job_seconds") or 0.0 for r in rs]
+            # the groups' own seconds: a resumed run's process timed only the groups after the resume
+            secs = [sum(r["phase_seconds"].values()) if r.get("phase_seconds") else r.get("calib_seconds") or 0.0
+                    for r in rs]
             label = f"{c} (= {rs[0]['same_run_as']})" if rs[0].get("same_run_as") else c
             kl = _stats([r["kl"] for r in rs])
             lines.append(f"| {label} | {len(rs)} | {rs[0]['groups']} | {_stats(first)} | {kl} "
