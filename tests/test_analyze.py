@@ -200,3 +200,27 @@ def test_demo_analysis_runs_offline_in_under_a_minute(tmp_path):
     assert time.perf_counter() - t0 < 60
     _assert_png(result.figures["activation_ranges"])
     assert json.loads(result.json_path.read_text())["activation_ranges"]["n_images"] == 32
+
+
+def test_paper_tables_summary_counts_each_run_once_and_times_resumed_runs_by_their_groups(tmp_path):
+    """ABC is shown beside blocks:1 without being counted twice; a resumed job's seconds are its groups'."""
+    from benchmarks.paper_tables import summarize
+
+    def job(cell: str, seed: int, top1: float, kl: float, calib_s: float, phases: dict) -> None:
+        row = {"model": "deit_t", "bits": "W4A4", "cell": cell, "plan": cell, "seed": seed, "iters": 20,
+               "calib_images": 16, "eval_images": 8, "fp32_top1": 75.0, "top1": top1, "kl": kl,
+               "output_mse": 0.1, "groups": 12, "calib_seconds": calib_s, "phase_seconds": phases, "run": ""}
+        (tmp_path / "jobs" / f"{cell.replace(':', '-')}-s{seed}.json").write_text(json.dumps(row))
+
+    (tmp_path / "jobs").mkdir()
+    job("blocks:1", 0, 70.0, 0.30, 100.0, {"steps": 90.0, "first_step": 10.0})
+    job("blocks:1", 1, 72.0, 0.40, 50.0, {"steps": 280.0, "first_step": 20.0})  # resumed: 50 s in its last process
+    text = summarize(tmp_path)
+    assert "2 calibrations" in text
+    row3 = next(line for line in text.splitlines() if line.startswith("| blocks:1 |"))
+    row2 = next(line for line in text.splitlines() if line.startswith("| slices:ABC (= blocks:1) |"))
+    assert row3.split("|")[2:] == row2.split("|")[2:]  # the same runs, the same figures
+    assert "71 ± 1.4 (70..72)" in row3 and "0.35 ± 0.071 (0.3..0.4)" in row3
+    assert row3.rstrip(" |").endswith("200")  # mean of 100 and 300 group-seconds, not of 100 and 50
+    _assert_png(tmp_path / "tables.png")
+    assert json.loads((tmp_path / "tables.json").read_text())["plans"]
