@@ -137,6 +137,9 @@ def _matmul_precision(m: Any) -> str:
 def _time_split(m: Any) -> str:
     """Calibration time and where it went (stages, and the groups' phases summed)."""
     text = f"{m.seconds:.1f} s"
+    if m.resumed_from_group:  # the process that finished a resumed run timed only the groups after the resume
+        groups = sum(m.phase_totals().values())
+        text += f" (resumed after group {m.resumed_from_group - 1}; every group together {groups:.1f} s)"
     if not m.stage_seconds:
         return text
     names = {

@@ -24,7 +24,7 @@ from PIL import Image
 from typer.testing import CliRunner, Result
 
 from cli.main import app
-from cli.report import _matmul_precision
+from cli.report import _matmul_precision, _time_split
 from osqdeploy import api, config
 from osqdeploy.config import CalibrationConfig
 from osqdeploy.load import demo
@@ -358,6 +358,10 @@ def test_interrupted_calibration_is_not_exportable_and_resumes(fresh, monkeypatc
     manifest = store.read_manifest(fresh / "r1")
     assert manifest.complete and manifest.resumed_from_group == 1
     assert [g["index"] for g in manifest.groups] == [0, 1]
+    # the finishing process timed group 1 only; inspect also gives both groups' own time
+    assert "(resumed after group 0;" in osq("inspect", "r1").stdout
+    groups = sum(manifest.phase_totals().values())
+    assert f"every group together {groups:.1f} s" in _time_split(manifest)
     assert osq("export", "--out", "r1.onnx").exit_code == 0
 
 
