@@ -7,8 +7,10 @@ spawned processes (osqdeploy.distributed.launch, NCCL):
   the default CUDA engine (CUDA graph with the gradient all-reduce captured in it, fused quantizer
   kernels, fp16 autocast). ``--groups`` groups of the ``auto`` plan at ``--iters`` iterations are
   timed; seconds per 1,000 iterations are taken between two logged iterations past the capture,
-  and the paper's schedule (20,000 iterations × every group) is projected from them. Then the
-  larger global batch (``--batch-scale`` × 32, that many times fewer iterations) the same way.
+  and the paper's schedule (20,000 iterations × every group) is projected from them. Then each
+  larger global batch (``--batch-scale`` × 32, that many times fewer iterations) the same way,
+  and with ``--overlap off on`` all of it again with the all-reduce overlapping backward
+  (``CalibrationConfig.overlap_allreduce``).
   Rounding codes of 1 GPU and of N are compared (fp16 autocast: not bit-identical, the sum order
   differs) with each run's group MSE.
 * evaluation — DeiT-B fp32 logits of ``--eval-images`` random images, images/s of all ranks
@@ -19,6 +21,8 @@ spawned processes (osqdeploy.distributed.launch, NCCL):
 Prints a table and writes JSON (``--out``). Sized to finish within about 8 minutes on a 2×H200 host:
 
     python -m benchmarks.distributed --gpus 2 --out benchmarks/results/distributed_h200x2.json
+    # the calibration alone at batches 32, 64 and 128, the all-reduce after and during backward:
+    python -m benchmarks.distributed --gpus 2 --parts calib --batch-scale 2 4 --overlap off on
 """
 
 from __future__ import annotations
@@ -61,12 +65,13 @@ def _per_1k(marks: list[tuple[int, float]]) -> float:
     return 1000 * (marks[-1][1] - start[1]) / max(1, marks[-1][0] - start[0])
 
 
-def _calibration(ctx: DistContext, model_name: str, groups: int, iters: int, samples: int, scale: int) -> dict:
+def _calibration(ctx: DistContext, model_name: str, groups: int, iters: int, samples: int, scale: int,
+                 overlap: bool) -> dict:
     torch.manual_seed(0)
     model = load_model(model_name, pretrained=False).model
     adapter = prepare_model(model, QuantConfig(4, 4), adapter_for)
     plan = build_plan("auto", adapter.units(model))
-    ccfg = scale_global_batch(CalibrationConfig(samples=samples, iters=iters), scale)
+    ccfg = scale_global_batch(CalibrationConfig(samples=samples, iters=iters, overlap_allreduce=overlap), scale)
     images = torch.randn(samples, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     clock = _Clock()
     t0 = time.perf_counter()
@@ -104,6 +109,13 @@ def _calibration(ctx: DistContext, model_name: str, groups: int, iters: int, sam
     }
 
 
+def _calibration_cases(args: argparse.Namespace) -> list[tuple[str, int, bool]]:
+    """(report key, global batch scale, overlapped all-reduce) of every calibration timed."""
+    return [(("calibration" if scale == 1 else f"batch_x{scale}") + ("_overlapped" if overlap == "on" else ""),
+             scale, overlap == "on")
+            for overlap in args.overlap for scale in sorted({1, *args.batch_scale})]
+
+
 def _eval(ctx: DistContext, model_name: str, n: int, batch: int) -> dict:
     torch.manual_seed(0)
     model = load_model(model_name, pretrained=False).model
@@ -117,10 +129,9 @@ def _eval(ctx: DistContext, model_name: str, n: int, batch: int) -> dict:
 def _on_ranks(ctx: DistContext, args: argparse.Namespace) -> dict:
     out: dict = {"device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"}
     if "calib" in args.parts:
-        out["calibration"] = _calibration(ctx, args.model, args.groups, args.iters, args.samples, 1)
-        if args.batch_scale > 1:
-            out["larger_batch"] = _calibration(ctx, args.model, args.groups, max(1, args.iters // args.batch_scale),
-                                               args.samples, args.batch_scale)
+        for key, scale, overlap in _calibration_cases(args):
+            out[key] = _calibration(ctx, args.model, args.groups, max(1, args.iters // scale), args.samples, scale,
+                                    overlap)
     if "eval" in args.parts:
         out["evaluation"] = _eval(ctx, args.model, args.eval_images, args.eval_batch)
     return out if ctx.is_main else {}
@@ -155,7 +166,10 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=2, help="groups timed (the projection takes the rest as alike)")
     p.add_argument("--iters", type=int, default=1000, help="iterations per timed group at the paper's batch")
     p.add_argument("--samples", type=int, default=1024)
-    p.add_argument("--batch-scale", type=int, default=2, help="larger global batch: this many times 32")
+    p.add_argument("--batch-scale", type=int, nargs="+", default=[2],
+                   help="larger global batches: these many times 32, each with that many times fewer iterations")
+    p.add_argument("--overlap", nargs="+", choices=["off", "on"], default=["off"],
+                   help="the gradient all-reduce after backward (off) or overlapping it (on; both: off on)")
     p.add_argument("--eval-images", type=int, default=4096)
     p.add_argument("--eval-batch", type=int, default=128)
     p.add_argument("--sweep-jobs", type=int, default=4)
@@ -172,7 +186,7 @@ def main() -> None:
             report[f"{n}_gpu"]["wall_seconds"] = round(time.perf_counter() - t, 1)
             print(f"{n} GPU(s): done in {report[f'{n}_gpu']['wall_seconds']} s", flush=True)
         one, many = report["1_gpu"], report[f"{args.gpus}_gpu"]
-        for key in ("calibration", "larger_batch"):
+        for key, _, _ in _calibration_cases(args):
             if key in one:
                 one[key]["codes_identical_to_1_gpu"] = 1.0
                 many[key]["codes_identical_to_1_gpu"] = _compare_codes(one[key].pop("_codes"),
@@ -202,29 +216,27 @@ def main() -> None:
 def _print(report: dict, n: int) -> None:
     rows = []
     one, many = report.get("1_gpu", {}), report.get(f"{n}_gpu", {})
-    for key, label in (("calibration", "calibration, batch 32"), ("larger_batch", "calibration, larger batch")):
-        if key in one:
-            a, b = one[key], many[key]
-            s1, sn = np.mean(a["seconds_per_1k_iters"]), np.mean(b["seconds_per_1k_iters"])
-            rows.append((f"{label} s/1k it", f"{s1:.2f}", f"{sn:.2f}", f"{s1 / sn:.2f}x"))
-            rows.append((f"{label} projected min", f"{a['projected_minutes_at_paper_schedule']:.1f}",
-                         f"{b['projected_minutes_at_paper_schedule']:.1f}",
-                         f"{a['projected_minutes_at_paper_schedule'] / b['projected_minutes_at_paper_schedule']:.2f}x"))
-            rows.append((f"{label} codes = 1 GPU's", "100%", f"{100 * b['codes_identical_to_1_gpu']:.2f}%", ""))
-    if "larger_batch" in many:  # what a user waits for: the paper's schedule on 1 GPU against the option on N
-        a, b = one["calibration"], many["larger_batch"]
-        rows.append((f"paper on 1 GPU → larger batch on {n}, min", f"{a['projected_minutes_at_paper_schedule']:.1f}",
-                     f"{b['projected_minutes_at_paper_schedule']:.1f}",
-                     f"{a['projected_minutes_at_paper_schedule'] / b['projected_minutes_at_paper_schedule']:.2f}x"))
+    for key in [k for k in one if k == "calibration" or k.startswith(("calibration_", "batch_x"))]:
+        a, b = one[key], many[key]
+        label = f"batch {a['global_batch']}" + (", overlapped" if key.endswith("_overlapped") else "")
+        s1, sn = np.mean(a["seconds_per_1k_iters"]), np.mean(b["seconds_per_1k_iters"])
+        pa, pb = a["projected_minutes_at_paper_schedule"], b["projected_minutes_at_paper_schedule"]
+        rows.append((f"{label}: s/1k it", f"{s1:.2f}", f"{sn:.2f}", f"{s1 / sn:.2f}x"))
+        rows.append((f"{label}: projected min", f"{pa:.1f}", f"{pb:.1f}", f"{pa / pb:.2f}x"))
+        rows.append((f"{label}: codes = 1 GPU's", "100%", f"{100 * b['codes_identical_to_1_gpu']:.2f}%", ""))
+        if key.startswith("batch_x") and "calibration" in one:
+            # what a user waits for: the paper's schedule on 1 GPU against the option on N
+            pa = one["calibration"]["projected_minutes_at_paper_schedule"]
+            rows.append((f"paper 1 GPU -> {label} {n} GPUs, min", f"{pa:.1f}", f"{pb:.1f}", f"{pa / pb:.2f}x"))
     if "evaluation" in one:
         a, b = one["evaluation"]["images_per_s"], many["evaluation"]["images_per_s"]
         rows.append(("evaluation images/s", f"{a:.0f}", f"{b:.0f}", f"{b / a:.2f}x"))
     if "sweep_1_gpu" in report:
         a, b = report["sweep_1_gpu"]["seconds"], report[f"sweep_{n}_gpu"]["seconds"]
         rows.append((f"sweep of {len(report['sweep_1_gpu']['jobs'])} jobs, s", f"{a:.0f}", f"{b:.0f}", f"{a / b:.2f}x"))
-    print(f"{'':38s} {'1 GPU':>10s} {f'{n} GPUs':>10s} {'speed-up':>9s}")
+    print(f"{'':50s} {'1 GPU':>10s} {f'{n} GPUs':>10s} {'speed-up':>9s}")
     for r in rows:
-        print(f"{r[0]:38s} {r[1]:>10s} {r[2]:>10s} {r[3]:>9s}")
+        print(f"{r[0]:50s} {r[1]:>10s} {r[2]:>10s} {r[3]:>9s}")
 
 
 if __name__ == "__main__":

@@ -222,6 +222,10 @@ class CalibrationConfig:
     # inductor's Philox stream, so not the same draws as the uncompiled step for a seed. Off: it
     # measured only 1-2 % faster (H200, ViT-S and Swin-B), not worth losing the eager draws.
     fused_rng: bool = False
+    # Several ranks: start each rounding gradient's all-reduce as soon as backward has produced it,
+    # overlapping communication with the rest of the backward pass (distributed.GradientSync), rather
+    # than one flat all-reduce after it. The same sums, so the same run; off until timed on GPUs.
+    overlap_allreduce: bool = False
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -12,7 +12,9 @@ What the collectives are for:
   per rank, and the gradients of the rounding variables and activation steps (with the loss that
   is logged) are averaged in one flat all-reduce (:meth:`DistContext.average_`), which NCCL can
   run inside a captured CUDA graph. Every rank applies the same averaged gradient to the same
-  parameters with the same optimiser, so all ranks hold the same rounding codes and steps;
+  parameters with the same optimiser, so all ranks hold the same rounding codes and steps
+  (``CalibrationConfig.overlap_allreduce``: each rounding gradient's all-reduce instead starts as
+  soon as backward has produced it, :class:`GradientSync`);
   :meth:`DistContext.require_same_state` checks it at the end of every group.
 * different data on different ranks is caught before any work: each rank hashes what it is about
   to calibrate on and :meth:`DistContext.require_same` compares the hashes.
@@ -41,6 +43,7 @@ from torch import nn
 __all__ = [
     "DistContext",
     "DistributedError",
+    "GradientSync",
     "launch",
     "scale_global_batch",
     "state_digest",
@@ -196,6 +199,10 @@ class DistContext:
         self.average_(grads + [logged])
         return logged[0]
 
+    def gradient_sync(self, params: Iterable[nn.Parameter]) -> GradientSync:
+        """Averaging of ``params``' gradients that starts while backward still runs (see :class:`GradientSync`)."""
+        return GradientSync(self, params)
+
     def broadcast_state(self, modules: Iterable[nn.Module], src: int = 0) -> None:
         """Overwrite the parameters and buffers of ``modules`` with rank ``src``'s."""
         if not self.active:
@@ -282,6 +289,65 @@ def scale_global_batch(ccfg: Any, factor: int) -> Any:
         lr_round=ccfg.lr_round * factor,
         extra={**ccfg.extra, "global_batch_scale": factor},
     )
+
+
+class GradientSync:
+    """Averages the gradients of ``params`` over the ranks while backward is still running.
+
+    ``DistContext.average_gradients`` waits for the whole backward pass and then all-reduces every
+    gradient at once; here each parameter's all-reduce starts as soon as autograd has accumulated
+    its gradient (a post-accumulate hook), so communication overlaps the backward pass through the
+    group's earlier layers. The sums are the same, element for element. Collectives must be issued
+    in one order on every rank, so they start in the order of ``params`` (pass them in the order
+    backward reaches them): a gradient ready before its predecessors waits for them. Inside a
+    captured CUDA graph the hooks run once, at capture, and every replay repeats the collectives
+    they launched; ``finish`` makes the step wait for them before the optimiser.
+    """
+
+    def __init__(self, ctx: DistContext, params: Iterable[nn.Parameter]):
+        self.ctx, self.params = ctx, list(params)
+        self.started_in_backward = 0  # of the last step: how many all-reduces backward itself started
+        self._ready: set[int] = set()
+        self._next = 0
+        self._works: list[tuple[Any, torch.Tensor]] = []
+        self._hooks = [p.register_post_accumulate_grad_hook(lambda _p, i=i: self._on_ready(i))
+                       for i, p in enumerate(self.params)]
+
+    def _on_ready(self, index: int) -> None:
+        self._ready.add(index)
+        while self._next in self._ready:
+            self._start(self.params[self._next])
+            self._next += 1
+
+    def _start(self, p: nn.Parameter) -> None:
+        if p.grad is None:  # not used by this group's forward: on no rank
+            return
+        op = dist.ReduceOp.AVG if self.ctx.backend == "nccl" else dist.ReduceOp.SUM  # gloo has no AVG
+        grad = p.grad
+        work = self.ctx._collective("averaging gradients", lambda: dist.all_reduce(grad, op=op, async_op=True))
+        self._works.append((work, grad))
+
+    def finish(self, others: Sequence[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        """Wait for every started all-reduce; average ``others`` and ``loss`` in one more. Returns the loss."""
+        self.started_in_backward = len(self._works)
+        for i in range(self._next, len(self.params)):  # any whose predecessor never became ready
+            self._start(self.params[i])
+        self._ready.clear()
+        self._next = 0
+        logged = loss.detach().float().reshape(1).clone()
+        self.ctx.average_([*others, logged])
+        for work, grad in self._works:
+            self.ctx._collective("averaging gradients", work.wait)
+            if self.ctx.backend != "nccl":
+                grad.mul_(1.0 / self.ctx.world)
+        self._works.clear()
+        return logged[0]
+
+    def close(self) -> None:
+        """Remove the hooks (the group is done)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
 
 # -- starting processes -----------------------------------------------------------------------------

@@ -35,11 +35,11 @@ ITERS = 24
 TINY = {"vit_tiny_patch16_224": dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10)}
 
 
-def _calibrate(ctx: DistContext, drop_prob: float = 0.0, data_seed: int = 1):
+def _calibrate(ctx: DistContext, drop_prob: float = 0.0, data_seed: int = 1, overlap: bool = False):
     """A 2-block tiny ViT reconstructed block by block; its codes, group MSEs and loss curves."""
     q = tiny_vit(depth=2)
     adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
-    ccfg = CalibrationConfig(samples=32, batch_size=16, iters=ITERS, drop_prob=drop_prob)
+    ccfg = CalibrationConfig(samples=32, batch_size=16, iters=ITERS, drop_prob=drop_prob, overlap_allreduce=overlap)
     x = images(32, 32, seed=data_seed)
     ctx.require_same(tensor_digest(x), "calibration images")
     rec = Reconstructor(q, adapter, build_plan("blocks:1", adapter.units(q)), ccfg, CPU, dist=ctx)
@@ -79,6 +79,18 @@ def _two_rank_checks(ctx: DistContext, folder: str, out: str) -> dict:
     from osqdeploy.sweep import run_sweep
 
     found: dict = {"threads": threads, "calibration": _calibrate(ctx)}
+    from osqdeploy.distributed import GradientSync
+
+    finish, early = GradientSync.finish, []
+
+    def counted(self, others, loss):  # how many all-reduces backward started, of how many
+        out = finish(self, others, loss)
+        early.append((self.started_in_backward, sum(p.grad is not None for p in self.params)))
+        return out
+
+    GradientSync.finish = counted
+    found["calibration_overlapped"] = (_calibrate(ctx, overlap=True), early)
+    GradientSync.finish = finish
     try:
         _calibrate(ctx, data_seed=1 + ctx.rank)
     except DistributedError as e:
@@ -113,6 +125,16 @@ def test_two_rank_calibration_equals_one_process_with_the_same_global_batch(two_
     for c1, c2 in zip(curves, curves2, strict=True):
         assert [it for it, _ in c1] == [it for it, _ in c2]
         assert [v for _, v in c2] == pytest.approx([v for _, v in c1], rel=1e-5)
+
+
+def test_overlapped_all_reduce_gives_the_same_run_and_starts_during_backward(two_ranks):
+    (codes, mse, curves), early = two_ranks["calibration_overlapped"]
+    codes2, mse2, curves2 = two_ranks["calibration"]
+    assert all(torch.equal(a, b) for a, b in zip(codes, codes2, strict=True))
+    assert mse == mse2 and curves == curves2  # the same sums, bit for bit
+    assert len(early) == 2 * ITERS  # every step of both groups went through it
+    # every rounding gradient's all-reduce was started by backward itself, none left for after it
+    assert all(started == total == 4 for started, total in early)
 
 
 def test_spawned_ranks_share_the_host_cores(two_ranks):

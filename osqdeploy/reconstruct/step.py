@@ -104,6 +104,9 @@ class GroupStep:
         adam = dict(capturable=cuda, fused=True if cuda and cfg.fused_adam else None, eps=1e-8 * self.loss_scale)
         round_params = [layer.weight_quantizer.alpha for layer in layers]
         self.optimizers = [torch.optim.Adam(round_params, lr=cfg.lr_round, **adam)]
+        # data parallel, overlapped: in the order backward reaches them, the last layer's first
+        self.sync = (self.dist.gradient_sync(reversed(round_params))
+                     if cfg.overlap_allreduce and self.dist.active else None)
         if step_params:
             self.optimizers.append(torch.optim.Adam(step_params, lr=cfg.lr_act, **adam))
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
@@ -131,7 +134,10 @@ class GroupStep:
         rec = self.loss(self.objective, out, self.target, idx, self.weight)
         reg = torch.stack([wq.reg for wq in quantizers]).sum()
         ((rec + reg_weight * reg) * self.loss_scale).backward()
-        rec = self.dist.average_gradients(self.optimizers, rec)
+        if self.sync is None:
+            rec = self.dist.average_gradients(self.optimizers, rec)
+        else:
+            rec = self.sync.finish([p.grad for p in self.step_params if p.grad is not None], rec)
         for opt in self.optimizers:
             opt.step()
         with torch.no_grad():
@@ -144,6 +150,8 @@ class GroupStep:
         """Drop the step's hold on the weight quantizers (β and the last regulariser)."""
         for layer in self.layers:
             layer.weight_quantizer.beta = layer.weight_quantizer.reg = None
+        if self.sync is not None:
+            self.sync.close()
 
     def eager(self) -> None:
         self.zero_grad()

@@ -24,7 +24,10 @@ MANIFEST = "run.json"
 # Config fields added within this format version, with the value every run recorded before them
 # computed with: a record without one reads as that value and is sealed as recorded, without it,
 # so older runs stay valid while an edit of any field they did record is still caught.
-LATER_FIELDS: dict[str, dict[str, Any]] = {"quant": {"attn_grid": "log", "post_gelu_grid": "tensor"}}
+LATER_FIELDS: dict[str, dict[str, Any]] = {
+    "quant": {"attn_grid": "log", "post_gelu_grid": "tensor"},
+    "calibration": {"overlap_allreduce": False},
+}
 
 
 class RunError(ValueError):
