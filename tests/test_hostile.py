@@ -43,7 +43,7 @@ from osqdeploy.plan import Plan
 from osqdeploy.reconstruct import Callbacks
 from osqdeploy.run import store
 from osqdeploy.run.integrity import OnnxMismatchError, check_onnx_for_run, check_onnx_input, onnx_info
-from osqdeploy.run.manifest import Manifest, ModelInfo, RunStatus
+from osqdeploy.run.manifest import LATER_FIELDS, Manifest, ModelInfo, RunStatus
 
 
 class _Exploit:
@@ -919,13 +919,14 @@ def _sealed_without(run_dir: Path, section: str, key: str) -> None:
     (run_dir / store.MANIFEST).write_text(json.dumps({**body, "state_sha256": sha, store.SEAL_KEY: seal}))
 
 
-@pytest.mark.parametrize(("key", "value"), [("attn_grid", "log"), ("post_gelu_grid", "tensor")])
-def test_a_run_written_before_a_later_config_field_still_loads(sealed_run, tmp_path, key, value):
+@pytest.mark.parametrize(("section", "key", "value"),
+                         [(s, k, v) for s, later in LATER_FIELDS.items() for k, v in later.items()])
+def test_a_run_written_before_a_later_config_field_still_loads(sealed_run, tmp_path, section, key, value):
     run_dir = tmp_path / "run"
     shutil.copytree(sealed_run, run_dir)
-    _sealed_without(run_dir, "quant", key)
+    _sealed_without(run_dir, section, key)
     assert store.verify_run(run_dir).status == "complete"
-    assert getattr(load_run(run_dir).manifest.quant, key) == value
+    assert getattr(getattr(load_run(run_dir).manifest, section), key) == value
     manifest = json.loads((run_dir / store.MANIFEST).read_text())
     manifest["quant"]["a_bits"] = 8  # what it did record stays sealed
     (run_dir / store.MANIFEST).write_text(json.dumps(manifest))
