@@ -42,10 +42,10 @@ def _calibrate(ctx: DistContext, drop_prob: float = 0.0, data_seed: int = 1, ove
     ccfg = CalibrationConfig(samples=32, batch_size=16, iters=ITERS, drop_prob=drop_prob, overlap_allreduce=overlap)
     x = images(32, 32, seed=data_seed)
     ctx.require_same(tensor_digest(x), "calibration images")
-    rec = Reconstructor(q, adapter, build_plan("blocks:1", adapter.units(q)), ccfg, CPU, dist=ctx)
+    rec = Reconstructor(q, adapter, build_plan("blocks:1", adapter.units(q)), ccfg, ctx.device, dist=ctx)
     rec.initialize(x)
     results = rec.reconstruct(x)
-    codes = [layer.weight_quantizer.w_int.clone() for layer in quant_layers([q])]
+    codes = [layer.weight_quantizer.w_int.cpu() for layer in quant_layers([q])]
     return codes, [r.mse_after for r in results], [r.loss_curve for r in results]
 
 
@@ -135,6 +135,15 @@ def test_overlapped_all_reduce_gives_the_same_run_and_starts_during_backward(two
     assert len(early) == 2 * ITERS  # every step of both groups went through it
     # every rounding gradient's all-reduce was started by backward itself, none left for after it
     assert all(started == total == 4 for started, total in early)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL inside captured CUDA graphs needs 2 GPUs")
+def test_overlapped_all_reduce_inside_captured_cuda_graphs_gives_the_same_run():
+    """The CUDA engine (captured step, compiled kernels, fp16): hooks launch NCCL at capture only."""
+    codes, mse, curves = launch(_calibrate, processes=2, device_type="cuda")
+    codes2, mse2, curves2 = launch(_calibrate, 0.0, 1, True, processes=2, device_type="cuda")
+    assert all(torch.equal(a, b) for a, b in zip(codes, codes2, strict=True))
+    assert mse == mse2 and curves == curves2
 
 
 def test_spawned_ranks_share_the_host_cores(two_ranks):
