@@ -38,6 +38,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -387,10 +388,16 @@ def launch(jobs: list[Job], args: argparse.Namespace) -> None:
             todo.clear()
         if args.deadline is not None and elapsed > args.deadline:
             print(f"[{elapsed:7.1f}s] --deadline reached: stopping {len(running)} running jobs", flush=True)
+            # as Ctrl-C, so each job exits through Python (as paper_tables stops its jobs): jobs
+            # terminated outright under MPS coincided with that GPU's other clients faulting
             for proc in running:
-                proc.terminate()
+                proc.send_signal(signal.SIGINT)
             for proc in running:
-                proc.wait()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
                 proc.log.close()  # type: ignore[attr-defined]
             break
         while todo and free:
