@@ -14,9 +14,9 @@ unfinished ones from their last group. ``--time-budget`` interrupts the jobs cle
 keep their checkpoints) before an outer limit would kill them. A DeiT-Tiny job is bound by kernel
 launches: on 2× H200 under MPS, 12 jobs at once pinned to 16 of the host's 32 cores took 650–800 s
 each, against 437 s for 12 unpinned (``benchmarks.accuracy_seeds``): leave them the whole CPU;
-19 unpinned at once took about 1,000 s each. Under MPS a client stopped mid-kernel can take the
-GPU's other clients down with it (seen: "illegal memory access" in every job on that GPU when
-another scheduler's deadline stopped its jobs); the checkpoints make that a re-run, not a loss.
+19 unpinned at once took about 1,000 s each. Under MPS, when accuracy_seeds terminated its jobs
+at its deadline, every other job on that GPU failed with "illegal memory access" (both schedulers
+now stop jobs as Ctrl-C does); the checkpoints made that a re-run, not a loss.
 
     # GPU host, the full tables (27 calibrations: slicing ABC is blocks:1), then the markdown table and plot:
     python -m benchmarks.paper_tables --out results/paper_tables --jobs-per-gpu 4
