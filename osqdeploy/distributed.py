@@ -169,20 +169,28 @@ class DistContext:
         size = batch // self.world
         return slice(self.rank * size, (self.rank + 1) * size)
 
+    def mean_all_reduce(self, t: torch.Tensor, async_op: bool = False) -> Any:
+        """All-reduce ``t`` towards the ranks' mean; :meth:`mean_done` completes it once it has run.
+
+        NCCL averages itself; gloo has no AVG reduction, so there it sums and ``mean_done`` divides.
+        """
+        op = dist.ReduceOp.AVG if self.backend == "nccl" else dist.ReduceOp.SUM
+        return dist.all_reduce(t, op=op, async_op=async_op)
+
+    def mean_done(self, t: torch.Tensor) -> None:
+        if self.backend != "nccl":
+            t.mul_(1.0 / self.world)
+
     def average_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Replace each tensor by its mean over the ranks, in one all-reduce of a flat buffer.
 
-        Host-synchronisation free (NCCL can run it inside a captured CUDA graph). NCCL averages
-        itself; gloo has no AVG reduction, so there the sum is divided by the world size.
+        Host-synchronisation free (NCCL can run it inside a captured CUDA graph).
         """
         if not self.active or not tensors:
             return
         flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        if self.backend == "nccl":
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-        else:
-            dist.all_reduce(flat)
-            flat.mul_(1.0 / self.world)
+        self.mean_all_reduce(flat)
+        self.mean_done(flat)
         parts = flat.split([t.numel() for t in tensors])
         torch._foreach_copy_(list(tensors), [p.view_as(t) for p, t in zip(parts, tensors, strict=True)])
 
@@ -322,9 +330,8 @@ class GradientSync:
     def _start(self, p: nn.Parameter) -> None:
         if p.grad is None:  # not used by this group's forward: on no rank
             return
-        op = dist.ReduceOp.AVG if self.ctx.backend == "nccl" else dist.ReduceOp.SUM  # gloo has no AVG
         grad = p.grad
-        work = self.ctx._collective("averaging gradients", lambda: dist.all_reduce(grad, op=op, async_op=True))
+        work = self.ctx._collective("averaging gradients", lambda: self.ctx.mean_all_reduce(grad, async_op=True))
         self._works.append((work, grad))
 
     def finish(self, others: Sequence[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
@@ -338,8 +345,7 @@ class GradientSync:
         self.ctx.average_([*others, logged])
         for work, grad in self._works:
             self.ctx._collective("averaging gradients", work.wait)
-            if self.ctx.backend != "nccl":
-                grad.mul_(1.0 / self.ctx.world)
+            self.ctx.mean_done(grad)
         self._works.clear()
         return logged[0]
 
