@@ -155,7 +155,7 @@ class Workspace:
             raise WorkspaceError(f"{self.display(self.file)} is not an osq workspace index; delete it")
         if data.get("format_version") != FORMAT_VERSION:
             raise WorkspaceError(
-                f"{self.display(self.file)} has format version {data.get('format_version')}; this osq reads "
+                f"{self.display(self.file)} has format version {data.get('format_version')!r}; this osq reads "
                 f"{FORMAT_VERSION}: delete it (runs are kept)"
             )
         data.setdefault("runs", [])

@@ -718,6 +718,16 @@ def _index_entry() -> dict:
 PATHS = st.text(max_size=20) | st.just("a\0b") | st.just("x" * 300) | st.just("/" + "y/" * 3000)
 
 
+def test_a_workspace_index_of_another_version_is_one_line_naming_it(tmp_path):
+    from cli.workspace import Workspace, WorkspaceError
+
+    (tmp_path / ".osq").mkdir()
+    (tmp_path / ".osq" / "workspace.json").write_text(json.dumps({**_index_entry(), "format_version": "\n2"}))
+    with pytest.raises(WorkspaceError) as e:
+        Workspace(tmp_path / ".osq").read()
+    assert "format version '\\n2'" in _one_line(e.value)
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_values_of_the_workspace_index_give_a_workspace_error_or_an_answer(tmp_path_factory, data):
