@@ -153,7 +153,7 @@ def plot_granularity(data: dict, path: Path, title: str) -> Path:
             ax.axhline(data["fp32_top1"], color="tab:green", ls="--", label=f"fp32 {data['fp32_top1']:.1f}%")
             finite = [v for p in plans for v in (p.get(key) or [])] + [data["fp32_top1"]]
             ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))
-        ax.set_xticks(x, [p["plan"] for p in plans], rotation=20)
+        ax.set_xticks(x, [p["plan"] for p in plans], rotation=30, ha="right")  # ten plans fit without overlapping
         ax.set_xlabel("reconstruction plan")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
