@@ -9,8 +9,9 @@ spawned processes (osqdeploy.distributed.launch, NCCL):
   timed; seconds per 1,000 iterations are taken between two logged iterations past the capture,
   and the paper's schedule (20,000 iterations × every group) is projected from them. Then each
   larger global batch (``--batch-scale`` × 32, that many times fewer iterations) the same way,
-  and with ``--overlap off on`` all of it again with the all-reduce overlapping backward
-  (``CalibrationConfig.overlap_allreduce``).
+  and with ``--overlap off on`` all of it also with one all-reduce after backward instead of
+  overlapping it (``CalibrationConfig.overlap_allreduce``), with ``--shard off on`` also with
+  each rank training only its rows of the rounding variables (``CalibrationConfig.shard_rounding``).
   Rounding codes of 1 GPU and of N are compared (fp16 autocast: not bit-identical, the sum order
   differs) with each run's group MSE.
 * evaluation — DeiT-B fp32 logits of ``--eval-images`` random images, images/s of all ranks
@@ -23,6 +24,8 @@ Prints a table and writes JSON (``--out``). Sized to finish within about 8 minut
     python -m benchmarks.distributed --gpus 2 --out benchmarks/results/distributed_h200x2.json
     # the calibration alone at batches 32, 64 and 128, the all-reduce after and during backward:
     python -m benchmarks.distributed --gpus 2 --parts calib --batch-scale 2 4 --overlap off on
+    # the rounding variables whole on every rank against sharded over the ranks:
+    python -m benchmarks.distributed --gpus 2 --parts calib --batch-scale 2 4 --shard off on
 """
 
 from __future__ import annotations
@@ -66,12 +69,13 @@ def _per_1k(marks: list[tuple[int, float]]) -> float:
 
 
 def _calibration(ctx: DistContext, model_name: str, groups: int, iters: int, samples: int, scale: int,
-                 overlap: bool) -> dict:
+                 overlap: bool, shard: bool) -> dict:
     torch.manual_seed(0)
     model = load_model(model_name, pretrained=False).model
     adapter = prepare_model(model, QuantConfig(4, 4), adapter_for)
     plan = build_plan("auto", adapter.units(model))
-    ccfg = scale_global_batch(CalibrationConfig(samples=samples, iters=iters, overlap_allreduce=overlap), scale)
+    ccfg = scale_global_batch(CalibrationConfig(samples=samples, iters=iters, overlap_allreduce=overlap,
+                                                     shard_rounding=shard), scale)
     images = torch.randn(samples, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     clock = _Clock()
     t0 = time.perf_counter()
@@ -109,11 +113,22 @@ def _calibration(ctx: DistContext, model_name: str, groups: int, iters: int, sam
     }
 
 
-def _calibration_cases(args: argparse.Namespace) -> list[tuple[str, int, bool]]:
-    """(report key, global batch scale, overlapped all-reduce) of every calibration timed."""
-    return [(("calibration" if scale == 1 else f"batch_x{scale}") + ("_overlapped" if overlap == "on" else ""),
-             scale, overlap == "on")
-            for overlap in args.overlap for scale in sorted({1, *args.batch_scale})]
+_SUFFIXES = ("_after_backward", "_sharded")
+
+
+def _calibration_cases(args: argparse.Namespace) -> list[tuple[str, int, bool, bool]]:
+    """(report key, global batch scale, overlapped all-reduce, sharded V) of every calibration timed."""
+    return [(("calibration" if scale == 1 else f"batch_x{scale}") + ("_after_backward" if overlap == "off" else "")
+             + ("_sharded" if shard == "on" else ""), scale, overlap == "on", shard == "on")
+            # the default engine's case first: on one GPU the others repeat it
+            for shard in sorted(args.shard) for overlap in sorted(args.overlap, reverse=True)
+            for scale in sorted({1, *args.batch_scale})]
+
+
+def _base_key(key: str) -> str:
+    for suffix in _SUFFIXES:
+        key = key.replace(suffix, "")
+    return key
 
 
 def _eval(ctx: DistContext, model_name: str, n: int, batch: int) -> dict:
@@ -129,13 +144,13 @@ def _eval(ctx: DistContext, model_name: str, n: int, batch: int) -> dict:
 def _on_ranks(ctx: DistContext, args: argparse.Namespace) -> dict:
     out: dict = {"device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"}
     if "calib" in args.parts:
-        for key, scale, overlap in _calibration_cases(args):
-            base = key.removesuffix("_overlapped")
-            if overlap and ctx.world == 1 and base in out:  # one rank has nothing to all-reduce: the same run
-                out[key] = dict(out[base], same_as_not_overlapped=True)
+        for key, scale, overlap, shard in _calibration_cases(args):
+            base = _base_key(key)
+            if key != base and ctx.world == 1 and base in out:  # one rank has nothing to share: the same run
+                out[key] = dict(out[base], same_run_as=base)
                 continue
             out[key] = _calibration(ctx, args.model, args.groups, max(1, args.iters // scale), args.samples, scale,
-                                    overlap)
+                                    overlap, shard)
     if "eval" in args.parts:
         out["evaluation"] = _eval(ctx, args.model, args.eval_images, args.eval_batch)
     return out if ctx.is_main else {}
@@ -172,8 +187,10 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--batch-scale", type=int, nargs="+", default=[2],
                    help="larger global batches: these many times 32, each with that many times fewer iterations")
-    p.add_argument("--overlap", nargs="+", choices=["off", "on"], default=["off"],
-                   help="the gradient all-reduce after backward (off) or overlapping it (on; both: off on)")
+    p.add_argument("--overlap", nargs="+", choices=["off", "on"], default=["on"],
+                   help="the gradient all-reduce overlapping backward (on, the default engine) or after it (off)")
+    p.add_argument("--shard", nargs="+", choices=["off", "on"], default=["off"],
+                   help="the rounding variables whole on every rank (off) or sharded over the ranks (on; both: off on)")
     p.add_argument("--eval-images", type=int, default=4096)
     p.add_argument("--eval-batch", type=int, default=128)
     p.add_argument("--sweep-jobs", type=int, default=4)
@@ -190,7 +207,7 @@ def main() -> None:
             report[f"{n}_gpu"]["wall_seconds"] = round(time.perf_counter() - t, 1)
             print(f"{n} GPU(s): done in {report[f'{n}_gpu']['wall_seconds']} s", flush=True)
         one, many = report["1_gpu"], report[f"{args.gpus}_gpu"]
-        for key, _, _ in _calibration_cases(args):
+        for key, *_ in _calibration_cases(args):
             if key in one:
                 one[key]["codes_identical_to_1_gpu"] = 1.0
                 many[key]["codes_identical_to_1_gpu"] = _compare_codes(one[key].pop("_codes"),
@@ -222,7 +239,7 @@ def _print(report: dict, n: int) -> None:
     one, many = report.get("1_gpu", {}), report.get(f"{n}_gpu", {})
     for key in [k for k in one if k == "calibration" or k.startswith(("calibration_", "batch_x"))]:
         a, b = one[key], many[key]
-        label = f"batch {a['global_batch']}" + (", overlapped" if key.endswith("_overlapped") else "")
+        label = f"batch {a['global_batch']}" + "".join(", " + s[1:] for s in _SUFFIXES if s in key)
         s1, sn = np.mean(a["seconds_per_1k_iters"]), np.mean(b["seconds_per_1k_iters"])
         pa, pb = a["projected_minutes_at_paper_schedule"], b["projected_minutes_at_paper_schedule"]
         rows.append((f"{label}: s/1k it", f"{s1:.2f}", f"{sn:.2f}", f"{s1 / sn:.2f}x"))

@@ -227,6 +227,11 @@ class CalibrationConfig:
     # than one flat all-reduce after it. The same sums, so the same run; on 2× H200 (DeiT-B) it
     # took a step from 3.85 to 3.67 ms at batch 32 and 6.00 to 5.82 ms at batch 64.
     overlap_allreduce: bool = True
+    # Several ranks: each trains only its rows of every layer's rounding variables (soft weight,
+    # regulariser and Adam over 1/world of V), the soft weights all-gathered for the forward and
+    # their gradient reduce-scattered (distributed.RowShard). The same arithmetic up to float
+    # summation order; off until timed on GPUs.
+    shard_rounding: bool = False
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -9,12 +9,17 @@ exporter writes through the custom ops of :mod:`~osqdeploy.quant.kernels`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from . import primitives as P
 from .kernels import KERNELS, active_drop, draw_mask, grid_input, matmul_dtype
 from .mode import Quantizer, QuantMode
+
+if TYPE_CHECKING:
+    from ..distributed import RowShard
 
 
 def _ema(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:
@@ -215,6 +220,9 @@ class WeightQuantizer(Quantizer):
         # floor(W/s) during reconstruction: constant while only V and the activation steps learn,
         # so it is computed once per group instead of in every forward.
         self.w_floor: torch.Tensor | None = None
+        # data-parallel calibration with ``shard_rounding``: this rank trains only these rows of V
+        # (a distributed.RowShard, set and removed by the reconstruction step); ``alpha`` is the whole
+        self.shard: RowShard | None = None
         self.float_available = True  # False once rebuilt from a saved run (only integers there)
         self._shape = tuple(weight.shape)
         self.init_method = "minmax"  # QuantConfig.weight_init, set by prepare_model
@@ -317,6 +325,11 @@ class WeightQuantizer(Quantizer):
         if self.mode is QuantMode.SOFT:  # w_floor is set by init_adaround, the only way into this mode
             # written in the matmul's type: the cast autocast would make, inside the kernel
             dtype = matmul_dtype(self.w_floor)
+            if self.shard is not None:  # this rank's rows, the rest from the other ranks
+                rows = self.shard.rows
+                part, self.reg = KERNELS["adaround_reg"](self.w_floor[rows], self.shard.alpha, s[rows], zp[rows],
+                                                         self.bits, self.beta, dtype)
+                return self.shard.gather(part)
             if self.beta is None:
                 return KERNELS["adaround"](self.w_floor, self.alpha, s, zp, self.bits, dtype)
             w, self.reg = KERNELS["adaround_reg"](self.w_floor, self.alpha, s, zp, self.bits, self.beta, dtype)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..adapters import State
 from ..config import CalibrationConfig
-from ..distributed import DistContext
+from ..distributed import DistContext, RowShard
 from ..quant.kernels import allow_recompiles, draw_mask, qdrop_mix
 
 
@@ -102,18 +102,27 @@ class GroupStep:
         # there too, and is capturable.
         cuda = device.type == "cuda"
         adam = dict(capturable=cuda, fused=True if cuda and cfg.fused_adam else None, eps=1e-8 * self.loss_scale)
-        round_params = [layer.weight_quantizer.alpha for layer in layers]
-        self.optimizers = [torch.optim.Adam(round_params, lr=cfg.lr_round, **adam)]
+        # data parallel, sharded: each rank trains its rows of V (a layer whose rows do not split
+        # over the ranks stays whole, averaged as without sharding)
+        quantizers = [layer.weight_quantizer for layer in layers]
+        if cfg.shard_rounding:
+            for wq in quantizers:
+                if RowShard.fits(self.dist, wq.alpha):
+                    wq.shard = RowShard(self.dist, wq.alpha)
+        round_params = [wq.alpha for wq in quantizers if wq.shard is None]
+        sharded = [wq.shard.alpha for wq in quantizers if wq.shard is not None]
+        # the optimisers whose gradients are averaged over the ranks; a shard's arrives averaged
+        self.optimizers = [torch.optim.Adam(ps, lr=lr, **adam)
+                           for ps, lr in ((round_params, cfg.lr_round), (step_params, cfg.lr_act)) if ps]
         # data parallel, overlapped: in the order backward reaches them, the last layer's first
         self.sync = (self.dist.gradient_sync(reversed(round_params))
-                     if cfg.overlap_allreduce and self.dist.active else None)
-        if step_params:
-            self.optimizers.append(torch.optim.Adam(step_params, lr=cfg.lr_act, **adam))
+                     if cfg.overlap_allreduce and self.dist.active and round_params else None)
+        self.own = [torch.optim.Adam(sharded, lr=cfg.lr_round, **adam)] if sharded else []
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.rec = torch.zeros((), device=device)
 
     def zero_grad(self) -> None:
-        for opt in self.optimizers:
+        for opt in self.optimizers + self.own:
             opt.zero_grad(set_to_none=True)
 
     def body(self) -> None:
@@ -138,7 +147,7 @@ class GroupStep:
             rec = self.dist.average_gradients(self.optimizers, rec)
         else:
             rec = self.sync.finish([p.grad for p in self.step_params if p.grad is not None], rec)
-        for opt in self.optimizers:
+        for opt in self.optimizers + self.own:
             opt.step()
         with torch.no_grad():
             if self.step_params:
@@ -147,9 +156,13 @@ class GroupStep:
             self.rec.copy_(rec.detach())
 
     def release(self) -> None:
-        """Drop the step's hold on the weight quantizers (β and the last regulariser)."""
+        """Drop the step's hold on the weight quantizers (β, the last regulariser, the shards of V)."""
         for layer in self.layers:
-            layer.weight_quantizer.beta = layer.weight_quantizer.reg = None
+            wq = layer.weight_quantizer
+            wq.beta = wq.reg = None
+            if wq.shard is not None:
+                wq.shard.collect(wq.alpha)
+                wq.shard = None
         if self.sync is not None:
             self.sync.close()
 

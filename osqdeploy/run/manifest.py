@@ -26,7 +26,7 @@ MANIFEST = "run.json"
 # so older runs stay valid while an edit of any field they did record is still caught.
 LATER_FIELDS: dict[str, dict[str, Any]] = {
     "quant": {"attn_grid": "log", "post_gelu_grid": "tensor"},
-    "calibration": {"overlap_allreduce": False},
+    "calibration": {"overlap_allreduce": False, "shard_rounding": False},
 }
 
 
@@ -271,6 +271,8 @@ def _config(cls: type, d: Any, name: str) -> Any:
         if not ok:
             raise ManifestError(f"{name}.{key} must be {expected.__name__}, got {value!r}")
         values[key] = value
+    for key, value in LATER_FIELDS.get(name, {}).items():  # absent: what runs did before the field
+        values.setdefault(key, value)
     cfg = cls(**values)
     cfg.validate()
     return cfg
