@@ -36,12 +36,12 @@ TINY = {"vit_tiny_patch16_224": dict(img_size=32, patch_size=8, depth=2, embed_d
 
 
 def _calibrate(ctx: DistContext, drop_prob: float = 0.0, data_seed: int = 1, overlap: bool = False,
-               shard: bool = False):
+               shard: bool = False, compile_group: bool = False):
     """A 2-block tiny ViT reconstructed block by block; its codes, group MSEs and loss curves."""
     q = tiny_vit(depth=2)
     adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
     ccfg = CalibrationConfig(samples=32, batch_size=16, iters=ITERS, drop_prob=drop_prob, overlap_allreduce=overlap,
-                             shard_rounding=shard)
+                             shard_rounding=shard, compile_group=compile_group)
     x = images(32, 32, seed=data_seed)
     ctx.require_same(tensor_digest(x), "calibration images")
     rec = Reconstructor(q, adapter, build_plan("blocks:1", adapter.units(q)), ccfg, ctx.device, dist=ctx)
@@ -170,6 +170,15 @@ def test_overlapped_all_reduce_inside_captured_cuda_graphs_gives_the_same_run():
     codes2, mse2, curves2 = launch(_calibrate, 0.0, 1, True, processes=2, device_type="cuda")
     assert all(torch.equal(a, b) for a, b in zip(codes, codes2, strict=True))
     assert mse == mse2 and curves == curves2
+
+
+@pytest.mark.slow
+def test_sharded_rounding_variables_through_a_compiled_group_give_the_same_run():
+    """The gather and reduce-scatter inside the group that torch.compile traces (compile_group)."""
+    codes, mse, _ = launch(_calibrate, 0.0, 1, False, False, True, processes=2, device_type="cpu")
+    codes2, mse2, _ = launch(_calibrate, 0.0, 1, False, True, True, processes=2, device_type="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(codes, codes2, strict=True))
+    assert mse2 == pytest.approx(mse, rel=1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL inside captured CUDA graphs needs 2 GPUs")
