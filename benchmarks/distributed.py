@@ -160,7 +160,8 @@ def _sweep(ctx: DistContext, spec: SweepSpec, out: str) -> dict:
     t0 = time.perf_counter()
     table = run_sweep(spec, out, ctx)
     return {"ranks": ctx.world, "seconds": round(time.perf_counter() - t0, 1),
-            "jobs": [{k: r.get(k) for k in ("job", "status", "minutes", "rank", "top1", "ort_top1_agreement")}
+            "jobs": [{k: r.get(k) for k in ("job", "status", "minutes", "calibration_minutes", "rank", "top1",
+                                            "ort_top1_agreement")}
                      for r in table["jobs"]]}
 
 
