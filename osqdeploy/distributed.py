@@ -174,18 +174,18 @@ class DistContext:
         size = batch // self.world
         return slice(self.rank * size, (self.rank + 1) * size)
 
-    def mean_all_reduce(self, t: torch.Tensor, async_op: bool = False) -> Any:
-        """All-reduce ``t`` towards the ranks' mean; :meth:`mean_done` completes it once it has run.
+    @property
+    def _mean_op(self) -> dist.ReduceOp:
+        """NCCL averages itself; gloo has no AVG reduction, so there it sums and :meth:`mean_done` divides."""
+        return dist.ReduceOp.AVG if self.backend == "nccl" else dist.ReduceOp.SUM
 
-        NCCL averages itself; gloo has no AVG reduction, so there it sums and ``mean_done`` divides.
-        """
-        op = dist.ReduceOp.AVG if self.backend == "nccl" else dist.ReduceOp.SUM
-        return dist.all_reduce(t, op=op, async_op=async_op)
+    def mean_all_reduce(self, t: torch.Tensor, async_op: bool = False) -> Any:
+        """All-reduce ``t`` towards the ranks' mean; :meth:`mean_done` completes it once it has run."""
+        return dist.all_reduce(t, op=self._mean_op, async_op=async_op)
 
     def mean_reduce_scatter(self, out: torch.Tensor, t: torch.Tensor) -> None:
         """``out`` = this rank's equal part of the ranks' mean of ``t`` (split along dim 0), complete on return."""
-        op = dist.ReduceOp.AVG if self.backend == "nccl" else dist.ReduceOp.SUM
-        _REDUCE_SCATTER(out, t, op=op)
+        _REDUCE_SCATTER(out, t, op=self._mean_op)
         self.mean_done(out)
 
     def mean_done(self, t: torch.Tensor) -> None:
@@ -400,8 +400,8 @@ class RowShard:
     """
 
     def __init__(self, ctx: DistContext, alpha: torch.Tensor):
-        if alpha.shape[0] % ctx.world:
-            raise ValueError(f"{alpha.shape[0]} rows do not split over {ctx.world} ranks")
+        if not self.fits(ctx, alpha):
+            raise ValueError(f"{alpha.shape[0]} rows cannot be shared out over {ctx.world} rank(s)")
         self.ctx = ctx
         self.rows = ctx.batch_shard(alpha.shape[0])
         self.alpha = nn.Parameter(alpha.detach()[self.rows].clone())
