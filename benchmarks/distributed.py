@@ -113,22 +113,21 @@ def _calibration(ctx: DistContext, model_name: str, groups: int, iters: int, sam
     }
 
 
-_SUFFIXES = ("_after_backward", "_sharded")
+_SUFFIXES = {"_after_backward": ", after backward", "_sharded": ", sharded"}  # report key → table label
 
 
-def _calibration_cases(args: argparse.Namespace) -> list[tuple[str, int, bool, bool]]:
-    """(report key, global batch scale, overlapped all-reduce, sharded V) of every calibration timed."""
-    return [(("calibration" if scale == 1 else f"batch_x{scale}") + ("_after_backward" if overlap == "off" else "")
-             + ("_sharded" if shard == "on" else ""), scale, overlap == "on", shard == "on")
-            # the default engine's case first: on one GPU the others repeat it
-            for shard in sorted(args.shard) for overlap in sorted(args.overlap, reverse=True)
-            for scale in sorted({1, *args.batch_scale})]
-
-
-def _base_key(key: str) -> str:
-    for suffix in _SUFFIXES:
-        key = key.replace(suffix, "")
-    return key
+def _calibration_cases(args: argparse.Namespace) -> list[tuple[str, str, int, bool, bool]]:
+    """(report key, the key of its batch alone, global batch scale, overlapped all-reduce, sharded V)
+    of every calibration timed."""
+    cases = []
+    # the default engine's case first: on one GPU the others repeat it
+    for shard in sorted(args.shard):
+        for overlap in sorted(args.overlap, reverse=True):
+            for scale in sorted({1, *args.batch_scale}):
+                base = "calibration" if scale == 1 else f"batch_x{scale}"
+                key = base + ("_after_backward" if overlap == "off" else "") + ("_sharded" if shard == "on" else "")
+                cases.append((key, base, scale, overlap == "on", shard == "on"))
+    return cases
 
 
 def _eval(ctx: DistContext, model_name: str, n: int, batch: int) -> dict:
@@ -144,8 +143,7 @@ def _eval(ctx: DistContext, model_name: str, n: int, batch: int) -> dict:
 def _on_ranks(ctx: DistContext, args: argparse.Namespace) -> dict:
     out: dict = {"device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"}
     if "calib" in args.parts:
-        for key, scale, overlap, shard in _calibration_cases(args):
-            base = _base_key(key)
+        for key, base, scale, overlap, shard in _calibration_cases(args):
             if key != base and ctx.world == 1 and base in out:  # one rank has nothing to share: the same run
                 out[key] = dict(out[base], same_run_as=base)
                 continue
@@ -240,7 +238,7 @@ def _print(report: dict, n: int) -> None:
     one, many = report.get("1_gpu", {}), report.get(f"{n}_gpu", {})
     for key in [k for k in one if k == "calibration" or k.startswith(("calibration_", "batch_x"))]:
         a, b = one[key], many[key]
-        label = f"batch {a['global_batch']}" + "".join(", " + s[1:] for s in _SUFFIXES if s in key)
+        label = f"batch {a['global_batch']}" + "".join(text for s, text in _SUFFIXES.items() if s in key)
         s1, sn = np.mean(a["seconds_per_1k_iters"]), np.mean(b["seconds_per_1k_iters"])
         pa, pb = a["projected_minutes_at_paper_schedule"], b["projected_minutes_at_paper_schedule"]
         rows.append((f"{label}: s/1k it", f"{s1:.2f}", f"{sn:.2f}", f"{s1 / sn:.2f}x"))
