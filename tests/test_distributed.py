@@ -150,12 +150,17 @@ def test_overlapped_all_reduce_gives_the_same_run_and_starts_during_backward(two
     assert all(started == total == 4 for started, total in early)
 
 
+def _equal_fraction(codes: list[torch.Tensor], codes2: list[torch.Tensor]) -> float:
+    """The fraction of rounding codes two runs agree on, over all their layers."""
+    return sum(int((a == b).sum()) for a, b in zip(codes, codes2, strict=True)) / sum(a.numel() for a in codes)
+
+
 def test_sharded_rounding_variables_give_the_same_run_each_rank_training_half(two_ranks):
     (codes, mse, curves), owned = two_ranks["calibration_sharded"]
     codes2, mse2, curves2 = two_ranks["calibration"]
     # every layer of both blocks (qkv, proj, fc1, fc2) was split, each rank training half of its V
     assert len(owned) == 2 * 4 and all(2 * mine == total for mine, total in owned)
-    same = sum(int((a == b).sum()) for a, b in zip(codes, codes2, strict=True)) / sum(a.numel() for a in codes)
+    same = _equal_fraction(codes, codes2)
     print(f"sharded vs whole: {same:.6f} of codes equal; MSE {mse} vs {mse2}")
     assert same == 1.0
     assert mse == pytest.approx(mse2, rel=1e-5)
@@ -187,7 +192,7 @@ def test_sharded_rounding_variables_inside_captured_cuda_graphs_match_the_whole(
     sums round differently; the runs must still agree on all but a few codes at a tie."""
     codes, mse, _ = launch(_calibrate, processes=2, device_type="cuda")
     codes2, mse2, _ = launch(_calibrate, 0.0, 1, True, True, processes=2, device_type="cuda")
-    same = sum(int((a == b).sum()) for a, b in zip(codes, codes2, strict=True)) / sum(a.numel() for a in codes)
+    same = _equal_fraction(codes, codes2)
     assert same >= 0.999
     assert mse2 == pytest.approx(mse, rel=1e-2)
 
