@@ -181,7 +181,16 @@ def run_job(job: Job, args: argparse.Namespace) -> Iterator[tuple[dict, Path, ob
 POST_TUNING = {"steps+affine": "tuned", "steps": "tuned_steps"}  # --post-tuning kind → variant suffix
 
 
-def _post_tuned(job: Job, kind: str, run_dir: Path, calib, float_model, ccfg, calib_seconds: float, ref, eval_set,
+def post_tuning_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``KIND[,key=value...]`` of ``--post-tuning`` → (variant suffix, CalibrationConfig settings)."""
+    kind, *pairs = spec.split(",")
+    if kind not in POST_TUNING or not all("=" in kv for kv in pairs):
+        raise SystemExit(f"--post-tuning takes KIND[,key=value...] with KIND one of {', '.join(POST_TUNING)}, "
+                         f"got {spec!r}")
+    return ",".join([POST_TUNING[kind], *pairs]), {"output_tuning": kind, **dict(kv.split("=", 1) for kv in pairs)}
+
+
+def _post_tuned(job: Job, spec: str, run_dir: Path, calib, float_model, ccfg, calib_seconds: float, ref, eval_set,
                 device: str, args: argparse.Namespace):
     """The job's finished run tuned at the output (``tune_outputs``, OUTPUT_TUNED's settings), saved as its own run.
 
@@ -195,14 +204,19 @@ def _post_tuned(job: Job, kind: str, run_dir: Path, calib, float_model, ccfg, ca
     from osqdeploy.reconstruct.output_tuning import tune_outputs
     from osqdeploy.run import store
 
-    variant = f"{job.variant}+{POST_TUNING[kind]}"
+    suffix, settings = post_tuning_spec(spec)
+    variant = f"{job.variant}+{suffix}"
     name = Job(variant, job.bits, job.seed).name
     tuned_dir = Path(args.out) / "runs" / name
     from osqdeploy.config import METHODS, Method
 
     preset = METHODS[Method.OUTPUT_TUNED]  # its tuning settings only: the reconstruction stays the job's
-    tcfg = replace(ccfg, output_tuning=kind, output_tuning_lr=args.post_tuning_lr or preset["output_tuning_lr"],
+    tcfg = replace(ccfg, output_tuning_lr=args.post_tuning_lr or preset["output_tuning_lr"],
                    output_tuning_iters=args.post_tuning_iters or preset["output_tuning_iters"])
+    for key, value in settings.items():
+        default = getattr(tcfg, key)
+        setattr(tcfg, key, value if isinstance(default, str) else type(default)(value))
+    tcfg.validate()
     run = load_run(run_dir, device)
     result = tune_outputs(run.model, calib, tcfg, torch.device(device), reference=float_model)
     if tuned_dir.exists():
@@ -304,7 +318,8 @@ def _write(row: dict, args: argparse.Namespace) -> None:
 
 def _done(job: Job, args: argparse.Namespace) -> bool:
     """Whether the job's row, and the row of each post-tuning asked for, are finished (with ORT if asked)."""
-    names = [job.name] + [Job(f"{job.variant}+{POST_TUNING[k]}", job.bits, job.seed).name for k in args.post_tuning]
+    names = [job.name] + [Job(f"{job.variant}+{post_tuning_spec(k)[0]}", job.bits, job.seed).name
+                          for k in args.post_tuning]
     for name in names:
         try:
             row = json.loads((Path(args.out) / "jobs" / f"{name}.json").read_text())
@@ -527,9 +542,10 @@ def main() -> None:
     ap.add_argument("--ort", action="store_true", help="also export each run and evaluate it in ONNX Runtime (CPU)")
     ap.add_argument("--ort-threads", type=int, default=2)
     ap.add_argument("--keep-onnx", action="store_true")
-    ap.add_argument("--post-tuning", nargs="*", default=[], choices=list(POST_TUNING),
-                    help="also tune each finished run at the output (OUTPUT_TUNED's settings, this parameter set) "
-                         "and report it as variant NAME+tuned / NAME+tuned_steps: the same reconstruction, paired")
+    ap.add_argument("--post-tuning", nargs="*", default=[], metavar="KIND[,key=value...]",
+                    help="also tune each finished run at the output (OUTPUT_TUNED's settings, KIND's parameter set: "
+                         f"{', '.join(POST_TUNING)}; settings of CalibrationConfig after it) and report it as variant "
+                         "NAME+tuned[,key=value...] / NAME+tuned_steps: the same reconstruction, paired")
     ap.add_argument("--post-tuning-iters", type=int, default=None, help="override OUTPUT_TUNED's iterations")
     ap.add_argument("--post-tuning-lr", type=float, default=None, help="override OUTPUT_TUNED's relative rate")
     ap.add_argument("--mps", action="store_true",

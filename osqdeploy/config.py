@@ -17,6 +17,7 @@ ATTN_GRIDS = ("log", "uniform")
 POST_GELU_GRIDS = ("tensor", "channel")
 LOSSES = ("mse", "fisher")
 OUTPUT_TUNING_PARAMS = ("steps", "steps+affine")
+OUTPUT_TUNING_MIXES = ("none", "mixup", "cutmix")
 
 
 MAX_SEED = 2**47 - 1  # seed * 100003 + group index stays within torch's 64-bit seeds
@@ -125,7 +126,7 @@ METHODS: dict[Method, dict] = {
     Method.FISHER: dict(loss="fisher", kl_groups=0, output_tuning_iters=0),
     Method.PREDICTION: dict(loss="mse", kl_groups=1, kl_weight=1.0, output_tuning_iters=0),
     Method.OUTPUT_TUNED: dict(loss="mse", kl_groups=0, output_tuning_iters=1000, output_tuning="steps+affine",
-                              output_tuning_lr=1e-3),
+                              output_tuning_lr=1e-3, output_tuning_mix="none"),
 }
 
 
@@ -135,7 +136,8 @@ def _method_settings(cfg: CalibrationConfig) -> dict:
     if cfg.kl_groups:
         settings["kl_weight"] = cfg.kl_weight
     if cfg.output_tuning_iters:
-        settings.update(output_tuning=cfg.output_tuning, output_tuning_lr=cfg.output_tuning_lr)
+        settings.update(output_tuning=cfg.output_tuning, output_tuning_lr=cfg.output_tuning_lr,
+                        output_tuning_mix=cfg.output_tuning_mix)
     return settings
 
 
@@ -184,6 +186,11 @@ class CalibrationConfig:
     output_tuning_iters: int = 0
     output_tuning: str = "steps"
     output_tuning_lr: float = 1e-3
+    # What each tuning step fits: "none" the calibration views as they are (their float predictions
+    # computed once); "mixup" or "cutmix" every image blended with, or patched from, another one by
+    # a fresh seeded amount each step, and the float model's predictions on that very mix, so the
+    # stage matches the float function around the images instead of memorising 1,024 predictions.
+    output_tuning_mix: str = "none"
     # Speed features, used on CUDA devices only. TF32 matmuls change float rounding;
     # replaying each group's training step as a CUDA graph changes nothing that is computed
     # (reconstruct/step.py); compiled quantizer kernels fuse the same arithmetic (quant/kernels.py).
@@ -263,6 +270,10 @@ class CalibrationConfig:
         if self.output_tuning not in OUTPUT_TUNING_PARAMS:
             raise ConfigError(
                 f"output_tuning must be one of {', '.join(OUTPUT_TUNING_PARAMS)}, got {self.output_tuning!r}"
+            )
+        if self.output_tuning_mix not in OUTPUT_TUNING_MIXES:
+            raise ConfigError(
+                f"output_tuning_mix must be one of {', '.join(OUTPUT_TUNING_MIXES)}, got {self.output_tuning_mix!r}"
             )
         if not self.output_tuning_lr > 0:
             raise ConfigError(f"output tuning learning rate must be > 0, got {self.output_tuning_lr}")

@@ -6,6 +6,7 @@ schedule without it.
 """
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from osqdeploy.plan import build_plan
 from osqdeploy.quant.layers import act_quantizers, quant_layers
 from osqdeploy.reconstruct import Reconstructor, logits, prepare_model
 from osqdeploy.reconstruct.objective import PredictionAwareMSE, ReconstructionMSE, prediction_kl
+from osqdeploy.reconstruct.output_tuning import Mixing
 
 from conftest import images, tiny_vit
 
@@ -61,7 +63,7 @@ def test_paper_is_the_default_method_and_each_preset_sets_its_own_settings():
 
 @pytest.mark.parametrize("settings", [
     {"kl_groups": -1}, {"kl_groups": 1, "loss": "fisher"}, {"kl_weight": 0.0}, {"output_tuning_iters": -1},
-    {"output_tuning": "weights"}, {"output_tuning_lr": 0.0}, {"loss": "l1"},
+    {"output_tuning": "weights"}, {"output_tuning_lr": 0.0}, {"loss": "l1"}, {"output_tuning_mix": "cutout"},
 ])
 def test_accuracy_settings_outside_the_method_are_refused(settings):
     with pytest.raises(ConfigError):
@@ -111,6 +113,44 @@ def test_output_tuning_keeps_the_integer_weights_and_restores_a_start_it_cannot_
     assert all(torch.equal(state[k], wild_state[k]) for k in state)
 
 
+def test_mixing_blends_each_image_with_its_partner_as_drawn():
+    gen = torch.Generator().manual_seed(0)
+    mix = Mixing.build("cutmix", iters=200, batch=8, n=40, hw=(32, 32), gen=gen, device=CPU)
+    x, pool = torch.zeros(8, 3, 32, 32), torch.ones(40, 3, 32, 32)
+    it = torch.tensor([5])
+    cut = mix.apply(pool, x, it, slice(None))
+    # CutMix pastes the partner inside its box and nothing else; a box's sides are sqrt(1 - lam)
+    # of the image's (to the pixel), less where the border clips them
+    box = mix.boxes[5]
+    areas = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+    assert torch.equal(cut.sum((1, 2, 3)), 3.0 * areas)
+    sides = torch.stack([mix.boxes[..., 1] - mix.boxes[..., 0], mix.boxes[..., 3] - mix.boxes[..., 2]], -1)
+    assert mix.boxes.min() >= 0 and mix.boxes.max() <= 32 and sides.min() >= 0
+    assert (sides <= 32 * (1 - mix.lam).sqrt().unsqueeze(-1) + 1).all()
+    assert (sides.float().mean() > 0.5 * 32 * (1 - mix.lam).sqrt().mean())  # clipped, not collapsed
+    # mixup's blend is lam of the image and 1 - lam of its partner; a shard takes its rows only
+    up = replace(mix, kind="mixup").apply(pool, x[2:6], it, slice(2, 6))
+    assert torch.allclose(up[:, 0, 0, 0], 1 - mix.lam[5, 2:6])
+    assert mix.partners.min() >= 0 and mix.partners.max() < 40
+
+
+def test_mixing_at_full_weight_tunes_as_the_fixed_views_do(monkeypatch):
+    # lam = 1 leaves every image itself: the copied float teacher must then predict what the
+    # precomputed float logits hold, so the two tunings end where each other ends.
+    import osqdeploy.reconstruct.output_tuning as ot
+
+    model = tiny_vit(depth=1)
+    build = ot.Mixing.build
+    monkeypatch.setattr(ot.Mixing, "build", classmethod(
+        lambda cls, *a, **k: replace(build(*a, **k), lam=torch.ones_like(build(*a, **k).lam))))
+    fixed, _ = _calibrate(model, iters=5, n=16, output_tuning_iters=20, output_tuning="steps+affine")
+    mixed, rec = _calibrate(model, iters=5, n=16, output_tuning_iters=20, output_tuning="steps+affine",
+                            output_tuning_mix="mixup")
+    assert rec.output_tuning.kept
+    sf, sm = fixed.state_dict(), mixed.state_dict()
+    assert all(torch.allclose(sf[k].float(), sm[k].float(), rtol=1e-4, atol=1e-6) for k in sf)
+
+
 # ----------------------------------------------------------------------- determinism and the payoff
 
 OPTIONS = {
@@ -118,6 +158,8 @@ OPTIONS = {
     "prediction": dict(kl_groups=1),
     "tuned_steps": dict(output_tuning_iters=100),
     "tuned_affine": dict(output_tuning_iters=100, output_tuning="steps+affine"),
+    "tuned_mixup": dict(output_tuning_iters=100, output_tuning="steps+affine", output_tuning_mix="mixup"),
+    "tuned_cutmix": dict(output_tuning_iters=100, output_tuning="steps+affine", output_tuning_mix="cutmix"),
 }
 
 

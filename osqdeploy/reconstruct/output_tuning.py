@@ -10,11 +10,16 @@ layers' biases (float in the exported graph). The integer weights are final and 
 
 It runs in fp32 (no autocast: a thousand full-model steps, not 20,000 per group), through the
 same ``run_steps`` as the group steps, so on CUDA it replays one captured iteration.
+
+With ``output_tuning_mix`` each step fits a fresh blend of calibration images (mixup or cutmix)
+against the float model's prediction on that blend: the stage otherwise fits a thousand fixed
+predictions far better than it generalises (docs/results.md, "Accuracy methods").
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +30,7 @@ from torch import nn
 from ..config import CalibrationConfig
 from ..distributed import DistContext
 from ..quant.layers import act_quantizers, quant_layers
-from ..quant.mode import QuantMode, quant_mode
+from ..quant.mode import QuantMode, quant_mode, set_mode
 from ..quant.quantizers import ActQuantizer
 from .objective import prediction_kl
 from .step import Schedule, run_steps
@@ -62,13 +67,55 @@ def tuned_parameters(model: nn.Module, which: str) -> tuple[list[nn.Parameter], 
     return steps, affine
 
 
+@dataclass
+class Mixing:
+    """Every step's blend of each batch image with a partner image, drawn up front (host-free steps).
+
+    timm's ``Mixup`` draws on the host per batch from numpy's global generator; a captured step
+    needs every draw on the device beforehand, from the run's seeded generator.
+    """
+
+    kind: str  # "mixup" | "cutmix"
+    partners: torch.Tensor  # [iters, batch] image index blended into each batch position
+    lam: torch.Tensor  # [iters, batch] mixup: weight of the batch image (uniform in [0, 1])
+    boxes: torch.Tensor  # [iters, batch, 4] cutmix: rows y0, y1 and columns x0, x1 pasted from the partner
+
+    @classmethod
+    def build(cls, kind: str, iters: int, batch: int, n: int, hw: tuple[int, int], gen: torch.Generator,
+              device: torch.device) -> Mixing:
+        partners = torch.randint(n, (iters, batch), generator=gen)
+        lam = torch.rand(iters, batch, generator=gen)
+        # CutMix's box: a fraction 1 - lam of the image around a uniform centre, clipped at the border
+        size = torch.tensor(hw, dtype=torch.float32) * (1 - lam).sqrt().unsqueeze(-1)  # [iters, batch, 2]
+        centre = torch.rand(iters, batch, 2, generator=gen) * torch.tensor(hw, dtype=torch.float32)
+        lo = (centre - size / 2).round().clamp(min=0)
+        hi = torch.minimum((centre + size / 2).round(), torch.tensor(hw, dtype=torch.float32))
+        boxes = torch.stack([lo[..., 0], hi[..., 0], lo[..., 1], hi[..., 1]], -1).long()
+        return cls(kind, partners.to(device), lam.to(device), boxes.to(device))
+
+    def apply(self, images: torch.Tensor, x: torch.Tensor, it: torch.Tensor, shard: slice) -> torch.Tensor:
+        """The batch ``x`` of step ``it`` (a device scalar index) blended with its partners."""
+        other = images.index_select(0, self.partners.index_select(0, it).squeeze(0)[shard])
+        if self.kind == "mixup":
+            lam = self.lam.index_select(0, it).squeeze(0)[shard].view(-1, 1, 1, 1)
+            return lam * x + (1 - lam) * other
+        box = self.boxes.index_select(0, it).squeeze(0)[shard]  # [b, 4]
+        rows = torch.arange(x.shape[-2], device=x.device).view(1, -1, 1)
+        cols = torch.arange(x.shape[-1], device=x.device).view(1, 1, -1)
+        inside = ((rows >= box[:, 0, None, None]) & (rows < box[:, 1, None, None])
+                  & (cols >= box[:, 2, None, None]) & (cols < box[:, 3, None, None]))
+        return torch.where(inside.unsqueeze(1), other, x)
+
+
 class OutputStep:
     """One Adam step on the KL of a batch of calibration images; host-free, so it can be captured."""
 
     def __init__(self, model: nn.Module, images: torch.Tensor, fp_logits: torch.Tensor, batches: torch.Tensor,
                  steps: list[nn.Parameter], affine: list[nn.Parameter], cfg: CalibrationConfig,
-                 device: torch.device, dist: DistContext):
+                 device: torch.device, dist: DistContext, mixing: Mixing | None = None,
+                 teacher: nn.Module | None = None):
         self.model, self.images, self.fp_logits, self.batches = model, images, fp_logits, batches
+        self.mixing, self.teacher = mixing, teacher  # with mixing: the float model, run on each blend
         self.dist, self.shard = dist, dist.batch_shard(batches.shape[1])  # data parallel: a shard of each batch
         self.steps = steps
         cuda = device.type == "cuda"
@@ -86,7 +133,14 @@ class OutputStep:
 
     def body(self) -> None:
         idx = self.batches.index_select(0, self.counter).squeeze(0)[self.shard]
-        loss = prediction_kl(self.fp_logits.index_select(0, idx), self.model(self.images.index_select(0, idx)))
+        x = self.images.index_select(0, idx)
+        if self.mixing is None:
+            target = self.fp_logits.index_select(0, idx)
+        else:
+            x = self.mixing.apply(self.images, x, self.counter, self.shard)
+            with torch.no_grad():
+                target = self.teacher(x).float()
+        loss = prediction_kl(target, self.model(x))
         loss.backward()
         loss = self.dist.average_gradients([self.optimizer], loss)
         self.optimizer.step()
@@ -141,9 +195,17 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
     kl_before = _kl(model, images, fp_logits, bs)
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 99_991)
     batches = Schedule.build(replace(cfg, iters=cfg.output_tuning_iters), images.shape[0], gen, device).batches
+    mixing = teacher = None
+    if cfg.output_tuning_mix != "none":
+        mixing = Mixing.build(cfg.output_tuning_mix, cfg.output_tuning_iters, batches.shape[1], images.shape[0],
+                              tuple(images.shape[-2:]), gen, device)
+        # the float model apart from the one being tuned: its LayerNorms and biases move
+        teacher = reference if reference is not None else copy.deepcopy(model)
+        if reference is None:
+            set_mode(teacher, QuantMode.FLOAT)
     for p in params:
         p.requires_grad_(True)
-    step = OutputStep(model, images, fp_logits, batches, steps, affine, cfg, device, dist)
+    step = OutputStep(model, images, fp_logits, batches, steps, affine, cfg, device, dist, mixing, teacher)
     curve: list[tuple[int, float]] = []
     iters = cfg.output_tuning_iters
 
