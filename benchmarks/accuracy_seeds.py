@@ -211,8 +211,10 @@ def _post_tuned(job: Job, spec: str, run_dir: Path, calib, float_model, ccfg, ca
     from osqdeploy.config import METHODS, Method
 
     preset = METHODS[Method.OUTPUT_TUNED]  # its tuning settings only: the reconstruction stays the job's
+    # fixed views unless the spec says otherwise, so the commands of earlier rows still mean what they did
     tcfg = replace(ccfg, output_tuning_lr=args.post_tuning_lr or preset["output_tuning_lr"],
-                   output_tuning_iters=args.post_tuning_iters or preset["output_tuning_iters"])
+                   output_tuning_iters=args.post_tuning_iters or preset["output_tuning_iters"],
+                   output_tuning_mix="none")
     for key, value in settings.items():
         default = getattr(tcfg, key)
         setattr(tcfg, key, value if isinstance(default, str) else type(default)(value))
@@ -543,8 +545,9 @@ def main() -> None:
     ap.add_argument("--ort-threads", type=int, default=2)
     ap.add_argument("--keep-onnx", action="store_true")
     ap.add_argument("--post-tuning", nargs="*", default=[], metavar="KIND[,key=value...]",
-                    help="also tune each finished run at the output (OUTPUT_TUNED's settings, KIND's parameter set: "
-                         f"{', '.join(POST_TUNING)}; settings of CalibrationConfig after it) and report it as variant "
+                    help="also tune each finished run at the output (OUTPUT_TUNED's rate and length on fixed views, "
+                         f"KIND's parameter set: {', '.join(POST_TUNING)}; settings of CalibrationConfig after it, "
+                         "e.g. output_tuning_mix=cutmix) and report it as variant "
                          "NAME+tuned[,key=value...] / NAME+tuned_steps: the same reconstruction, paired")
     ap.add_argument("--post-tuning-iters", type=int, default=None, help="override OUTPUT_TUNED's iterations")
     ap.add_argument("--post-tuning-lr", type=float, default=None, help="override OUTPUT_TUNED's relative rate")

@@ -194,7 +194,8 @@ MethodOpt = Annotated[
     Method,
     typer.Option(
         help="paper: the paper's block reconstruction; output_tuned adds output-level tuning of steps, LayerNorms "
-        "and biases (KL to fp32); prediction adds the KL of predictions to the last group; fisher weights the "
+        "and biases (KL to fp32 on cutmix blends of the calibration images); prediction adds the KL of "
+        "predictions to the last group; fisher weights the "
         "block error by Fisher information.",
     ),
 ]
