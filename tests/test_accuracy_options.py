@@ -181,11 +181,12 @@ def paper_kl():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("option", ["prediction", "tuned_steps", "tuned_affine"])
+@pytest.mark.parametrize("option", ["prediction", "tuned_steps", "tuned_affine", "tuned_cutmix"])
 def test_option_brings_held_out_predictions_closer_to_float_than_the_paper_schedule(paper_kl, option):
     # Tiny ViT, planted outliers, W4A4, blocks:1, 60 iterations a group, 64 calibration images,
     # KL on 1,024 held-out inputs: paper 0.0825; prediction 0.0795; output tuning of the steps
-    # 0.0591, of steps, LayerNorms and biases 0.0348 (100 iterations at the default rate).
+    # 0.0591, of steps, LayerNorms and biases 0.0348 on fixed views, 0.0351 on cutmix blends
+    # (100 iterations at the default rate).
     # (Fisher-weighted MSE is not asserted: 0.0777 here, but 0.0891 against 0.0750 on the model of seed 1.)
     model, paper = paper_kl
     quantized, _ = _calibrate(model, **OPTIONS[option])
