@@ -252,6 +252,17 @@ def test_augmented_calibration_views_fill_up_to_n_reproducibly(tmp_path):
     assert torch.equal(torch.rand(2), expected)
 
 
+def test_views_converted_a_chunk_at_a_time_equal_timms_transform_view_by_view(tmp_path):
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
+    for i in range(3):
+        _rgb(i).save(tmp_path / f"{i:02d}.png")
+    data = ImageFiles(tmp_path, transform=eval_transform(model))
+    augment = calibration_augment(model)
+    chunked = calibration_tensor(data, 150, seed=4, augment=augment)  # 147 views: two chunks and a rest
+    one_by_one = calibration_tensor(data, 150, seed=4, augment=lambda picture: augment(picture))
+    assert torch.equal(chunked, one_by_one)
+
+
 def test_augmented_views_need_image_files(transform):
     tensors = torch.utils.data.TensorDataset(torch.zeros(2, 3, 8, 8))
     with pytest.raises(TypeError, match="ImageFiles"):

@@ -1,6 +1,7 @@
 """Load: models by recipe or timm name, and images from folders."""
 
 from osqdeploy.load.data import (
+    CalibrationAugment,
     DataError,
     ImageFiles,
     MemoryEstimate,
@@ -27,6 +28,7 @@ from osqdeploy.load.models import (
 )
 
 __all__ = [
+    "CalibrationAugment",
     "CheckpointError",
     "DataError",
     "DemoPaths",
