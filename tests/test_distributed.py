@@ -26,6 +26,7 @@ from osqdeploy.load.models import load_model
 from osqdeploy.plan import build_plan
 from osqdeploy.quant.layers import quant_layers
 from osqdeploy.reconstruct import Callbacks, Reconstructor, prepare_model
+from osqdeploy.reconstruct.output_tuning import tuned_parameters
 from osqdeploy.sweep import SweepError, SweepSpec, parse_bits
 
 from conftest import images, loaded_tiny, tiny_vit
@@ -49,6 +50,20 @@ def _calibrate(ctx: DistContext, drop_prob: float = 0.0, data_seed: int = 1, ove
     results = rec.reconstruct(x)
     codes = [layer.weight_quantizer.w_int.cpu() for layer in quant_layers([q])]
     return codes, [r.mse_after for r in results], [r.loss_curve for r in results]
+
+
+def _tuned(ctx: DistContext):
+    """A 1-block tiny ViT reconstructed, then tuned at the output on cutmix blends: its steps and KLs."""
+    q = tiny_vit(depth=1)
+    adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
+    ccfg = CalibrationConfig(samples=32, batch_size=16, iters=4, drop_prob=0.0, output_tuning_iters=12,
+                             output_tuning="steps+affine", output_tuning_mix="cutmix")
+    x = images(32, 32, seed=1)
+    rec = Reconstructor(q, adapter, build_plan("blocks:1", adapter.units(q)), ccfg, ctx.device, dist=ctx)
+    rec.initialize(x)
+    rec.reconstruct(x)
+    steps = [p.detach().cpu().clone() for p in tuned_parameters(q, "steps+affine")[0]]
+    return steps, rec.output_tuning.kl_before, rec.output_tuning.kl_after, rec.output_tuning.loss_curve
 
 
 def _folder(root: Path, n: int = 20) -> Path:
@@ -80,7 +95,7 @@ def _two_rank_checks(ctx: DistContext, folder: str, out: str) -> dict:
     torch.set_num_threads(1)
     from osqdeploy.sweep import run_sweep
 
-    found: dict = {"threads": threads, "calibration": _calibrate(ctx)}
+    found: dict = {"threads": threads, "calibration": _calibrate(ctx), "tuned": _tuned(ctx)}
     from osqdeploy.distributed import GradientSync
 
     finish, early = GradientSync.finish, []
@@ -138,6 +153,15 @@ def test_two_rank_calibration_equals_one_process_with_the_same_global_batch(two_
     for c1, c2 in zip(curves, curves2, strict=True):
         assert [it for it, _ in c1] == [it for it, _ in c2]
         assert [v for _, v in c2] == pytest.approx([v for _, v in c1], rel=1e-5)
+
+
+def test_two_rank_output_tuning_on_blends_equals_one_process(two_ranks):
+    # each rank blends its half of every batch with the same partners: the same steps, summed in another order
+    steps, before, after, curve = _tuned(DistContext.single())
+    steps2, before2, after2, curve2 = two_ranks["tuned"]
+    assert after < before and after2 == pytest.approx(after, rel=1e-4) and before2 == pytest.approx(before, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(steps, steps2, strict=True))
+    assert [v for _, v in curve2] == pytest.approx([v for _, v in curve], rel=1e-4)
 
 
 def test_overlapped_all_reduce_gives_the_same_run_and_starts_during_backward(two_ranks):
