@@ -228,12 +228,16 @@ def test_calibration_subset_is_seeded(tmp_path, transform):
         calibration_tensor(ImageFiles(tmp_path), 2, seed=0)
 
 
-def test_augmented_calibration_views_fill_up_to_n_reproducibly(tmp_path):
+def _augmentable(folder: Path, n: int):
+    """``n`` pictures for a tiny ViT, as an evaluated ImageFiles, and the ViT's calibration views."""
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
-    for i in range(5):
-        _rgb(i).save(tmp_path / f"{i:02d}.png")
-    data = ImageFiles(tmp_path, transform=eval_transform(model))
-    augment = calibration_augment(model)
+    for i in range(n):
+        _rgb(i).save(folder / f"{i:02d}.png")
+    return ImageFiles(folder, transform=eval_transform(model)), calibration_augment(model)
+
+
+def test_augmented_calibration_views_fill_up_to_n_reproducibly(tmp_path):
+    data, augment = _augmentable(tmp_path, 5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "using all 5" warning: the views make up the number
         a = calibration_tensor(data, 13, seed=0, augment=augment)
@@ -253,11 +257,7 @@ def test_augmented_calibration_views_fill_up_to_n_reproducibly(tmp_path):
 
 
 def test_views_converted_a_chunk_at_a_time_equal_timms_transform_view_by_view(tmp_path):
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
-    for i in range(3):
-        _rgb(i).save(tmp_path / f"{i:02d}.png")
-    data = ImageFiles(tmp_path, transform=eval_transform(model))
-    augment = calibration_augment(model)
+    data, augment = _augmentable(tmp_path, 3)
     chunked = calibration_tensor(data, 150, seed=4, augment=augment)  # 147 views: two chunks and a rest
     one_by_one = calibration_tensor(data, 150, seed=4, augment=lambda picture: augment(picture))
     assert torch.equal(chunked, one_by_one)
