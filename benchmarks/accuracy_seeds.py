@@ -94,13 +94,17 @@ class Job:
             target = qcfg if key in {f.name for f in fields(qcfg)} else ccfg
             if key not in {f.name for f in fields(target)}:
                 raise SystemExit(f"{self.variant}: {key} is a setting of neither QuantConfig nor CalibrationConfig")
-            default = getattr(target, key)
-            if isinstance(value, str) and not isinstance(default, str):
-                value = value == "true" if isinstance(default, bool) else type(default)(value)
-            setattr(target, key, value)
+            setattr(target, key, _typed(getattr(target, key), value))
         qcfg.validate()
         ccfg.validate()
         return qcfg, ccfg
+
+
+def _typed(default: object, value: object) -> object:
+    """A ``key=value`` setting's text as the type of the field's default (presets' values pass as they are)."""
+    if isinstance(value, str) and not isinstance(default, str):
+        return value == "true" if isinstance(default, bool) else type(default)(value)
+    return value
 
 
 def parse_bits(bits: str) -> tuple[int, int]:
@@ -181,13 +185,14 @@ def run_job(job: Job, args: argparse.Namespace) -> Iterator[tuple[dict, Path, ob
 POST_TUNING = {"steps+affine": "tuned", "steps": "tuned_steps"}  # --post-tuning kind → variant suffix
 
 
-def post_tuning_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """``KIND[,key=value...]`` of ``--post-tuning`` → (variant suffix, CalibrationConfig settings)."""
+def post_tuned_job(job: Job, spec: str) -> tuple[Job, dict[str, str]]:
+    """``job`` tuned as ``--post-tuning``'s ``KIND[,key=value...]`` says: (its job, CalibrationConfig settings)."""
     kind, *pairs = spec.split(",")
     if kind not in POST_TUNING or not all("=" in kv for kv in pairs):
         raise SystemExit(f"--post-tuning takes KIND[,key=value...] with KIND one of {', '.join(POST_TUNING)}, "
                          f"got {spec!r}")
-    return ",".join([POST_TUNING[kind], *pairs]), {"output_tuning": kind, **dict(kv.split("=", 1) for kv in pairs)}
+    variant = f"{job.variant}+{','.join([POST_TUNING[kind], *pairs])}"
+    return Job(variant, job.bits, job.seed), {"output_tuning": kind, **dict(kv.split("=", 1) for kv in pairs)}
 
 
 def _post_tuned(job: Job, spec: str, run_dir: Path, calib, float_model, ccfg, calib_seconds: float, ref, eval_set,
@@ -204,9 +209,8 @@ def _post_tuned(job: Job, spec: str, run_dir: Path, calib, float_model, ccfg, ca
     from osqdeploy.reconstruct.output_tuning import tune_outputs
     from osqdeploy.run import store
 
-    suffix, settings = post_tuning_spec(spec)
-    variant = f"{job.variant}+{suffix}"
-    name = Job(variant, job.bits, job.seed).name
+    tuned_job, settings = post_tuned_job(job, spec)
+    variant, name = tuned_job.variant, tuned_job.name
     tuned_dir = Path(args.out) / "runs" / name
     from osqdeploy.config import METHODS, Method
 
@@ -216,8 +220,7 @@ def _post_tuned(job: Job, spec: str, run_dir: Path, calib, float_model, ccfg, ca
                    output_tuning_iters=args.post_tuning_iters or preset["output_tuning_iters"],
                    output_tuning_mix="none")
     for key, value in settings.items():
-        default = getattr(tcfg, key)
-        setattr(tcfg, key, value if isinstance(default, str) else type(default)(value))
+        setattr(tcfg, key, _typed(getattr(tcfg, key), value))
     tcfg.validate()
     run = load_run(run_dir, device)
     result = tune_outputs(run.model, calib, tcfg, torch.device(device), reference=float_model)
@@ -320,8 +323,7 @@ def _write(row: dict, args: argparse.Namespace) -> None:
 
 def _done(job: Job, args: argparse.Namespace) -> bool:
     """Whether the job's row, and the row of each post-tuning asked for, are finished (with ORT if asked)."""
-    names = [job.name] + [Job(f"{job.variant}+{post_tuning_spec(k)[0]}", job.bits, job.seed).name
-                          for k in args.post_tuning]
+    names = [job.name] + [post_tuned_job(job, spec)[0].name for spec in args.post_tuning]
     for name in names:
         try:
             row = json.loads((Path(args.out) / "jobs" / f"{name}.json").read_text())

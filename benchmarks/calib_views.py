@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.accuracy_seeds import EVAL_FRACTION, SPLIT_SEED  # the split every real-DeiT-Tiny figure uses
 from osqdeploy.load import ImageFiles, calibration_augment, calibration_tensor, eval_transform, load_model
-
-SPLIT_SEED = 0  # the calibration half of the split every real-DeiT-Tiny figure uses (benchmarks.accuracy_seeds)
 
 
 def main() -> None:
@@ -37,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model = load_model(args.model, checkpoint=args.checkpoint).model
-    calib, _ = ImageFiles(args.images, transform=eval_transform(model)).split(0.5, seed=SPLIT_SEED)
+    calib, _ = ImageFiles(args.images, transform=eval_transform(model)).split(EVAL_FRACTION, seed=SPLIT_SEED)
     augment = calibration_augment(model)
     rows = []
     for n in args.samples:
