@@ -39,31 +39,30 @@ TINY = {"vit_tiny_patch16_224": dict(img_size=32, patch_size=8, depth=2, embed_d
 def _calibrate(ctx: DistContext, drop_prob: float = 0.0, data_seed: int = 1, overlap: bool = False,
                shard: bool = False, compile_group: bool = False):
     """A 2-block tiny ViT reconstructed block by block; its codes, group MSEs and loss curves."""
-    q = tiny_vit(depth=2)
-    adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
-    ccfg = CalibrationConfig(samples=32, batch_size=16, iters=ITERS, drop_prob=drop_prob, overlap_allreduce=overlap,
-                             shard_rounding=shard, compile_group=compile_group)
-    x = images(32, 32, seed=data_seed)
-    ctx.require_same(tensor_digest(x), "calibration images")
-    rec = Reconstructor(q, adapter, build_plan("blocks:1", adapter.units(q)), ccfg, ctx.device, dist=ctx)
-    rec.initialize(x)
-    results = rec.reconstruct(x)
+    q, _, results = _reconstructed(ctx, 2, data_seed, iters=ITERS, drop_prob=drop_prob, overlap_allreduce=overlap,
+                                   shard_rounding=shard, compile_group=compile_group)
     codes = [layer.weight_quantizer.w_int.cpu() for layer in quant_layers([q])]
     return codes, [r.mse_after for r in results], [r.loss_curve for r in results]
 
 
 def _tuned(ctx: DistContext):
     """A 1-block tiny ViT reconstructed, then tuned at the output on cutmix blends: its steps and KLs."""
-    q = tiny_vit(depth=1)
-    adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
-    ccfg = CalibrationConfig(samples=32, batch_size=16, iters=4, drop_prob=0.0, output_tuning_iters=12,
-                             output_tuning="steps+affine", output_tuning_mix="cutmix")
-    x = images(32, 32, seed=1)
-    rec = Reconstructor(q, adapter, build_plan("blocks:1", adapter.units(q)), ccfg, ctx.device, dist=ctx)
-    rec.initialize(x)
-    rec.reconstruct(x)
+    q, rec, _ = _reconstructed(ctx, 1, 1, iters=4, drop_prob=0.0, output_tuning_iters=12,
+                               output_tuning="steps+affine", output_tuning_mix="cutmix")
     steps = [p.detach().cpu().clone() for p in tuned_parameters(q, "steps+affine")[0]]
     return steps, rec.output_tuning.kl_before, rec.output_tuning.kl_after, rec.output_tuning.loss_curve
+
+
+def _reconstructed(ctx: DistContext, depth: int, data_seed: int, **settings):
+    """A tiny ViT of ``depth`` blocks reconstructed one block a group on 32 images: (model, reconstructor, results)."""
+    q = tiny_vit(depth=depth)
+    adapter = prepare_model(q, QuantConfig(4, 4), adapter_for)
+    ccfg = CalibrationConfig(samples=32, batch_size=16, **settings)
+    x = images(32, 32, seed=data_seed)
+    ctx.require_same(tensor_digest(x), "calibration images")
+    rec = Reconstructor(q, adapter, build_plan("blocks:1", adapter.units(q)), ccfg, ctx.device, dist=ctx)
+    rec.initialize(x)
+    return q, rec, rec.reconstruct(x)
 
 
 def _folder(root: Path, n: int = 20) -> Path:
