@@ -182,7 +182,8 @@ def run_job(job: Job, args: argparse.Namespace) -> Iterator[tuple[dict, Path, ob
         yield {**base, **row}, tuned_dir, ref, q
 
 
-POST_TUNING = {"steps+affine": "tuned", "steps": "tuned_steps"}  # --post-tuning kind → variant suffix
+# --post-tuning kind → variant suffix
+POST_TUNING = {"steps+affine": "tuned", "steps": "tuned_steps", "steps+affine+wscale": "tuned_wscale"}
 
 
 def post_tuned_job(job: Job, spec: str) -> tuple[Job, dict[str, str]]:

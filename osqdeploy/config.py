@@ -16,7 +16,7 @@ EDGE_RANGES = ("mse", "minmax")
 ATTN_GRIDS = ("log", "uniform")
 POST_GELU_GRIDS = ("tensor", "channel")
 LOSSES = ("mse", "fisher")
-OUTPUT_TUNING_PARAMS = ("steps", "steps+affine")
+OUTPUT_TUNING_PARAMS = ("steps", "steps+affine", "steps+affine+wscale")
 OUTPUT_TUNING_MIXES = ("none", "mixup", "cutmix")
 
 
@@ -180,7 +180,9 @@ class CalibrationConfig:
     # whole quantized model, minimising the KL divergence of its predictions from the float
     # model's on the calibration images, for ``output_tuning_iters`` batches. "steps" learns the
     # activation steps; "steps+affine" also the LayerNorm gains and biases and the layers' biases,
-    # which stay float in the deployed graph. The integer weights never change.
+    # which stay float in the deployed graph; "steps+affine+wscale" also each weight row's scale
+    # (the DequantizeLinear scale of the export, a per-output-channel gain; on the real DeiT-Tiny
+    # it overfit the calibration images, so no preset uses it). The integer weights never change.
     # ``output_tuning_lr`` is relative: each tensor's Adam rate is it times the tensor's mean
     # magnitude. Off in the paper's method.
     output_tuning_iters: int = 0

@@ -17,7 +17,7 @@ from osqdeploy.plan import build_plan
 from osqdeploy.quant.layers import act_quantizers, quant_layers
 from osqdeploy.reconstruct import Reconstructor, logits, prepare_model
 from osqdeploy.reconstruct.objective import PredictionAwareMSE, ReconstructionMSE, prediction_kl
-from osqdeploy.reconstruct.output_tuning import Mixing
+from osqdeploy.reconstruct.output_tuning import Mixing, tuned_parameters
 
 from conftest import images, tiny_vit
 
@@ -113,6 +113,22 @@ def test_output_tuning_keeps_the_integer_weights_and_restores_a_start_it_cannot_
     assert all(torch.equal(state[k], wild_state[k]) for k in state)
 
 
+def test_weight_scale_tuning_moves_row_scales_and_keeps_the_codes():
+    model = tiny_vit(depth=2)
+    affine, _ = _calibrate(model, iters=10, n=32, output_tuning_iters=30, output_tuning="steps+affine")
+    tuned, rec = _calibrate(model, iters=10, n=32, output_tuning_iters=30, output_tuning="steps+affine+wscale")
+    assert rec.output_tuning.kept and rec.output_tuning.kl_after < rec.output_tuning.kl_before
+    layers = list(zip(quant_layers([affine]), quant_layers([tuned]), strict=True))
+    # one learned tensor more per layer than without the row scales
+    assert rec.output_tuning.tensors == len(tuned_parameters(affine, "steps+affine")[0]) + \
+        len(tuned_parameters(affine, "steps+affine")[1]) + len(layers)
+    for a, b in layers:
+        wa, wb = a.weight_quantizer, b.weight_quantizer
+        assert torch.equal(wa.w_int, wb.w_int) and torch.equal(wa.zero_point, wb.zero_point)
+        assert not torch.equal(wa.scale, wb.scale) and (wb.scale > 0).all()
+        assert not wb.scale.requires_grad
+
+
 def test_mixing_blends_each_image_with_its_partner_as_drawn():
     gen = torch.Generator().manual_seed(0)
     mix = Mixing.build("cutmix", iters=200, batch=8, n=40, hw=(32, 32), gen=gen, device=CPU)
@@ -160,6 +176,7 @@ OPTIONS = {
     "tuned_affine": dict(output_tuning_iters=100, output_tuning="steps+affine"),
     "tuned_mixup": dict(output_tuning_iters=100, output_tuning="steps+affine", output_tuning_mix="mixup"),
     "tuned_cutmix": dict(output_tuning_iters=100, output_tuning="steps+affine", output_tuning_mix="cutmix"),
+    "tuned_wscale": dict(output_tuning_iters=100, output_tuning="steps+affine+wscale", output_tuning_mix="cutmix"),
 }
 
 
@@ -194,7 +211,8 @@ def test_option_brings_held_out_predictions_closer_to_float_than_the_paper_sched
 
 
 @pytest.mark.slow
-def test_output_tuned_run_exports_what_its_fake_quant_model_computes(tmp_path):
+@pytest.mark.parametrize("params", ["steps+affine", "steps+affine+wscale"])
+def test_output_tuned_run_exports_what_its_fake_quant_model_computes(tmp_path, params):
     import onnxruntime as ort
 
     from osqdeploy.api import calibrate, export, load_run
@@ -202,9 +220,9 @@ def test_output_tuned_run_exports_what_its_fake_quant_model_computes(tmp_path):
     from conftest import loaded_tiny
 
     ccfg = CalibrationConfig(samples=32, batch_size=16, iters=20).with_method(Method.OUTPUT_TUNED)
-    ccfg.output_tuning_iters = 30
+    ccfg.output_tuning_iters, ccfg.output_tuning = 30, params
     run = calibrate(loaded_tiny("vit"), images(32, 32), QuantConfig(4, 4), ccfg, tmp_path / "run")
-    assert run.manifest.calibration.output_tuning == "steps+affine"
+    assert run.manifest.calibration.output_tuning == params
     export(tmp_path / "run", tmp_path / "model.onnx")
     x = images(128, 32, seed=11)
     with torch.no_grad():

@@ -6,7 +6,8 @@ network. This stage runs the finished quantized model end to end on the calibrat
 minimises the KL divergence of its predictions from the float model's, moving only parameters
 that are cheap to move and stay what they are in deployment: the activation steps, and with
 ``CalibrationConfig.output_tuning='steps+affine'`` the LayerNorm gains and biases and the
-layers' biases (float in the exported graph). The integer weights are final and untouched.
+layers' biases (float in the exported graph), with ``'steps+affine+wscale'`` also the weights'
+per-row scales (the exported DequantizeLinear scales). The integer weights are final and untouched.
 
 It runs in fp32 (no autocast: a thousand full-model steps, not 20,000 per group), through the
 same ``run_steps`` as the group steps, so on CUDA it replays one captured iteration.
@@ -53,18 +54,26 @@ class OutputTuningResult:
         return d
 
 
-def tuned_parameters(model: nn.Module, which: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(activation steps, float affine parameters) that output tuning learns for ``which``."""
-    steps = [q.scale for q in act_quantizers([model]) if isinstance(q, ActQuantizer) and q.mode is QuantMode.NEAREST]
-    affine: list[nn.Parameter] = []
-    if which == "steps+affine":
+def tuned_parameters(model: nn.Module, which: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(scales, float affine parameters) that output tuning learns for ``which``.
+
+    Scales (activation steps, and weight row scales with ``wscale``) must stay positive; the
+    step clamps them.
+    """
+    scales = [q.scale for q in act_quantizers([model]) if isinstance(q, ActQuantizer) and q.mode is QuantMode.NEAREST]
+    affine: list[torch.Tensor] = []
+    if which.startswith("steps+affine"):
         seen: set[int] = set()
         for m in model.modules():
             if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
                 affine += [p for p in (m.weight, m.bias) if p is not None]
         affine += [layer.bias for layer in quant_layers([model])]
         affine = [p for p in affine if not (id(p) in seen or seen.add(id(p)))]
-    return steps, affine
+    if which.endswith("+wscale"):
+        # the row scales of finalized integer weights: a buffer, learned like a parameter here
+        scales += [layer.weight_quantizer.scale for layer in quant_layers([model])
+                   if layer.weight_quantizer.mode is QuantMode.INT]
+    return scales, affine
 
 
 @dataclass
@@ -111,7 +120,7 @@ class OutputStep:
     """One Adam step on the KL of a batch of calibration images; host-free, so it can be captured."""
 
     def __init__(self, model: nn.Module, images: torch.Tensor, fp_logits: torch.Tensor, batches: torch.Tensor,
-                 steps: list[nn.Parameter], affine: list[nn.Parameter], cfg: CalibrationConfig,
+                 steps: list[torch.Tensor], affine: list[torch.Tensor], cfg: CalibrationConfig,
                  device: torch.device, dist: DistContext, mixing: Mixing | None = None,
                  teacher: nn.Module | None = None):
         self.model, self.images, self.fp_logits, self.batches = model, images, fp_logits, batches
