@@ -70,6 +70,14 @@ def test_accuracy_settings_outside_the_method_are_refused(settings):
         CalibrationConfig(**settings).validate()
 
 
+def test_an_objective_registered_by_name_is_a_valid_loss(monkeypatch):
+    from osqdeploy.reconstruct import OBJECTIVES, make_objective
+
+    monkeypatch.setitem(OBJECTIVES, "mse_copy", ReconstructionMSE)
+    CalibrationConfig(loss="mse_copy").validate()  # docs/design.md: register it, then select it by name
+    assert isinstance(make_objective("mse_copy"), ReconstructionMSE)
+
+
 # ------------------------------------------------------------------------ prediction-aware objective
 
 
