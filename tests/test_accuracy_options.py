@@ -128,8 +128,7 @@ def test_weight_scale_tuning_moves_row_scales_and_keeps_the_codes():
     assert rec.output_tuning.kept and rec.output_tuning.kl_after < rec.output_tuning.kl_before
     layers = list(zip(quant_layers([affine]), quant_layers([tuned]), strict=True))
     # one learned tensor more per layer than without the row scales
-    assert rec.output_tuning.tensors == len(tuned_parameters(affine, "steps+affine")[0]) + \
-        len(tuned_parameters(affine, "steps+affine")[1]) + len(layers)
+    assert rec.output_tuning.tensors == sum(map(len, tuned_parameters(affine, "steps+affine"))) + len(layers)
     for a, b in layers:
         wa, wb = a.weight_quantizer, b.weight_quantizer
         assert torch.equal(wa.w_int, wb.w_int) and torch.equal(wa.zero_point, wb.zero_point)

@@ -120,19 +120,19 @@ class OutputStep:
     """One Adam step on the KL of a batch of calibration images; host-free, so it can be captured."""
 
     def __init__(self, model: nn.Module, images: torch.Tensor, fp_logits: torch.Tensor, batches: torch.Tensor,
-                 steps: list[torch.Tensor], affine: list[torch.Tensor], cfg: CalibrationConfig,
+                 scales: list[torch.Tensor], affine: list[torch.Tensor], cfg: CalibrationConfig,
                  device: torch.device, dist: DistContext, mixing: Mixing | None = None,
                  teacher: nn.Module | None = None):
         self.model, self.images, self.fp_logits, self.batches = model, images, fp_logits, batches
         self.mixing, self.teacher = mixing, teacher  # with mixing: the float model, run on each blend
         self.dist, self.shard = dist, dist.batch_shard(batches.shape[1])  # data parallel: a shard of each batch
-        self.steps = steps
+        self.scales = scales  # kept positive after every update
         cuda = device.type == "cuda"
         adam = dict(capturable=cuda, fused=True if cuda and cfg.fused_adam else None)
         # Adam moves a parameter by about its learning rate per step, so each tensor's rate is
         # relative to its own size: activation steps of one model differ by 100x, and one
         # absolute rate would freeze the large ones or throw the small ones about.
-        groups = [{"params": [p], "lr": cfg.output_tuning_lr * _size(p)} for p in steps + affine]
+        groups = [{"params": [p], "lr": cfg.output_tuning_lr * _size(p)} for p in scales + affine]
         self.optimizer = torch.optim.Adam(groups, **adam)
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.rec = torch.zeros((), device=device)
@@ -154,7 +154,7 @@ class OutputStep:
         loss = self.dist.average_gradients([self.optimizer], loss)
         self.optimizer.step()
         with torch.no_grad():
-            torch._foreach_clamp_min_(self.steps, 1e-8)
+            torch._foreach_clamp_min_(self.scales, 1e-8)
             self.counter += 1
             self.rec.copy_(loss.detach())
 
@@ -198,8 +198,8 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
     with torch.no_grad(), (quant_mode(model, QuantMode.FLOAT) if reference is None else contextlib.nullcontext()):
         ref = model if reference is None else reference.eval().to(device)
         fp_logits = torch.cat([ref(images[i : i + bs]).float() for i in range(0, images.shape[0], bs)])
-    steps, affine = tuned_parameters(model, cfg.output_tuning)
-    params = steps + affine
+    scales, affine = tuned_parameters(model, cfg.output_tuning)
+    params = scales + affine
     start = [p.detach().clone() for p in params]
     kl_before = _kl(model, images, fp_logits, bs)
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 99_991)
@@ -214,7 +214,7 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
             set_mode(teacher, QuantMode.FLOAT)
     for p in params:
         p.requires_grad_(True)
-    step = OutputStep(model, images, fp_logits, batches, steps, affine, cfg, device, dist, mixing, teacher)
+    step = OutputStep(model, images, fp_logits, batches, scales, affine, cfg, device, dist, mixing, teacher)
     curve: list[tuple[int, float]] = []
     iters = cfg.output_tuning_iters
 
