@@ -52,6 +52,7 @@ EVAL_FRACTION = 0.5
 
 # Method presets and the combinations worth measuring; settings are CalibrationConfig/QuantConfig fields.
 VARIANTS: dict[str, dict[str, object]] = {
+    "default": {},  # DEFAULT_METHOD on the recipe's plan and views
     "paper": {"method": "paper"},
     "fisher": {"method": "fisher"},
     "prediction": {"method": "prediction"},
@@ -77,19 +78,19 @@ class Job:
     def group(self) -> str:
         return f"{self.variant}@{self.bits}"
 
-    def configs(self, iters: int, samples: int, device: str):
+    def configs(self, model: str, iters: int, samples: int | None, device: str):
         """The job's (QuantConfig, CalibrationConfig)."""
-        from osqdeploy.config import CalibrationConfig, QuantConfig
+        from osqdeploy.api import calibration_config
+        from osqdeploy.config import QuantConfig
 
         w, a = parse_bits(self.bits)
         qcfg = QuantConfig(w_bits=w, a_bits=a)
-        ccfg = CalibrationConfig(samples=samples, iters=iters, seed=self.seed, device=device)
         name, *pairs = self.variant.split(",")
         settings = dict(VARIANTS[name])
         settings.update(kv.split("=", 1) for kv in pairs)
-        method = settings.pop("method", None)
-        if method is not None:
-            ccfg = ccfg.with_method(str(method))
+        # what `osq calibrate MODEL --method M` uses: the recipe's plan and views unless M pins its own
+        ccfg = calibration_config(model, settings.pop("method", None), samples=samples, iters=iters,
+                                  seed=self.seed, device=device)
         for key, value in settings.items():
             target = qcfg if key in {f.name for f in fields(qcfg)} else ccfg
             if key not in {f.name for f in fields(target)}:
@@ -154,7 +155,7 @@ def run_job(job: Job, args: argparse.Namespace) -> Iterator[tuple[dict, Path, ob
     fp = load_model(args.model, checkpoint=args.checkpoint)
     data = ImageFiles(args.images, transform=eval_transform(fp.model))
     calib_set, eval_set = data.split(EVAL_FRACTION, seed=SPLIT_SEED)
-    qcfg, ccfg = job.configs(args.iters, args.samples, device)
+    qcfg, ccfg = job.configs(args.model, args.iters, args.samples, device)
     calib = calibration_tensor(calib_set, ccfg.samples, seed=ccfg.seed, augment=calibration_augment(fp.model))
     if not _finished(run_dir):
         t0 = time.perf_counter()
@@ -188,10 +189,15 @@ POST_TUNING = {"steps+affine": "tuned", "steps": "tuned_steps", "steps+affine+ws
 
 def post_tuned_job(job: Job, spec: str) -> tuple[Job, dict[str, str]]:
     """``job`` tuned as ``--post-tuning``'s ``KIND[,key=value...]`` says: (its job, CalibrationConfig settings)."""
+    from osqdeploy.config import CalibrationConfig
+
     kind, *pairs = spec.split(",")
     if kind not in POST_TUNING or not all("=" in kv for kv in pairs):
         raise SystemExit(f"--post-tuning takes KIND[,key=value...] with KIND one of {', '.join(POST_TUNING)}, "
                          f"got {spec!r}")
+    unknown = sorted({kv.split("=", 1)[0] for kv in pairs} - {f.name for f in fields(CalibrationConfig)})
+    if unknown:
+        raise SystemExit(f"--post-tuning {spec}: {', '.join(unknown)} is not a setting of CalibrationConfig")
     variant = f"{job.variant}+{','.join([POST_TUNING[kind], *pairs])}"
     return Job(variant, job.bits, job.seed), {"output_tuning": kind, **dict(kv.split("=", 1) for kv in pairs)}
 
@@ -449,8 +455,9 @@ def launch(jobs: list[Job], args: argparse.Namespace) -> None:
 
 def _passthrough(args: argparse.Namespace) -> list[str]:
     argv = ["--images", str(args.images), "--checkpoint", str(args.checkpoint), "--model", args.model,
-            "--out", str(args.out), "--iters", str(args.iters), "--samples", str(args.samples),
-            "--ort-threads", str(args.ort_threads)]
+            "--out", str(args.out), "--iters", str(args.iters), "--ort-threads", str(args.ort_threads)]
+    if args.samples:
+        argv += ["--samples", str(args.samples)]
     if args.limit_eval:
         argv += ["--limit-eval", str(args.limit_eval)]
     if args.ort:
@@ -539,7 +546,8 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", default=["w4a4"], help="bits of variants given without @")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--iters", type=int, default=20000, help="iterations per reconstruction group")
-    ap.add_argument("--samples", type=int, default=1024, help="calibration views (the paper's 1,024)")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="calibration views (default: the method's, else the model recipe's)")
     ap.add_argument("--limit-eval", type=int, default=None, help="evaluate on this many held-out images only")
     ap.add_argument("--jobs-per-gpu", type=int, default=6)
     ap.add_argument("--gpus", nargs="*", default=None, help="GPU ids to use (default: all visible)")

@@ -66,7 +66,7 @@ def calibrate(
     seed: o.SeedOpt = 0,
     run_dir: o.RunDirOpt = None,
     resume: o.ResumeOpt = True,
-    method: o.MethodOpt = o.Method.paper,
+    method: o.MethodOpt = None,
     gpus: o.GpusOpt = None,
     global_batch_scale: o.GlobalBatchScaleOpt = 1,
 ) -> None:
@@ -88,6 +88,7 @@ def calibrate(
         qcfg.validate()
         ccfg = api.calibration_config(
             recipe.name,
+            method.value if method else None,
             granularity=granularity,
             cross_stage=cross_stage or None,
             iters=iters,
@@ -99,7 +100,6 @@ def calibrate(
         )
         if fast and iters is None:  # the preset shortens a schedule, never lengthens one (the demo's)
             ccfg = fast_preset(ccfg)
-        ccfg = ccfg.with_method(method.value)
         if global_batch_scale > 1:
             from osqdeploy.distributed import scale_global_batch
 
@@ -281,9 +281,9 @@ def list_() -> None:
     """Model recipes and granularity options."""
     with boundary():
         from osqdeploy import api, load
-        from osqdeploy.config import CalibrationConfig
+        from osqdeploy.config import DEFAULT_METHOD, CalibrationConfig
 
-        tables = list_tables(load.list_recipes(), CalibrationConfig(), api.RECIPE_CALIBRATION)
+        tables = list_tables(load.list_recipes(), CalibrationConfig(), api.RECIPE_CALIBRATION, DEFAULT_METHOD.value)
     for t in tables:
         out.print(t)
 

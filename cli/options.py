@@ -191,11 +191,12 @@ PerLayerOpt = Annotated[
     ),
 ]
 MethodOpt = Annotated[
-    Method,
+    Method | None,
     typer.Option(
-        help="paper: the paper's block reconstruction; output_tuned adds output-level tuning of steps, LayerNorms "
-        "and biases (KL to fp32 on cutmix blends of the calibration images); prediction adds the KL of "
-        "predictions to the last group; fisher weights the "
-        "block error by Fisher information.",
+        help="output_tuned (the default): block reconstruction on the recipe's plan and views, then output-level "
+        "tuning of steps, LayerNorms and biases (KL to fp32 on cutmix blends of the calibration images); paper: the "
+        "paper's block reconstruction on its own plan and 1,024 views, nothing after; prediction adds the KL of "
+        "predictions to the last group; fisher weights the block error by Fisher information.",
+        show_default=False,
     ),
 ]

@@ -97,21 +97,23 @@ def eval_tables(report: Any, asked: str) -> list[Any]:
     return shown
 
 
-def list_tables(recipes: list[Any], defaults: Any, recipe_calibration: dict[str, dict[str, int]]) -> list[Any]:
+def list_tables(recipes: list[Any], defaults: Any, recipe_calibration: dict[str, dict[str, int]],
+                default_method: str) -> list[Any]:
     from osqdeploy.plan import resolve_spec
 
     table = Table(title="Model recipes (any timm model name also works)", title_justify="left")
-    for col in ("name", "aliases", "timm name", "family", "granularity", "bits"):
+    for col in ("name", "aliases", "timm name", "family", "granularity", "images", "bits"):
         table.add_column(col)
     for r in recipes:
         resolved = resolve_spec(r.granularity, r.family == "swin")
         gran = r.granularity if resolved == r.granularity else f"{r.granularity} → {resolved}"
         pairs = [f"W{w}A{a}" for w, a in r.bit_pairs]
         table.add_row(r.name, ", ".join(r.aliases), r.timm_name, r.family or "-", gran,
-                      ", ".join([f"{pairs[0]} (default)", *pairs[1:]]))
+                      f"{r.samples or defaults.samples:,}", ", ".join([f"{pairs[0]} (default)", *pairs[1:]]))
     lines = [
-        f"Calibration defaults: {defaults.samples} images, {defaults.iters} iterations per group, "
-        f"batch {defaults.batch_size}. Any listed pair: --bits W A (e.g. --bits 4 8, --bits 8 8).",
+        f"Calibration defaults: method {default_method}, {defaults.samples} images, {defaults.iters} iterations per "
+        f"group, batch {defaults.batch_size}. Any listed pair: --bits W A (e.g. --bits 4 8, --bits 8 8).",
+        "--method paper: the paper's reconstruction on granularity auto and 1,024 images, whatever the recipe says.",
     ]
     lines += [
         f"  {name}: " + ", ".join(f"{v} {k}" for k, v in cal.items()) + " (a quick demonstration; options override)"

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, adapter_for
-from .config import CalibrationConfig, ConfigError, QuantConfig
+from .config import DEFAULT_METHOD, CalibrationConfig, ConfigError, Method, QuantConfig
 from .distributed import DistContext
 from .evaluation import EvalResult, OnnxRuntime, ParityReport, TorchRuntime, kl_divergence, parity, write_report
 from .evaluation import evaluate as evaluate_runtime
@@ -61,8 +61,9 @@ from .run.manifest import Manifest, ModelInfo, RunStatus
 # huge folder is not checked file by file before calibration starts.
 MAX_SCANNED_PER_SAMPLE = 8
 MIN_SCANNED = 2048
-# The demo exists to show the whole chain on a laptop CPU in minutes: fewer images and iterations.
-RECIPE_CALIBRATION: dict[str, dict[str, int]] = {DEMO_RECIPE: {"samples": 256, "iters": 100}}
+# The demo exists to show the whole chain on a laptop CPU in minutes: fewer iterations (its recipe
+# has fewer images).
+RECIPE_CALIBRATION: dict[str, dict[str, int]] = {DEMO_RECIPE: {"iters": 100, "output_tuning_iters": 100}}
 # Tensors quantization never touches: if the original weights still hold them unchanged, they are
 # the weights the run was calibrated from.
 _UNTOUCHED = ("pos_embed", "cls_token", "reg_token", "absolute_pos_embed", "relative_position_bias_table")
@@ -156,15 +157,23 @@ def checkpoint_progress(run_dir: str | Path, n_groups: int) -> str:
 # -------------------------------------------------------------------------------------- calibrate
 
 
-def calibration_config(recipe: str, **overrides: Any) -> CalibrationConfig:
-    """CalibrationConfig defaults, then the recipe's (its granularity, the demo's short schedule), then ``overrides``.
+def calibration_config(recipe: str, method: Method | str | None = None, **overrides: Any) -> CalibrationConfig:
+    """The settings ``osq calibrate`` uses for a model: CalibrationConfig's defaults, then the recipe's
+    (its plan and views, the demo's short schedule), then ``method``'s preset (``DEFAULT_METHOD``
+    when None), then ``overrides``.
 
-    ``None`` overrides are ignored, so command-line options that were not given keep the defaults.
+    The preset comes after the recipe so that ``method="paper"`` reproduces the paper's plan and
+    views on any model; ``None`` overrides are ignored, so options that were not given keep the rest.
     """
     r = resolve_recipe(recipe)
-    values: dict[str, Any] = {"granularity": r.granularity, **RECIPE_CALIBRATION.get(r.name, {})}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return replace(CalibrationConfig(), **values)
+    plan: dict[str, Any] = {"granularity": r.granularity}
+    if r.samples is not None:
+        plan["samples"] = r.samples
+    cfg = replace(CalibrationConfig(), **plan).with_method(method or DEFAULT_METHOD)
+    # a recipe's schedule shortens the stages the method runs; it never turns output tuning on
+    schedule = {k: v for k, v in RECIPE_CALIBRATION.get(r.name, {}).items()
+                if k != "output_tuning_iters" or cfg.output_tuning_iters}
+    return replace(cfg, **{**schedule, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def calibration_images(
@@ -385,6 +394,8 @@ def calibrate(
 
     ``model`` is a timm ViT/DeiT/Swin (or what :func:`load_model` returns); ``images`` a float
     tensor ``[N, 3, H, W]`` in the model's preprocessing, or a folder (see :func:`calibration_images`).
+    ``calibration`` None is ``CalibrationConfig()``, the paper's method; :func:`calibration_config`
+    gives what ``osq calibrate`` uses (the default method on the model recipe's plan).
     The model is quantized in place. Every finished group is checkpointed in ``run_dir`` (a fresh
     temporary directory when None; :meth:`Run.save` copies it elsewhere), and a later call with the
     same settings, weights and images continues from the first unfinished group.

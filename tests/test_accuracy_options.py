@@ -43,7 +43,7 @@ def _held_out_kl(model, quantized, n=1024, seed=11):
 # --------------------------------------------------------------------------------------- methods
 
 
-def test_paper_is_the_default_method_and_each_preset_sets_its_own_settings():
+def test_the_dataclass_defaults_are_the_papers_and_each_preset_sets_its_own_settings():
     assert CalibrationConfig().method is Method.PAPER
     for method in METHODS:
         cfg = CalibrationConfig(iters=7, seed=3).with_method(method)
@@ -59,6 +59,61 @@ def test_paper_is_the_default_method_and_each_preset_sets_its_own_settings():
     assert CalibrationConfig(kl_groups=2).method is Method.CUSTOM
     assert CalibrationConfig(kl_weight=5.0).method is Method.PAPER
     assert CalibrationConfig(output_tuning_lr=1.0).method is Method.PAPER
+
+
+def test_a_models_settings_are_the_default_method_on_its_recipes_plan_unless_a_method_pins_the_papers():
+    from osqdeploy.api import calibration_config
+    from osqdeploy.config import DEFAULT_METHOD, FAST_ITERS, fast_preset
+
+    deit = calibration_config("deit_t")
+    assert deit.method is DEFAULT_METHOD is Method.OUTPUT_TUNED and deit.output_tuning_iters > 0
+    assert (deit.granularity, deit.samples) == ("blocks:4", 4096)  # the recipe's measured plan and views
+    assert (calibration_config("vit_s").granularity, calibration_config("vit_s").samples) == ("auto", 1024)
+    paper = calibration_config("deit_t", "paper")  # the paper's plan and views, whatever the recipe says
+    assert paper.method is Method.PAPER and (paper.granularity, paper.samples, paper.output_tuning_iters) == (
+        "auto", 1024, 0)
+    assert paper == replace(CalibrationConfig(), granularity="auto")
+    # options given by name come last; a changed plan is no longer the paper's method
+    custom = calibration_config("deit_t", "paper", granularity="blocks:2", seed=5, samples=None)
+    assert (custom.granularity, custom.seed, custom.samples, custom.method) == ("blocks:2", 5, 1024, Method.CUSTOM)
+    # the demo's short schedule shortens tuning where the method tunes, and never turns it on
+    demo, demo_paper = calibration_config("demo"), calibration_config("demo", "paper")
+    assert demo.method is Method.OUTPUT_TUNED and 0 < demo.output_tuning_iters < deit.output_tuning_iters
+    assert demo_paper.output_tuning_iters == 0 and demo_paper.method is Method.PAPER
+    assert calibration_config("demo", iters=2).iters == 2  # an option given by name beats the recipe's schedule
+    # --fast cuts reconstruction and tuning by the same fraction; the method stays
+    fast = fast_preset(deit)
+    assert fast.iters == FAST_ITERS and fast.output_tuning_iters * deit.iters == deit.output_tuning_iters * FAST_ITERS
+    assert fast.method is Method.OUTPUT_TUNED
+
+
+def test_the_accuracy_benchmark_builds_each_variant_as_osq_calibrate_would():
+    from benchmarks.accuracy_seeds import Job, post_tuned_job
+    from osqdeploy.api import calibration_config
+
+    def config(variant, samples=None):
+        return Job(variant, "w4a4", 1).configs("deit_t", 20000, samples, "cpu")[1]
+
+    assert config("default") == replace(calibration_config("deit_t"), seed=1, device="cpu")
+    paper = config("paper")
+    assert paper.method is Method.PAPER and (paper.granularity, paper.samples) == ("auto", 1024)
+    # settings after the name apply last, whatever the preset pins
+    mixed = config("paper,granularity=blocks:4,samples=4096")
+    assert (mixed.loss, mixed.granularity, mixed.samples, mixed.output_tuning_iters) == ("mse", "blocks:4", 4096, 0)
+    assert config("paper", samples=128).samples == 128
+    with pytest.raises(SystemExit, match="output_tuning_itres"):
+        post_tuned_job(Job("paper", "w4a4", 0), "steps+affine,output_tuning_itres=200")
+
+
+def test_a_recipe_refuses_a_number_of_images_that_is_not_a_positive_integer():
+    from osqdeploy.load.models import RecipeError, _parse_recipe
+
+    base = {"name": "m", "timm_name": "vit_tiny_patch16_224", "family": "vit"}
+    assert _parse_recipe({**base, "samples": 64}, "m.toml").samples == 64
+    assert _parse_recipe(base, "m.toml").samples is None
+    for bad in (0, -1, 2.5, "many", True):
+        with pytest.raises(RecipeError, match="samples"):
+            _parse_recipe({**base, "samples": bad}, "m.toml")
 
 
 @pytest.mark.parametrize("settings", [

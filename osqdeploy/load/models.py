@@ -63,7 +63,7 @@ DEMO_RECIPE = "demo"
 # Checkpoint containers seen in the wild (timm train scripts, DeiT, Swin releases), in the order
 # they are tried: the first key holding a mapping wins.
 _WRAPPER_KEYS = ("model", "state_dict", "state_dict_ema")
-_RECIPE_KEYS = {"name", "aliases", "timm_name", "family", "granularity", "bits", "model_kwargs"}
+_RECIPE_KEYS = {"name", "aliases", "timm_name", "family", "granularity", "samples", "bits", "model_kwargs"}
 
 
 class RecipeError(ValueError):
@@ -136,6 +136,7 @@ class ModelRecipe:
     timm_name: str
     family: str | None  # "vit" | "swin"; None for a bare timm name the recipes don't know
     granularity: str = "auto"
+    samples: int | None = None  # calibration views; None: CalibrationConfig's
     # the (w_bits, a_bits) pairs the recipe is meant for; the first is what `osq calibrate` uses
     # without --bits.  W4A8 and W8A8 are what int8 hardware and runtimes execute today.
     bit_pairs: list[tuple[int, int]] = field(default_factory=lambda: [(4, 4)])
@@ -162,6 +163,7 @@ class ModelRecipe:
             "timm_name": self.timm_name,
             "family": self.family,
             "granularity": self.granularity,
+            "samples": self.samples,
             "bits": [list(p) for p in self.bit_pairs],
             "model_kwargs": json.loads(json.dumps(self.model_kwargs)),
         }
@@ -201,6 +203,9 @@ def _parse_recipe(data: dict[str, Any], origin: str) -> ModelRecipe:
     granularity = data.get("granularity", "auto")
     if not isinstance(granularity, str) or not granularity:
         raise RecipeError(f"{origin}: 'granularity' must be a non-empty string")
+    samples = data.get("samples")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise RecipeError(f"{origin}: 'samples' must be a positive integer, got {samples!r}")
     model_kwargs = data.get("model_kwargs", {})
     if not isinstance(model_kwargs, dict):
         raise RecipeError(f"{origin}: [model_kwargs] must be a table")
@@ -210,6 +215,7 @@ def _parse_recipe(data: dict[str, Any], origin: str) -> ModelRecipe:
         timm_name=data["timm_name"],
         family=data["family"],
         granularity=granularity,
+        samples=samples,
         bit_pairs=bit_pairs,
         model_kwargs=model_kwargs,
     )
