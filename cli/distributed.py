@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from .options import GpusOpt as GpusOption
+from .options import Method
 
 out = Console()
 err = Console(stderr=True)
@@ -85,6 +86,8 @@ def sweep(
     data: Annotated[Path | None, typer.Option(metavar="DIR", help="Calibration images.")] = None,
     eval_data: Annotated[Path | None, typer.Option(metavar="DIR", help="Labelled evaluation images.")] = None,
     iters: Annotated[int | None, typer.Option(help="Optimisation steps per group, every job.", min=0)] = None,
+    method: Annotated[Method | None, typer.Option(help="Accuracy method of every job (default: osq calibrate's).",
+                                                  show_default=False)] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluation images per job.", min=1)] = None,
     out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Where jobs and tables go.")] = Path(
         ".osq/sweep"
@@ -115,6 +118,8 @@ def sweep(
             spec.eval_data = str(eval_data)
         if iters is not None:
             spec.calibration["iters"] = iters
+        if method is not None:
+            spec.method = method.value
         if limit is not None:
             spec.eval_limit = limit
         check_config(spec)

@@ -6,6 +6,7 @@ A sweep is described by a small TOML file (or the same fields as options)::
     bits = ["W4A4", "W6A6"]
     plans = ["auto", "blocks:1"]    # granularity specs
     seeds = [0, 1, 2]
+    method = "output_tuned"         # a named method for every job (default: osq calibrate's)
     data = "calib/"                 # calibration images (default: the demo's)
     eval_data = "val/"              # labelled evaluation images (default: the demo's)
     [calibration]                   # CalibrationConfig fields shared by every job
@@ -45,7 +46,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .config import CalibrationConfig, ConfigError, QuantConfig
+from .config import CalibrationConfig, ConfigError, Method, QuantConfig
 from .distributed import DistContext
 from .run.store import atomic_write_bytes
 
@@ -102,6 +103,7 @@ class SweepSpec:
     checkpoints: dict[str, str] = field(default_factory=dict)  # model → weights file
     pretrained: bool = True  # False: random weights (speed measurements)
     model_kwargs: dict[str, dict] = field(default_factory=dict)  # model → timm keyword arguments
+    method: str | None = None  # a named method (config.Method) for every job; None: DEFAULT_METHOD
     calibration: dict[str, Any] = field(default_factory=dict)  # CalibrationConfig fields for every job
     eval_limit: int | None = 500
     eval_batch_size: int = 64
@@ -126,6 +128,9 @@ class SweepSpec:
         if unknown:
             raise SweepError(f"[calibration] has settings osq does not know: {', '.join(unknown)}")
         CalibrationConfig(**self.calibration).validate()
+        named = [m.value for m in Method if m is not Method.CUSTOM]
+        if self.method is not None and self.method not in named:
+            raise SweepError(f"method must be one of {', '.join(named)}, got {self.method!r}")
         for plan in self.plans:
             build_plan(plan, [])  # syntax only
         if self.eval_limit is not None and self.eval_limit < 1:
@@ -199,7 +204,7 @@ def _folders(spec: SweepSpec) -> tuple[Path, Path]:
 
 def run_job(job: Job, spec: SweepSpec, where: Path, device: torch.device) -> dict[str, Any]:
     """Calibrate, export and evaluate one job in ``where``; returns (and writes) its result row."""
-    from .api import calibrate, export, load_run
+    from .api import calibrate, calibration_config, export, load_run
     from .evaluation import OnnxRuntime, TorchRuntime, evaluate, kl_divergence, parity
     from .load.data import ImageFiles, calibration_tensor, eval_transform
 
@@ -209,8 +214,9 @@ def run_job(job: Job, spec: SweepSpec, where: Path, device: torch.device) -> dic
     fp32 = copy.deepcopy(loaded.model)
     calib_dir, eval_dir = _folders(spec)
     transform = eval_transform(loaded.model)
-    ccfg = CalibrationConfig(**{**spec.calibration, "granularity": job.plan, "seed": job.seed,
-                                "device": str(device)})
+    # as `osq calibrate MODEL --method M` would, then the sweep's plan and settings
+    ccfg = calibration_config(job.model, spec.method, **{**spec.calibration, "granularity": job.plan,
+                                                         "seed": job.seed, "device": str(device)})
     images = calibration_tensor(ImageFiles(calib_dir, transform=transform), ccfg.samples, job.seed)
     qcfg = QuantConfig(w_bits=job.w_bits, a_bits=job.a_bits)
     run_dir = where / "run"

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from osqdeploy.adapters import adapter_for
 from osqdeploy.api import calibrate
-from osqdeploy.config import CalibrationConfig, QuantConfig
+from osqdeploy.config import DEFAULT_METHOD, CalibrationConfig, QuantConfig
 from osqdeploy.distributed import DistContext, DistributedError, launch, scale_global_batch, tensor_digest
 from osqdeploy.evaluation import TorchRuntime, evaluate
 from osqdeploy.load.data import ImageFiles, eval_transform
@@ -27,13 +27,15 @@ from osqdeploy.plan import build_plan
 from osqdeploy.quant.layers import quant_layers
 from osqdeploy.reconstruct import Callbacks, Reconstructor, prepare_model
 from osqdeploy.reconstruct.output_tuning import tuned_parameters
+from osqdeploy.run import store
 from osqdeploy.sweep import SweepError, SweepSpec, parse_bits
 
 from conftest import images, loaded_tiny, tiny_vit
 
 CPU = torch.device("cpu")
 ITERS = 24
-TINY = {"vit_tiny_patch16_224": dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10)}
+TINY = {"vit_tiny_patch16_224": dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10,
+                                     pretrained_cfg_overlay=dict(input_size=[3, 32, 32]))}
 
 
 def _calibrate(ctx: DistContext, drop_prob: float = 0.0, data_seed: int = 1, overlap: bool = False,
@@ -83,7 +85,8 @@ def _evaluate(ctx: DistContext, folder: str):
 def _sweep_spec(folder: str) -> SweepSpec:
     return SweepSpec(
         models=["vit_tiny_patch16_224"], seeds=[0, 1], plans=["blocks:2"], data=folder, pretrained=False,
-        model_kwargs=TINY, calibration={"iters": 3, "samples": 8, "batch_size": 4}, eval_limit=8,
+        model_kwargs=TINY, calibration={"iters": 3, "samples": 8, "batch_size": 4, "output_tuning_iters": 4},
+        eval_limit=8,
     )
 
 
@@ -285,6 +288,13 @@ def test_sweep_writes_json_and_csv_tables(two_ranks):
     assert lines[0].startswith("job,model,bits,plan,seed,top1,") and len(lines) == 3
     table = json.loads((two_ranks["out"] / "sweep.json").read_text())
     assert [j["status"] for j in table["jobs"]] == ["done earlier"] * 2  # the rerun's table
+    # each job calibrated as `osq calibrate` would: the default method, then the sweep's plan and settings
+    runs = sorted((two_ranks["out"] / "jobs").glob("*/run/run.json"))
+    assert len(runs) == 2
+    for run in runs:
+        calibration = store.read_manifest(run.parent).calibration
+        assert calibration.method is DEFAULT_METHOD and calibration.granularity == "blocks:2"
+        assert (calibration.iters, calibration.output_tuning_iters) == (3, 4)
 
 
 def test_sweep_spec_from_toml(tmp_path):
@@ -303,6 +313,7 @@ def test_sweep_spec_from_toml(tmp_path):
     ('models = ["x"]\n[calibration]\nitres = 5\n', "does not know: itres"),
     ('models = [\n', "not valid TOML"),
     ('models = ["x"]\nbits = ["W9A4"]\n', "weight bits must be"),
+    ('models = ["x"]\nmethod = "best"\n', "method must be one of"),
 ])
 def test_bad_sweep_files_are_one_clear_error(tmp_path, text, match):
     path = tmp_path / "sweep.toml"

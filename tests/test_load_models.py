@@ -99,6 +99,14 @@ def test_resolve_keeps_a_pretrained_tag():
     assert r.name == "deit_t" and r.timm_name == "deit_tiny_patch16_224.fb_in1k"
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_tiny_patch16_224.augreg_in21k_ft_in1k"])
+def test_the_timm_name_the_demo_reshapes_is_timms_own_model_not_the_demo(name):
+    r = resolve_recipe(name)
+    assert r.name != "demo" and r.model_kwargs == {} and r.timm_name == name
+    model = load_model(name, pretrained=False).model
+    assert model.num_classes == 1000 and model.pretrained_cfg["input_size"] == (3, 224, 224)
+
+
 def test_bare_timm_name_gets_an_adhoc_recipe_without_family():
     r = resolve_recipe("resnet18")
     assert (r.name, r.timm_name, r.family) == ("resnet18", "resnet18", None)

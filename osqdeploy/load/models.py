@@ -271,9 +271,11 @@ def resolve_recipe(name: str) -> ModelRecipe:
     lowered = key.lower()
     arch, _, tag = lowered.partition(".")
     for r in list_recipes():
-        if lowered in (r.name.lower(), r.timm_name.lower(), *(a.lower() for a in r.aliases)):
+        # a recipe that reshapes its timm architecture (the demo) is not that timm model: names only
+        timm_names = () if r.model_kwargs else (r.timm_name.lower(),)
+        if lowered in (r.name.lower(), *timm_names, *(a.lower() for a in r.aliases)):
             return r
-        if tag and arch == r.timm_name.lower():
+        if tag and arch in timm_names:
             return replace(r, timm_name=key)  # keep the pretrained tag for timm
     if key and timm.is_model(key):
         return ModelRecipe(name=key, aliases=[], timm_name=key, family=None)
