@@ -175,6 +175,8 @@ def inspect_tables(run: str, m: Any, source: str, progress: str) -> list[Any]:
             f"{c.samples} images, {c.iters} iters/group, batch {c.batch_size}, seed {c.seed}, "
             f"device {m.device}, {_matmul_precision(m)} matmuls",
         ),
+        ("method", c.method.value + (f", then {c.output_tuning_iters} steps of output tuning ({c.output_tuning}, "
+                                     f"{c.output_tuning_mix} views)" if c.output_tuning_iters else "")),
     ]
     if m.seconds is not None:
         rows.append(("calibration time", _time_split(m)))

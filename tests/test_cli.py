@@ -152,12 +152,14 @@ def test_inspect_and_list(in_chain):
     result = osq("inspect")
     assert result.exit_code == 0, result.output
     for text in ("complete", "W4A4", "Outlier channels", "blocks 0-2", "eval_dir", "osqdeploy-run v2", "fp32 matmuls",
-                 "initialize", "first steps incl. compilation"):
-        assert text in result.stdout
+                 "initialize", "first steps incl. compilation", "output_tuned, then 100 steps of output tuning"):
+        assert text in " ".join(result.stdout.split())
     listing = osq("list")
     assert listing.exit_code == 0
-    for text in ("demo", "deit_s", "swin_t", "slices:A-B-C", "blocks:N", "--cross-stage", "(default)", "W4A8", "W8A8"):
+    for text in ("demo", "deit_s", "swin_t", "slices:A-B-C", "blocks:N", "--cross-stage", "(default)", "W4A8", "W8A8",
+                 "4,096"):
         assert text in listing.stdout
+    assert "method output_tuned" in " ".join(listing.stdout.split())
     assert "--bits 4 8" in " ".join(listing.stdout.split())  # the sentence may wrap at any width
 
 

@@ -55,7 +55,12 @@ def images(n: int, size: int, seed: int = 1) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(base, 3, stride=1, padding=1) * 2
 
 
-TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, depth=6, embed_dim=64, num_heads=2, num_classes=10)
+# average-pooled like the embedded demo, with a data config for 32x32 images
+TINY_VIT_KWARGS = dict(
+    img_size=32, patch_size=8, depth=6, embed_dim=64, num_heads=2, num_classes=10, global_pool="avg",
+    pretrained_cfg_overlay=dict(input_size=[3, 32, 32], crop_pct=1.0, interpolation="bilinear",
+                                mean=[0.306] * 3, std=[0.324] * 3, num_classes=10),
+)
 TINY_SWIN_KWARGS = dict(
     img_size=56, patch_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=7, num_classes=10
 )
