@@ -219,9 +219,9 @@ def main() -> None:
     if "sweep" in args.parts:
         with tempfile.TemporaryDirectory() as tmp:
             folder = _image_folder(Path(tmp) / "images", 64)
-            spec = SweepSpec(models=["deit_tiny_patch16_224"], seeds=list(range(args.sweep_jobs)), data=str(folder),
-                             pretrained=False, method="paper", calibration={"iters": args.sweep_iters, "samples": 64},
-                             eval_limit=64)
+            spec = SweepSpec(models=["deit_tiny_patch16_224"], plans=["auto"], seeds=list(range(args.sweep_jobs)),
+                             data=str(folder), pretrained=False, method="paper",
+                             calibration={"iters": args.sweep_iters, "samples": 64}, eval_limit=64)
             for n in (1, args.gpus):
                 report[f"sweep_{n}_gpu"] = launch(_sweep, spec, str(Path(tmp) / f"sweep{n}"), processes=n,
                                                   device_type=device_type, timeout=SWEEP_TIMEOUT)

@@ -81,7 +81,8 @@ def sweep(
     ] = None,
     model: Annotated[list[str] | None, typer.Option("--model", help="A model (repeat for several).")] = None,
     bits: Annotated[list[str] | None, typer.Option("--bits", help="Bit-widths like W4A4 (repeatable).")] = None,
-    plan: Annotated[list[str] | None, typer.Option("--plan", help="Granularity spec (repeatable).")] = None,
+    plan: Annotated[list[str] | None, typer.Option(
+        "--plan", help="Granularity spec (repeatable); recipe: the model recipe's (the default).")] = None,
     seed: Annotated[list[int] | None, typer.Option("--seed", help="Seed (repeatable).")] = None,
     data: Annotated[Path | None, typer.Option(metavar="DIR", help="Calibration images.")] = None,
     eval_data: Annotated[Path | None, typer.Option(metavar="DIR", help="Labelled evaluation images.")] = None,

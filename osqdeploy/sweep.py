@@ -4,7 +4,7 @@ A sweep is described by a small TOML file (or the same fields as options)::
 
     models = ["deit_tiny"]          # recipe, alias or timm names
     bits = ["W4A4", "W6A6"]
-    plans = ["auto", "blocks:1"]    # granularity specs
+    plans = ["recipe", "blocks:1"]  # granularity specs; "recipe" (default): the model recipe's
     seeds = [0, 1, 2]
     method = "output_tuned"         # a named method for every job (default: osq calibrate's)
     data = "calib/"                 # calibration images (default: the demo's)
@@ -50,9 +50,10 @@ from .config import CalibrationConfig, ConfigError, Method, QuantConfig
 from .distributed import DistContext
 from .run.store import atomic_write_bytes
 
-__all__ = ["Job", "SweepError", "SweepSpec", "format_table", "run_sweep", "run_job"]
+__all__ = ["Job", "SweepError", "SweepSpec", "format_table", "job_config", "run_sweep", "run_job"]
 
 RESULT = "result.json"
+RECIPE_PLAN = "recipe"  # a sweep's plan that means "the model recipe's granularity", as osq calibrate uses it
 FAILED = "failed.json"
 # the comparison table's columns, in order (JSON keys of a job's result)
 COLUMNS = ("job", "model", "bits", "plan", "seed", "top1", "top1_fp32", "kl_to_fp32", "ort_top1_agreement",
@@ -96,7 +97,7 @@ class SweepSpec:
 
     models: list[str]
     bits: list[tuple[int, int]] = field(default_factory=lambda: [(4, 4)])
-    plans: list[str] = field(default_factory=lambda: ["auto"])
+    plans: list[str] = field(default_factory=lambda: [RECIPE_PLAN])
     seeds: list[int] = field(default_factory=lambda: [0])
     data: str | None = None  # calibration images; None: the demo's
     eval_data: str | None = None  # labelled evaluation images; None: the demo's (or ``data``)
@@ -132,7 +133,8 @@ class SweepSpec:
         if self.method is not None and self.method not in named:
             raise SweepError(f"method must be one of {', '.join(named)}, got {self.method!r}")
         for plan in self.plans:
-            build_plan(plan, [])  # syntax only
+            if plan != RECIPE_PLAN:
+                build_plan(plan, [])  # syntax only
         if self.eval_limit is not None and self.eval_limit < 1:
             raise SweepError(f"eval limit must be ≥ 1, got {self.eval_limit}")
 
@@ -202,9 +204,18 @@ def _folders(spec: SweepSpec) -> tuple[Path, Path]:
     return paths.train_dir, Path(spec.eval_data) if spec.eval_data else paths.val_dir
 
 
+def job_config(job: Job, spec: SweepSpec, device: torch.device | str) -> CalibrationConfig:
+    """What `osq calibrate MODEL --method M` would use, then the job's plan and the sweep's settings."""
+    from .api import calibration_config
+
+    plan = None if job.plan == RECIPE_PLAN else job.plan
+    return calibration_config(job.model, spec.method, **{**spec.calibration, "granularity": plan,
+                                                         "seed": job.seed, "device": str(device)})
+
+
 def run_job(job: Job, spec: SweepSpec, where: Path, device: torch.device) -> dict[str, Any]:
     """Calibrate, export and evaluate one job in ``where``; returns (and writes) its result row."""
-    from .api import calibrate, calibration_config, export, load_run
+    from .api import calibrate, export, load_run
     from .evaluation import OnnxRuntime, TorchRuntime, evaluate, kl_divergence, parity
     from .load.data import ImageFiles, calibration_tensor, eval_transform
 
@@ -214,9 +225,7 @@ def run_job(job: Job, spec: SweepSpec, where: Path, device: torch.device) -> dic
     fp32 = copy.deepcopy(loaded.model)
     calib_dir, eval_dir = _folders(spec)
     transform = eval_transform(loaded.model)
-    # as `osq calibrate MODEL --method M` would, then the sweep's plan and settings
-    ccfg = calibration_config(job.model, spec.method, **{**spec.calibration, "granularity": job.plan,
-                                                         "seed": job.seed, "device": str(device)})
+    ccfg = job_config(job, spec, device)
     images = calibration_tensor(ImageFiles(calib_dir, transform=transform), ccfg.samples, job.seed)
     qcfg = QuantConfig(w_bits=job.w_bits, a_bits=job.a_bits)
     run_dir = where / "run"

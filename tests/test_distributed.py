@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -306,6 +307,20 @@ def test_sweep_spec_from_toml(tmp_path):
     assert len(spec.jobs()) == 8 and spec.bits == [(4, 4), (6, 6)] and spec.eval_limit == 50
     assert spec.data == str(tmp_path / "calib") and spec.calibration == {"iters": 100}
     assert spec.jobs()[0].name == "deit_tiny-w4a4-auto-s0"
+
+
+def test_a_sweep_job_calibrates_as_osq_calibrate_does_unless_the_sweep_says_otherwise():
+    from osqdeploy.api import calibration_config
+    from osqdeploy.sweep import job_config
+
+    spec = SweepSpec(models=["deit_t"], calibration={"iters": 50})
+    spec.validate()
+    (job,) = spec.jobs()
+    assert job.plan == "recipe" and job.name == "deit_t-w4a4-recipe-s0"
+    assert job_config(job, spec, "cpu") == replace(calibration_config("deit_t"), iters=50, device="cpu")
+    other = SweepSpec(models=["deit_t"], plans=["auto"], method="paper")
+    cfg = job_config(other.jobs()[0], other, "cpu")
+    assert (cfg.granularity, cfg.samples, cfg.method.value) == ("auto", 1024, "paper")
 
 
 @pytest.mark.parametrize("text,match", [
