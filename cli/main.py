@@ -119,9 +119,12 @@ def calibrate(
         job = (model, qcfg, ccfg, target, shown, data, eval_data, checkpoint, augment, resume, ws)
         m, n_images = on_gpus(gpus, calibrate_rank, *job) if gpus or under_torchrun() else calibrate_rank(None, *job)
         ws.record_run(target)
-    from .progress import summary_table
+    from .progress import summary_table, tuning_line
 
     out.print(summary_table(m.groups))
+    tuned = tuning_line(m.output_tuning)
+    if tuned:
+        out.print(f"Output tuning: {tuned}", highlight=False)
     out.print(
         f"Output vs fp32 on {min(n_images, 256)} calibration images: MSE {m.output_mse:.4g}, "
         f"top-1 agreement {100 * m.output_top1_agreement:.1f}%",

@@ -93,6 +93,7 @@ STAGES = {
     "prepare": "preparing (outlier probe, float reference, quantized structure)",
     "initialize": "initialising (activation ranges, RepQ-ViT reparameterisation, weight grids)",
     "reconstruct": "reconstructing",
+    "tune": "tuning the outputs (activation steps, LayerNorms, biases) towards fp32's predictions",
     "check": "checking the quantized output against fp32",
 }
 
@@ -193,3 +194,12 @@ class CalibrationProgress(PlanCallbacks):
         elif result.index in self.tasks:
             task, total = self.tasks[result.index]
             self.progress.update(task, completed=total, loss=f"MSE {result.mse_before:.3g} → {result.mse_after:.3g}")
+
+
+def tuning_line(tuning: dict | None) -> str | None:
+    """One line on a run's output tuning (``Manifest.output_tuning``), or None when the method did not tune."""
+    if not tuning:
+        return None
+    text = (f"{tuning['iters']} steps, KL to fp32 on the calibration images {tuning['kl_before']:.4g} → "
+            f"{tuning['kl_after']:.4g}, {tuning['seconds']:.1f} s")
+    return text if tuning.get("kept", True) else text + " (not kept: it did not lower the KL)"

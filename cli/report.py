@@ -158,7 +158,7 @@ def _time_split(m: Any) -> str:
 
 
 def inspect_tables(run: str, m: Any, source: str, progress: str) -> list[Any]:
-    from .progress import plan_table, summary_table
+    from .progress import plan_table, summary_table, tuning_line
 
     q, c = m.quant, m.calibration
     rows = [
@@ -180,6 +180,8 @@ def inspect_tables(run: str, m: Any, source: str, progress: str) -> list[Any]:
     ]
     if m.seconds is not None:
         rows.append(("calibration time", _time_split(m)))
+    if m.output_tuning:
+        rows.append(("output tuning", tuning_line(m.output_tuning)))
     if m.output_mse is not None:
         rows.append(("output vs fp32", f"MSE {m.output_mse:.4g}, top-1 agreement {100 * m.output_top1_agreement:.1f}%"))
     rows += [(f"data: {k}", str(v)) for k, v in m.data.items()]

@@ -70,11 +70,9 @@ _UNTOUCHED = ("pos_embed", "cls_token", "reg_token", "absolute_pos_embed", "rela
 
 
 class PlanCallbacks(Callbacks):
-    """Callbacks that also hear the plan before reconstruction starts, and each stage as it begins."""
+    """Callbacks that also hear the plan before reconstruction starts (and, as every Callbacks, each stage)."""
 
     def on_plan(self, plan: Plan, resumed_groups: int) -> None: ...
-
-    def on_stage(self, name: str) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -361,6 +359,9 @@ class _Checkpointer(Callbacks):
     def on_iter(self, index, it, loss):
         self.inner.on_iter(index, it, loss)
 
+    def on_stage(self, name):
+        self.inner.on_stage(name)
+
     def on_stage_progress(self, stage, done, total):
         self.inner.on_stage_progress(stage, done, total)
 
@@ -430,7 +431,7 @@ def calibrate(
     net = loaded.model.eval()
     fingerprint = _fingerprint(loaded, qcfg, ccfg, images)
     dist.require_same(fingerprint, "calibration images, model and settings")
-    stage = callbacks.on_stage if isinstance(callbacks, PlanCallbacks) else (lambda name: None)
+    stage = callbacks.on_stage
 
     with store.run_lock(run_dir) if writer else contextlib.nullcontext():
         old = store.read_raw_manifest(run_dir)
@@ -489,6 +490,11 @@ def calibrate(
         t_rec = time.perf_counter()
         rec.reconstruct(images, done)
         stages["reconstruct"] = time.perf_counter() - t_rec
+        tuning = rec.output_tuning.to_dict() if rec.output_tuning is not None else None
+        if tuning is not None:
+            stages["tune"] = tuning["seconds"]
+            stages["reconstruct"] -= tuning["seconds"]
+            del tuning["loss_curve"]  # a run records the result; the curve is the benchmarks' to keep
 
         stage("check")
         t_check = time.perf_counter()
@@ -500,6 +506,7 @@ def calibrate(
             groups=checkpointer.groups,
             output_mse=float((q_logits - fp_logits).pow(2).mean()),
             output_top1_agreement=float((q_logits.argmax(1) == fp_logits.argmax(1)).float().mean()),
+            output_tuning=tuning,
             seconds=round(time.perf_counter() - t0, 3),
             stage_seconds={k: round(v, 3) for k, v in stages.items()},
             resumed_from_group=done,

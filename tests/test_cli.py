@@ -100,12 +100,16 @@ def _workspace(work: Path) -> dict:
 
 
 def test_chain_exit_codes_and_printed_stages(chain):
-    _, r = chain
+    work, r = chain
     for stage, result in r.items():
         assert result.exit_code == 0, f"{stage}: {result.output}"
     cal = r["calibrate"].stdout
     assert "Plan: blocks:3" in cal and "blocks 0-2" in cal and "blocks 3-5" in cal
     assert "Reconstruction" in cal and "MSE before" in cal and "top-1 agreement" in cal
+    # the default method tunes the outputs after the groups; the run records what it did
+    assert "Output tuning: 100 steps" in " ".join(cal.split())
+    tuning = store.read_manifest(work / _workspace(work)["latest_run"]).output_tuning
+    assert tuning["iters"] == 100 and tuning["kl_after"] <= tuning["kl_before"]
     exp = r["export"].stdout
     assert "UINT4" in exp and "QDQ pairs" in exp and "larger" in exp  # float export size ratio
     ev = r["eval"].stdout

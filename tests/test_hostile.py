@@ -846,18 +846,23 @@ def test_export_to_an_unwritable_place_is_one_line_and_leaves_the_old_file(seale
     assert (tmp_path / "blocker").read_bytes() == b"a file where a folder should be"
 
 
-def test_a_damaged_run_json_is_one_line_for_every_command(sealed_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("edit", "named"), [
+    (lambda m: m["groups"][0].update(units=7), "units"),
+    (lambda m: m.update(output_tuning={"iters": 5, "kl_before": "low", "kl_after": 0.1, "seconds": 1.0}),
+     "output_tuning"),
+])
+def test_a_damaged_run_json_is_one_line_for_every_command(sealed_run, tmp_path, monkeypatch, edit, named):
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
     shutil.copytree(sealed_run, run_dir)
     manifest = json.loads((run_dir / store.MANIFEST).read_text())
-    manifest["groups"][0]["units"] = 7
+    edit(manifest)
     (run_dir / store.MANIFEST).write_text(json.dumps(manifest))
     before = _snapshot(run_dir)
     for args in (["inspect", run_dir], ["export", run_dir, "--out", tmp_path / "m.onnx"],
                  ["eval", run_dir, "--runtime", "torch-quant"]):
         result = _osq(*args)
-        assert result.exit_code == 2 and "units" in _error_line(result), args
+        assert result.exit_code == 2 and named in _error_line(result), args
     assert _snapshot(run_dir) == before and not (tmp_path / "m.onnx").exists()
 
 

@@ -76,8 +76,11 @@ class Callbacks:
 
     def on_group_end(self, result: GroupResult) -> None: ...
 
+    def on_stage(self, name: str) -> None:
+        """A stage begins (the engine's own: "tune", output-level tuning after the last group)."""
+
     def on_stage_progress(self, stage: str, done: int, total: int) -> None:
-        """``done`` of ``total`` steps of a stage before reconstruction (e.g. "initialize": observer batches)."""
+        """``done`` of ``total`` steps of a stage (e.g. "initialize": observer batches; "tune": tuning steps)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -233,8 +236,11 @@ class Reconstructor:
             results.append(result)
             self.callbacks.on_group_end(result)
         if self.cfg.output_tuning_iters:  # after the last group's checkpoint: a resume tunes again
+            self.callbacks.on_stage("tune")
             with tf32(self.cfg.tf32 and self.device.type == "cuda"):
-                self.output_tuning = tune_outputs(self.model, images, self.cfg, self.device, dist=self.dist)
+                self.output_tuning = tune_outputs(
+                    self.model, images, self.cfg, self.device, dist=self.dist,
+                    on_progress=lambda done, total: self.callbacks.on_stage_progress("tune", done, total))
         return results
 
     def _group_mse(self, group: list[Unit], q_in: State, target: torch.Tensor) -> float:

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -177,7 +178,8 @@ def _kl(model: nn.Module, images: torch.Tensor, fp_logits: torch.Tensor, batch: 
 
 
 def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig, device: torch.device,
-                 reference: nn.Module | None = None, dist: DistContext | None = None) -> OutputTuningResult:
+                 reference: nn.Module | None = None, dist: DistContext | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> OutputTuningResult:
     """Run ``cfg.output_tuning_iters`` steps of output-level tuning on ``model`` (finished groups), in place.
 
     ``reference`` is the float model whose predictions are fitted; by default ``model`` itself with
@@ -218,8 +220,10 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
     curve: list[tuple[int, float]] = []
     iters = cfg.output_tuning_iters
 
-    def on_log(it: int) -> None:
+    def on_log(it: int) -> None:  # at logged steps only: reading the loss waits for the device
         curve.append((it, float(step.rec)))
+        if on_progress is not None:
+            on_progress(it + 1, iters)
 
     log_every = max(1, iters // 50)
     graph = cfg.cuda_graph and device.type == "cuda"

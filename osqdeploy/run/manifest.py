@@ -98,6 +98,7 @@ class Manifest:
     groups: list[dict[str, Any]] = field(default_factory=list)  # GroupResult.to_dict() per finished group
     output_mse: float | None = None
     output_top1_agreement: float | None = None
+    output_tuning: dict[str, Any] | None = None  # OutputTuningResult.to_dict() less its curve, if the method tuned
     seconds: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     resumed_from_group: int = 0
@@ -185,6 +186,7 @@ class Manifest:
             groups=groups,
             output_mse=_optional_number(d.get("output_mse"), "output_mse"),
             output_top1_agreement=_optional_number(d.get("output_top1_agreement"), "output_top1_agreement"),
+            output_tuning=_expect(d.get("output_tuning"), (dict, type(None)), "output_tuning"),
             seconds=_optional_number(d.get("seconds"), "seconds"),
             stage_seconds=_expect(d.get("stage_seconds") or {}, dict, "stage_seconds"),
             resumed_from_group=int(_number(d.get("resumed_from_group", 0), "resumed_from_group", integer=True)),
@@ -344,6 +346,9 @@ def _details_problem(m: Manifest) -> str | None:
             return f"model.source.{key} must be a string"
     if "bytes" in source and not (type(source["bytes"]) is int and source["bytes"] >= 0):
         return "model.source.bytes must be a count"
+    tuning = m.output_tuning
+    if tuning is not None and not all(_is_number(tuning.get(k)) for k in ("iters", "kl_before", "kl_after", "seconds")):
+        return "output_tuning must record iters, kl_before, kl_after and seconds as numbers"
     if m.output_mse is not None and m.output_mse < 0:
         return f"output_mse must be ≥ 0, got {m.output_mse}"
     if m.output_top1_agreement is not None and not 0.0 <= m.output_top1_agreement <= 1.0:
