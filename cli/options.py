@@ -94,7 +94,7 @@ FastOpt = Annotated[
     typer.Option(
         "--fast",
         help=f"Quick preset: {FAST_ITERS} iterations per group with AdaRound's learning rate raised in "
-        f"proportion. An explicit --iters wins.",
+        f"proportion, and output tuning cut by the same fraction. An explicit --iters wins.",
     ),
 ]
 
