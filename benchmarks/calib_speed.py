@@ -29,7 +29,7 @@ projection also counts drawing the full schedule's batches (once per group, on t
 at the paper's schedule on random weights saved as a checkpoint, timed from process start to exit.
 
     python -m benchmarks.calib_speed --models vit_s deit_b swin_b --measure-iters 200
-    python -m benchmarks.calib_speed --models vit_s --modes --end-to-end /path/to/images [--e2e-args '--autocast off']
+    python -m benchmarks.calib_speed --models vit_s --modes --end-to-end /path/to/images [--e2e-args '--method paper']
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def kernel_kind(name: str) -> str:
 
 
 def end_to_end(model_name: str, data: Path, work: Path, extra: list[str]) -> dict:
-    """``osq calibrate MODEL --bits 4 4`` at the default (paper) schedule, as a user runs it.
+    """``osq calibrate MODEL --bits 4 4`` at the paper's schedule (``extra``: further options), as a user runs it.
 
     Random weights stand in for the pretrained ones (saved as the ``--checkpoint``); the images
     are read from ``data`` (calibration data already on disk). Timed from process start to exit.
