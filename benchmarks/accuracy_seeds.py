@@ -240,7 +240,7 @@ def _post_tuned(job: Job, spec: str, run_dir: Path, calib, float_model, ccfg, ca
     row, q = _measure(run.model, ref, eval_set, device, args)
     return ({"job": name, "variant": variant, "method": tcfg.method.value, "calibration": tcfg.to_dict(),
              "calib_seconds": round(calib_seconds + result.seconds, 2), "tuning_seconds": result.seconds,
-             "output_tuning": {k: v for k, v in result.to_dict().items() if k != "loss_curve"}, **row}, tuned_dir, q)
+             "output_tuning": result.summary(), **row}, tuned_dir, q)
 
 
 def _measure(model, ref, eval_set, device: str, args: argparse.Namespace):

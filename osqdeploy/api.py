@@ -490,11 +490,10 @@ def calibrate(
         t_rec = time.perf_counter()
         rec.reconstruct(images, done)
         stages["reconstruct"] = time.perf_counter() - t_rec
-        tuning = rec.output_tuning.to_dict() if rec.output_tuning is not None else None
+        tuning = rec.output_tuning.summary() if rec.output_tuning is not None else None
         if tuning is not None:
             stages["tune"] = tuning["seconds"]
             stages["reconstruct"] -= tuning["seconds"]
-            del tuning["loss_curve"]  # a run records the result; the curve is the benchmarks' to keep
 
         stage("check")
         t_check = time.perf_counter()

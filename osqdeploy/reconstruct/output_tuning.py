@@ -54,6 +54,10 @@ class OutputTuningResult:
         d["loss_curve"] = [list(p) for p in self.loss_curve]
         return d
 
+    def summary(self) -> dict:
+        """The result without its loss curve: what a run's manifest and a benchmark row record."""
+        return {k: v for k, v in asdict(self).items() if k != "loss_curve"}
+
 
 def tuned_parameters(model: nn.Module, which: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(scales, float affine parameters) that output tuning learns for ``which``.

@@ -98,7 +98,7 @@ class Manifest:
     groups: list[dict[str, Any]] = field(default_factory=list)  # GroupResult.to_dict() per finished group
     output_mse: float | None = None
     output_top1_agreement: float | None = None
-    output_tuning: dict[str, Any] | None = None  # OutputTuningResult.to_dict() less its curve, if the method tuned
+    output_tuning: dict[str, Any] | None = None  # OutputTuningResult.summary(), if the method tuned
     seconds: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     resumed_from_group: int = 0
