@@ -183,11 +183,6 @@ class DistContext:
         """All-reduce ``t`` towards the ranks' mean; :meth:`mean_done` completes it once it has run."""
         return dist.all_reduce(t, op=self._mean_op, async_op=async_op)
 
-    def mean_reduce_scatter(self, out: torch.Tensor, t: torch.Tensor) -> None:
-        """``out`` = this rank's equal part of the ranks' mean of ``t`` (split along dim 0), complete on return."""
-        _REDUCE_SCATTER(out, t, op=self._mean_op)
-        self.mean_done(out)
-
     def mean_done(self, t: torch.Tensor) -> None:
         if self.backend != "nccl":
             t.mul_(1.0 / self.world)
@@ -218,9 +213,9 @@ class DistContext:
         self.average_(grads + [logged])
         return logged[0]
 
-    def gradient_sync(self, params: Iterable[nn.Parameter]) -> GradientSync:
-        """Averaging of ``params``' gradients that starts while backward still runs (see :class:`GradientSync`)."""
-        return GradientSync(self, params)
+    def gradient_sync(self, items: Iterable[nn.Parameter | RowShard]) -> GradientSync:
+        """Averaging of ``items``' gradients that starts while backward still runs (see :class:`GradientSync`)."""
+        return GradientSync(self, items)
 
     def broadcast_state(self, modules: Iterable[nn.Module], src: int = 0) -> None:
         """Overwrite the parameters and buffers of ``modules`` with rank ``src``'s."""
@@ -311,45 +306,57 @@ def scale_global_batch(ccfg: Any, factor: int) -> Any:
 
 
 class GradientSync:
-    """Averages the gradients of ``params`` over the ranks while backward is still running.
+    """Averages gradients over the ranks while backward is still running.
 
     ``DistContext.average_gradients`` waits for the whole backward pass and then all-reduces every
-    gradient at once; here each parameter's all-reduce starts as soon as autograd has accumulated
-    its gradient (a post-accumulate hook), so communication overlaps the backward pass through the
-    group's earlier layers. The sums are the same, element for element. Collectives must be issued
-    in one order on every rank, so they start in the order of ``params`` (pass them in the order
-    backward reaches them): a gradient ready before its predecessors waits for them. Inside a
-    captured CUDA graph the hooks run once, at capture, and every replay repeats the collectives
-    they launched; ``finish`` makes the step wait for them before the optimiser.
+    gradient at once; here each item's collective starts as soon as autograd has accumulated its
+    gradient (a post-accumulate hook), so communication overlaps the backward pass through the
+    group's earlier layers. An item is a parameter (its gradient all-reduced in place, the same
+    sums element for element) or a :class:`RowShard` (the gathered soft weight's gradient
+    reduce-scattered to this rank's rows). Collectives must be issued in one order on every rank,
+    so they start in the order of ``items`` (pass them in the order backward reaches them): a
+    gradient ready before its predecessors waits for them. Inside a captured CUDA graph the hooks
+    run once, at capture, and every replay repeats the collectives they launched; ``finish`` makes
+    the step wait for them before the optimiser.
     """
 
-    def __init__(self, ctx: DistContext, params: Iterable[nn.Parameter]):
-        self.ctx, self.params = ctx, list(params)
-        self.started_in_backward = 0  # of the last step: how many all-reduces backward itself started
+    def __init__(self, ctx: DistContext, items: Iterable[nn.Parameter | RowShard]):
+        self.ctx, self.items = ctx, list(items)
+        self.params = [p for p in self.items if isinstance(p, nn.Parameter)]
+        self.started_in_backward = 0  # of the last step: how many collectives backward itself started
         self._ready: set[int] = set()
         self._next = 0
         self._works: list[tuple[Any, torch.Tensor]] = []
-        self._hooks = [p.register_post_accumulate_grad_hook(lambda _p, i=i: self._on_ready(i))
-                       for i, p in enumerate(self.params)]
+        self._hooks = []
+        for i, item in enumerate(self.items):
+            if isinstance(item, RowShard):  # its gradient's tensor is new every step: the shard hooks it
+                item.on_grad = lambda i=i: self._on_ready(i)
+            else:
+                self._hooks.append(item.register_post_accumulate_grad_hook(lambda _p, i=i: self._on_ready(i)))
 
     def _on_ready(self, index: int) -> None:
         self._ready.add(index)
         while self._next in self._ready:
-            self._start(self.params[self._next])
+            self._start(self.items[self._next])
             self._next += 1
 
-    def _start(self, p: nn.Parameter) -> None:
-        if p.grad is None:  # not used by this group's forward: on no rank
+    def _start(self, item: nn.Parameter | RowShard) -> None:
+        if isinstance(item, RowShard):
+            started = item.start_reduce()
+            if started is not None:
+                self._works.append(started)
             return
-        grad = p.grad
+        if item.grad is None:  # not used by this group's forward: on no rank
+            return
+        grad = item.grad
         work = self.ctx._collective("averaging gradients", lambda: self.ctx.mean_all_reduce(grad, async_op=True))
         self._works.append((work, grad))
 
     def finish(self, others: Sequence[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
-        """Wait for every started all-reduce; average ``others`` and ``loss`` in one more. Returns the loss."""
+        """Wait for every started collective; average ``others`` and ``loss`` in one more. Returns the loss."""
         self.started_in_backward = len(self._works)
-        for i in range(self._next, len(self.params)):  # any whose predecessor never became ready
-            self._start(self.params[i])
+        for i in range(self._next, len(self.items)):  # any whose predecessor never became ready
+            self._start(self.items[i])
         self._ready.clear()
         self._next = 0
         logged = loss.detach().float().reshape(1).clone()
@@ -365,25 +372,9 @@ class GradientSync:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-
-
-class _GatherRows(torch.autograd.Function):
-    """Forward: every rank's rows, concatenated in rank order. Backward: this rank's rows of the
-    ranks' mean gradient (a reduce-scatter), so each rank's own rows get the global batch's gradient."""
-
-    @staticmethod
-    def forward(fctx: Any, part: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-        fctx.ctx = ctx
-        out = part.new_empty((part.shape[0] * ctx.world, *part.shape[1:]))
-        _ALL_GATHER(out, part.contiguous())
-        return out
-
-    @staticmethod
-    def backward(fctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        ctx = fctx.ctx
-        part = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
-        ctx.mean_reduce_scatter(part, grad.contiguous())
-        return part, None
+        for item in self.items:
+            if isinstance(item, RowShard):
+                item.on_grad = None
 
 
 class RowShard:
@@ -391,12 +382,14 @@ class RowShard:
 
     Data parallelism repeats the weight-side work of a step on every rank: the soft weight and
     the rounding regulariser from all of V, their backward, and Adam over all of V (on 2× H200,
-    DeiT-B, about 1.1 ms of a 3.7 ms step at batch 32). Sharded, each rank computes the soft
-    weight of its own rows, the full soft weight is all-gathered for the forward, and its gradient
-    comes back reduce-scattered, already averaged over the ranks, to the rows this rank owns; the
-    regulariser covers each rank's rows once, so the ranks together compute the same loss. The
-    same traffic as one all-reduce of V's gradient, and a ``1/world`` share of the rest. At the
-    end of the group :meth:`collect` gives every rank all of V again.
+    DeiT-B, about 0.6 ms of a 3.7 ms step at batch 32). Sharded, each rank computes the soft
+    weight of its own rows and the ranks all-gather the rest; the gathered weight is a leaf of the
+    step's autograd graph, whose gradient is reduce-scattered back, averaged over the ranks, to the
+    rows this rank owns (:class:`GradientSync`), and only then carried through h(V) to V. So the
+    gathers of every layer start before the forward and run under it, and the reduce-scatters run
+    under the backward, as an unsharded all-reduce does: the same traffic, and a ``1/world`` share
+    of the weight-side work. The regulariser covers each rank's rows once, so the ranks together
+    compute the same loss. At the end of the group :meth:`collect` gives every rank all of V again.
     """
 
     def __init__(self, ctx: DistContext, alpha: torch.Tensor):
@@ -405,18 +398,55 @@ class RowShard:
         self.ctx = ctx
         self.rows = ctx.batch_shard(alpha.shape[0])
         self.alpha = nn.Parameter(alpha.detach()[self.rows].clone())
+        self.on_grad: Callable[[], None] | None = None  # set by the GradientSync that averages this shard
+        # of the current step: this rank's rows of the soft weight (in autograd), the gathered whole,
+        # the gather in flight, and the averaged gradient of this rank's rows once reduce-scattered
+        self.part: torch.Tensor | None = None
+        self.full: torch.Tensor | None = None
+        self.grad_part: torch.Tensor | None = None
+        self._gather: Any = None
 
     @staticmethod
     def fits(ctx: DistContext, alpha: torch.Tensor) -> bool:
         return ctx.active and alpha.shape[0] % ctx.world == 0
 
-    def gather(self, part: torch.Tensor) -> torch.Tensor:
-        """All ranks' rows of a tensor computed from this rank's rows, differentiably."""
-        return _GatherRows.apply(part, self.ctx)
+    def begin(self, part: torch.Tensor) -> None:
+        """Start gathering the whole soft weight from this rank's rows ``part`` (asynchronously)."""
+        self.part, self.grad_part = part, None
+        self.full = part.new_empty((part.shape[0] * self.ctx.world, *part.shape[1:]))
+        own = part.detach().contiguous()
+        self._gather = self.ctx._collective("gathering the soft weights",
+                                            lambda: _ALL_GATHER(self.full, own, async_op=True))
+
+    @torch.compiler.disable
+    def weight(self) -> torch.Tensor:
+        """The gathered soft weight: waits for its gather; backward hands its gradient to :meth:`start_reduce`."""
+        if self._gather is not None:
+            self.ctx._collective("gathering the soft weights", self._gather.wait)
+            self._gather = None
+            self.full.requires_grad_(True)
+            self.full.register_post_accumulate_grad_hook(lambda _t: self.on_grad and self.on_grad())
+        return self.full
+
+    @property
+    def used(self) -> bool:
+        """Whether this step's forward took the gathered weight (see :meth:`begin`)."""
+        return self._gather is None
+
+    def start_reduce(self) -> tuple[Any, torch.Tensor] | None:
+        """Start reduce-scattering the gathered weight's gradient to this rank's rows: (work, their gradient)."""
+        if self.full is None or self.full.grad is None:
+            return None
+        self.grad_part = torch.empty_like(self.part)
+        grad, out = self.full.grad.contiguous(), self.grad_part
+        work = self.ctx._collective("averaging gradients",
+                                    lambda: _REDUCE_SCATTER(out, grad, op=self.ctx._mean_op, async_op=True))
+        return work, out
 
     @torch.no_grad()
     def collect(self, alpha: torch.Tensor) -> None:
         """Write every rank's trained rows into the full ``alpha``, on every rank."""
+        self.part = self.full = self.grad_part = self._gather = None
         self.ctx._collective("gathering the rounding variables",
                              lambda: _ALL_GATHER(alpha, self.alpha.detach().contiguous()))
 

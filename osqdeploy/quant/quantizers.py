@@ -311,6 +311,17 @@ class WeightQuantizer(Quantizer):
         self.mode = QuantMode.INT
         self.float_available = False
 
+    def begin_shard_step(self) -> None:
+        """Soft weight and regulariser of this rank's rows of V; the other ranks' rows start gathering.
+
+        Called by the reconstruction step before its forward (under its autocast, which sets the
+        soft weight's type), so every layer's gather runs while the layers before it compute.
+        """
+        s, zp, rows = self._view(self.scale), self._view(self.zero_point), self.shard.rows
+        part, self.reg = KERNELS["adaround_reg"](self.w_floor[rows], self.shard.alpha, s[rows], zp[rows],
+                                                 self.bits, self.beta, matmul_dtype(self.w_floor))
+        self.shard.begin(part)
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.mode is QuantMode.FLOAT:
             return weight
@@ -325,11 +336,8 @@ class WeightQuantizer(Quantizer):
         if self.mode is QuantMode.SOFT:  # w_floor is set by init_adaround, the only way into this mode
             # written in the matmul's type: the cast autocast would make, inside the kernel
             dtype = matmul_dtype(self.w_floor)
-            if self.shard is not None:  # this rank's rows, the rest from the other ranks
-                rows = self.shard.rows
-                part, self.reg = KERNELS["adaround_reg"](self.w_floor[rows], self.shard.alpha, s[rows], zp[rows],
-                                                         self.bits, self.beta, dtype)
-                return self.shard.gather(part)
+            if self.shard is not None:  # gathered since begin_shard_step: this rank's rows and the others'
+                return self.shard.weight()
             if self.beta is None:
                 return KERNELS["adaround"](self.w_floor, self.alpha, s, zp, self.bits, dtype)
             w, self.reg = KERNELS["adaround_reg"](self.w_floor, self.alpha, s, zp, self.bits, self.beta, dtype)

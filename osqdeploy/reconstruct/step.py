@@ -114,9 +114,14 @@ class GroupStep:
         # the optimisers whose gradients are averaged over the ranks; a shard's arrives averaged
         self.optimizers = [torch.optim.Adam(ps, lr=lr, **adam)
                            for ps, lr in ((round_params, cfg.lr_round), (step_params, cfg.lr_act)) if ps]
-        # data parallel, overlapped: in the order backward reaches them, the last layer's first
-        self.sync = (self.dist.gradient_sync(reversed(round_params))
-                     if cfg.overlap_allreduce and self.dist.active and round_params else None)
+        # data parallel, overlapped: in the order backward reaches them, the last layer's first.
+        # A shard's gradient always arrives this way; whole V's does with overlap_allreduce, else it
+        # is averaged with the activation steps' after backward.
+        items = [wq.shard if wq.shard is not None else wq.alpha for wq in reversed(quantizers)
+                 if wq.shard is not None or cfg.overlap_allreduce]
+        self.sync = self.dist.gradient_sync(items) if self.dist.active and items else None
+        synced = {id(item) for item in items} if self.sync is not None else set()
+        self.after_backward = [p for p in [*round_params, *step_params] if id(p) not in synced]
         self.own = [torch.optim.Adam(sharded, lr=cfg.lr_round, **adam)] if sharded else []
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.rec = torch.zeros((), device=device)
@@ -134,19 +139,27 @@ class GroupStep:
         beta = self.schedule.beta.index_select(0, it).squeeze(0)
         reg_weight = self.schedule.reg_weight.index_select(0, it).squeeze(0)
         quantizers = [layer.weight_quantizer for layer in self.layers]
+        sharded = [wq for wq in quantizers if wq.shard is not None]
         for wq in quantizers:  # each soft weight computes its rounding regulariser alongside
             wq.beta, wq.reg = beta, None
         with self.autocast:
+            for wq in sharded:  # in forward order, so each gather is done by the time its layer runs
+                wq.begin_shard_step()
             out = self.forward(inp)
-        if any(wq.reg is None for wq in quantizers):
+        if any(wq.reg is None for wq in quantizers) or not all(wq.shard.used for wq in sharded):
             raise RuntimeError("a layer of the group did not take part in its forward pass")
         rec = self.loss(self.objective, out, self.target, idx, self.weight)
-        reg = torch.stack([wq.reg for wq in quantizers]).sum()
-        ((rec + reg_weight * reg) * self.loss_scale).backward()
+        whole = [wq.reg for wq in quantizers if wq.shard is None]
+        loss = rec + reg_weight * torch.stack(whole).sum() if whole else rec
+        (loss * self.loss_scale).backward()
         if self.sync is None:
             rec = self.dist.average_gradients(self.optimizers, rec)
         else:
-            rec = self.sync.finish([p.grad for p in self.step_params if p.grad is not None], rec)
+            rec = self.sync.finish([p.grad for p in self.after_backward if p.grad is not None], rec)
+        if sharded:  # the averaged gradients of the gathered weights, on through h(V) to this rank's V
+            ready = [wq.shard for wq in sharded if wq.shard.grad_part is not None]
+            own_reg = torch.stack([wq.reg for wq in sharded]).sum() * (reg_weight * self.loss_scale)
+            torch.autograd.backward([s.part for s in ready] + [own_reg], [s.grad_part for s in ready] + [None])
         for opt in self.optimizers + self.own:
             opt.step()
         with torch.no_grad():
