@@ -46,7 +46,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .config import CalibrationConfig, ConfigError, Method, QuantConfig
+from .config import DEFAULT_METHOD, CalibrationConfig, ConfigError, Method, QuantConfig
 from .distributed import DistContext
 from .run.store import atomic_write_bytes
 
@@ -178,6 +178,8 @@ class SweepSpec:
     def settings_digest(self) -> str:
         """What every job shares: a finished job counts only for the same data and settings."""
         shared = {k: v for k, v in asdict(self).items() if k not in ("models", "bits", "plans", "seeds")}
+        # the method the jobs run, not "the default": a later default must not reuse them
+        shared["method"] = self.method or DEFAULT_METHOD.value
         return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

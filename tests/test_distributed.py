@@ -323,6 +323,13 @@ def test_a_sweep_job_calibrates_as_osq_calibrate_does_unless_the_sweep_says_othe
     assert (cfg.granularity, cfg.samples, cfg.method.value) == ("auto", 1024, "paper")
 
 
+def test_finished_sweep_jobs_are_known_by_the_method_they_ran_not_by_the_word_default():
+    unnamed = SweepSpec(models=["deit_t"])
+    named = SweepSpec(models=["deit_t"], method=DEFAULT_METHOD.value)
+    paper = SweepSpec(models=["deit_t"], method="paper")
+    assert unnamed.settings_digest() == named.settings_digest() != paper.settings_digest()
+
+
 @pytest.mark.parametrize("text,match", [
     ('models = ["x"]\ncolour = 1\n', "unknown sweep settings: colour"),
     ('models = ["x"]\n[calibration]\nitres = 5\n', "does not know: itres"),
