@@ -4,14 +4,15 @@ Side by side on 1 GPU and on ``--gpus`` GPUs (default 2) of this host, each in i
 spawned processes (osqdeploy.distributed.launch, NCCL):
 
 * calibration — DeiT-B W4A4, random weights, the paper's global batch of 32 (16 per GPU on 2),
-  the default CUDA engine (CUDA graph with the gradient all-reduce captured in it, fused quantizer
+  the default CUDA engine (CUDA graph with the ranks' collectives captured in it, fused quantizer
   kernels, fp16 autocast). ``--groups`` groups of the ``auto`` plan at ``--iters`` iterations are
   timed; seconds per 1,000 iterations are taken between two logged iterations past the capture,
   and the paper's schedule (20,000 iterations × every group) is projected from them. Then each
   larger global batch (``--batch-scale`` × 32, that many times fewer iterations) the same way,
-  and with ``--overlap off on`` all of it also with one all-reduce after backward instead of
-  overlapping it (``CalibrationConfig.overlap_allreduce``), with ``--shard off on`` also with
-  each rank training only its rows of the rounding variables (``CalibrationConfig.shard_rounding``).
+  and with ``--shard off on`` all of it also with the rounding variables whole on every rank
+  instead of sharded over the ranks (``CalibrationConfig.shard_rounding``), with ``--overlap off on``
+  the whole variables' all-reduce also after backward instead of overlapping it
+  (``CalibrationConfig.overlap_allreduce``).
   Rounding codes of 1 GPU and of N are compared (fp16 autocast: not bit-identical, the sum order
   differs) with each run's group MSE.
 * evaluation — DeiT-B fp32 logits of ``--eval-images`` random images, images/s of all ranks
@@ -22,10 +23,10 @@ spawned processes (osqdeploy.distributed.launch, NCCL):
 Prints a table and writes JSON (``--out``). Sized to finish within about 8 minutes on a 2×H200 host:
 
     python -m benchmarks.distributed --gpus 2 --out benchmarks/results/distributed_h200x2.json
-    # the calibration alone at batches 32, 64 and 128, the all-reduce after and during backward:
-    python -m benchmarks.distributed --gpus 2 --parts calib --batch-scale 2 4 --overlap off on
-    # the rounding variables whole on every rank against sharded over the ranks:
-    python -m benchmarks.distributed --gpus 2 --parts calib --batch-scale 2 4 --shard off on
+    # the calibration alone at batches 32, 128 and 256, the rounding variables sharded and whole:
+    python -m benchmarks.distributed --gpus 2 --parts calib --batch-scale 4 8 --shard off on --samples 512
+    # V whole, its all-reduce after and during backward:
+    python -m benchmarks.distributed --gpus 2 --parts calib --batch-scale 2 4 --shard off --overlap off on
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def _calibration(ctx: DistContext, model_name: str, groups: int, iters: int, sam
     }
 
 
-_SUFFIXES = {"_after_backward": ", after backward", "_sharded": ", sharded"}  # report key → table label
+_SUFFIXES = {"_after_backward": ", after backward", "_whole": ", V whole"}  # report key → table label
 
 
 def _calibration_cases(args: argparse.Namespace) -> list[tuple[str, str, int, bool, bool]]:
@@ -121,11 +122,11 @@ def _calibration_cases(args: argparse.Namespace) -> list[tuple[str, str, int, bo
     of every calibration timed."""
     cases = []
     # the default engine's case first: on one GPU the others repeat it
-    for shard in sorted(args.shard):
+    for shard in sorted(args.shard, reverse=True):
         for overlap in sorted(args.overlap, reverse=True):
             for scale in sorted({1, *args.batch_scale}):
                 base = "calibration" if scale == 1 else f"batch_x{scale}"
-                key = base + ("_after_backward" if overlap == "off" else "") + ("_sharded" if shard == "on" else "")
+                key = base + ("_after_backward" if overlap == "off" else "") + ("_whole" if shard == "off" else "")
                 cases.append((key, base, scale, overlap == "on", shard == "on"))
     return cases
 
@@ -188,8 +189,9 @@ def main() -> None:
                    help="larger global batches: these many times 32, each with that many times fewer iterations")
     p.add_argument("--overlap", nargs="+", choices=["off", "on"], default=["on"],
                    help="the gradient all-reduce overlapping backward (on, the default engine) or after it (off)")
-    p.add_argument("--shard", nargs="+", choices=["off", "on"], default=["off"],
-                   help="the rounding variables whole on every rank (off) or sharded over the ranks (on; both: off on)")
+    p.add_argument("--shard", nargs="+", choices=["off", "on"], default=["on"],
+                   help="the rounding variables sharded over the ranks (on, the default engine) or whole on every "
+                        "rank (off; both: off on)")
     p.add_argument("--eval-images", type=int, default=4096)
     p.add_argument("--eval-batch", type=int, default=128)
     p.add_argument("--sweep-jobs", type=int, default=4)

@@ -243,17 +243,18 @@ class CalibrationConfig:
     # inductor's Philox stream, so not the same draws as the uncompiled step for a seed. Off: it
     # measured only 1-2 % faster (H200, ViT-S and Swin-B), not worth losing the eager draws.
     fused_rng: bool = False
-    # Several ranks: start each rounding gradient's all-reduce as soon as backward has produced it,
-    # overlapping communication with the rest of the backward pass (distributed.GradientSync), rather
-    # than one flat all-reduce after it. The same sums, so the same run; on 2× H200 (DeiT-B) it
-    # took a step from 3.85 to 3.67 ms at batch 32 and 6.00 to 5.82 ms at batch 64.
+    # Several ranks, V whole on every rank (``shard_rounding`` off, or a layer whose rows do not
+    # split over the ranks): start each rounding gradient's all-reduce as soon as backward has
+    # produced it, overlapping the rest of the backward pass (distributed.GradientSync), rather than
+    # one flat all-reduce after it. The same sums, so the same run; on 2× H200 (DeiT-B) it took a
+    # step from 3.85 to 3.67 ms at batch 32 and 6.00 to 5.82 ms at batch 64.
     overlap_allreduce: bool = True
     # Several ranks: each trains only its rows of every layer's rounding variables (soft weight,
-    # regulariser and Adam over 1/world of V), the soft weights all-gathered for the forward and
-    # their gradient reduce-scattered (distributed.RowShard). The same arithmetic up to float
-    # summation order. Off: on 2× H200 (DeiT-B) it was no faster (3.86 against 3.68 ms a step at
-    # batch 32, 10.40 against 10.37 at 128), the forward waiting for the gathered soft weights.
-    shard_rounding: bool = False
+    # regulariser and Adam over 1/world of V), every layer's soft weight all-gathered under the
+    # forward and its gradient reduce-scattered under the backward (distributed.RowShard). The same
+    # arithmetic up to float summation order. On: on 2× H200 (DeiT-B) a step took 3.31 against
+    # 3.64 ms at batch 32, 10.02 against 10.35 at 128, 18.6 against 19.1 at 256.
+    shard_rounding: bool = True
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
