@@ -99,29 +99,41 @@ def _two_rank_checks(ctx: DistContext, folder: str, out: str) -> dict:
     from osqdeploy.sweep import run_sweep
 
     found: dict = {"threads": threads, "calibration": _calibrate(ctx), "tuned": _tuned(ctx)}
-    from osqdeploy.distributed import GradientSync
+    from osqdeploy.distributed import GradientSync, RowShard
 
     finish, early = GradientSync.finish, []
 
-    def counted(self, others, loss):  # how many all-reduces backward started, of how many
+    def counted(self, others, loss):  # how many collectives backward started, of how many
         out = finish(self, others, loss)
-        early.append((self.started_in_backward, sum(p.grad is not None for p in self.params)))
+        early.append((self.started_in_backward, sum(p.grad is not None for p in self.params)
+                      + sum(isinstance(i, RowShard) for i in self.items)))
         return out
 
     GradientSync.finish = counted
     found["calibration_overlapped"] = (_calibrate(ctx, overlap=True), early)
     GradientSync.finish = finish
-    from osqdeploy.distributed import RowShard
-
     init, owned = RowShard.__init__, []
 
     def recorded(self, c, alpha):  # the rounding variables this rank trains, of the layer's
         init(self, c, alpha)
         owned.append((self.alpha.numel(), alpha.numel()))
 
-    RowShard.__init__ = recorded
+    begin, weight, events = RowShard.begin, RowShard.weight, []
+
+    def began(self, part):  # the order in which gathers start and layers take their weights
+        events.append("begin")
+        begin(self, part)
+
+    def took(self):
+        events.append("weight")
+        return weight(self)
+
+    RowShard.__init__, RowShard.begin, RowShard.weight = recorded, began, took
+    GradientSync.finish, early = counted, []
     found["calibration_sharded"] = (_calibrate(ctx, shard=True), owned)
-    RowShard.__init__ = init
+    found["sharded_overlap"] = (early, events)
+    RowShard.__init__, RowShard.begin, RowShard.weight = init, begin, weight
+    GradientSync.finish = finish
     try:
         _calibrate(ctx, data_seed=1 + ctx.rank)
     except DistributedError as e:
@@ -175,6 +187,16 @@ def test_overlapped_all_reduce_gives_the_same_run_and_starts_during_backward(two
     assert len(early) == 2 * ITERS  # every step of both groups went through it
     # every rounding gradient's all-reduce was started by backward itself, none left for after it
     assert all(started == total == 4 for started, total in early)
+
+
+def test_sharded_gathers_run_ahead_of_the_forward_and_reduce_scatters_inside_backward(two_ranks):
+    early, events = two_ranks["sharded_overlap"]
+    assert len(early) == 2 * ITERS
+    # every layer's gradient was reduce-scattered by backward itself, none left for after it
+    assert all(started == total == 4 for started, total in early)
+    # each step starts all four layers' gathers before the first layer takes its weight
+    steps = ["".join(e[0] for e in events[i:i + 8]) for i in range(0, len(events), 8)]
+    assert len(steps) == 2 * ITERS and set(steps) == {"bbbbwwww"}
 
 
 def _equal_fraction(codes: list[torch.Tensor], codes2: list[torch.Tensor]) -> float:
