@@ -9,14 +9,16 @@ is the context of world size 1, for which every collective here is a no-op.
 What the collectives are for:
 
 * data-parallel calibration: each step's global batch is split into equal contiguous shards, one
-  per rank, and the gradients of the rounding variables and activation steps (with the loss that
-  is logged) are averaged in one flat all-reduce (:meth:`DistContext.average_`), which NCCL can
-  run inside a captured CUDA graph. Every rank applies the same averaged gradient to the same
-  parameters with the same optimiser, so all ranks hold the same rounding codes and steps
-  (``CalibrationConfig.overlap_allreduce``: each rounding gradient's all-reduce instead starts as
-  soon as backward has produced it, :class:`GradientSync`; ``CalibrationConfig.shard_rounding``:
-  each rank owns a slice of every layer's rounding variables instead, :class:`RowShard`);
-  :meth:`DistContext.require_same_state` checks it at the end of every group.
+  per rank. Each rank trains its own rows of every layer's rounding variables
+  (``CalibrationConfig.shard_rounding``, :class:`RowShard`): the soft weights are all-gathered under
+  the forward and their gradients reduce-scattered, averaged, under the backward
+  (:class:`GradientSync`). The activation steps' gradients and the logged loss are averaged in one
+  flat all-reduce after backward (:meth:`DistContext.average_`); a layer whose rows do not split
+  over the ranks keeps V whole and all-reduces its gradient as backward produces it
+  (``CalibrationConfig.overlap_allreduce``). NCCL runs all of it inside a captured CUDA graph.
+  Every rank applies the same averaged gradients with the same optimisers, so all ranks hold the
+  same rounding codes and steps; :meth:`DistContext.require_same_state` checks it at the end of
+  every group.
 * different data on different ranks is caught before any work: each rank hashes what it is about
   to calibrate on and :meth:`DistContext.require_same` compares the hashes.
 * sharded evaluation: whole batches go to each rank (:meth:`DistContext.shard`), so every batch
