@@ -324,7 +324,6 @@ class GradientSync:
 
     def __init__(self, ctx: DistContext, items: Iterable[nn.Parameter | RowShard]):
         self.ctx, self.items = ctx, list(items)
-        self.params = [p for p in self.items if isinstance(p, nn.Parameter)]
         self.started_in_backward = 0  # of the last step: how many collectives backward itself started
         self._ready: set[int] = set()
         self._next = 0

@@ -105,8 +105,8 @@ def _two_rank_checks(ctx: DistContext, folder: str, out: str) -> dict:
 
     def counted(self, others, loss):  # how many collectives backward started, of how many
         out = finish(self, others, loss)
-        early.append((self.started_in_backward, sum(p.grad is not None for p in self.params)
-                      + sum(isinstance(i, RowShard) for i in self.items)))
+        early.append((self.started_in_backward,
+                      sum(isinstance(i, RowShard) or i.grad is not None for i in self.items)))
         return out
 
     GradientSync.finish = counted

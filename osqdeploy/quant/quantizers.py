@@ -334,10 +334,10 @@ class WeightQuantizer(Quantizer):
         if self.mode is QuantMode.NEAREST:
             return P.dequantize_uniform(P.quantize_uniform(weight, s, zp, self.bits), s, zp)
         if self.mode is QuantMode.SOFT:  # w_floor is set by init_adaround, the only way into this mode
-            # written in the matmul's type: the cast autocast would make, inside the kernel
-            dtype = matmul_dtype(self.w_floor)
             if self.shard is not None:  # gathered since begin_shard_step: this rank's rows and the others'
                 return self.shard.weight()
+            # written in the matmul's type: the cast autocast would make, inside the kernel
+            dtype = matmul_dtype(self.w_floor)
             if self.beta is None:
                 return KERNELS["adaround"](self.w_floor, self.alpha, s, zp, self.bits, dtype)
             w, self.reg = KERNELS["adaround_reg"](self.w_floor, self.alpha, s, zp, self.bits, self.beta, dtype)

@@ -120,8 +120,7 @@ class GroupStep:
         items = [wq.shard if wq.shard is not None else wq.alpha for wq in reversed(quantizers)
                  if wq.shard is not None or cfg.overlap_allreduce]
         self.sync = self.dist.gradient_sync(items) if self.dist.active and items else None
-        synced = {id(item) for item in items} if self.sync is not None else set()
-        self.after_backward = [p for p in [*round_params, *step_params] if id(p) not in synced]
+        self.after_backward = step_params if cfg.overlap_allreduce else [*round_params, *step_params]
         self.own = [torch.optim.Adam(sharded, lr=cfg.lr_round, **adam)] if sharded else []
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.rec = torch.zeros((), device=device)
