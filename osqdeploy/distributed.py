@@ -388,8 +388,9 @@ class RowShard:
     step's autograd graph, whose gradient is reduce-scattered back, averaged over the ranks, to the
     rows this rank owns (:class:`GradientSync`), and only then carried through h(V) to V. So the
     gathers of every layer start before the forward and run under it, and the reduce-scatters run
-    under the backward, as an unsharded all-reduce does: the same traffic, and a ``1/world`` share
-    of the weight-side work. The regulariser covers each rank's rows once, so the ranks together
+    under the backward, as an unsharded all-reduce does: no more traffic than V's all-reduce (half
+    of it under fp16 autocast, the soft weights travelling in the matmuls' type), and a ``1/world``
+    share of the weight-side work. The regulariser covers each rank's rows once, so the ranks together
     compute the same loss. At the end of the group :meth:`collect` gives every rank all of V again.
     """
 
