@@ -148,8 +148,8 @@ def _on_ranks(ctx: DistContext, args: argparse.Namespace) -> dict:
             if key != base and ctx.world == 1 and base in out:  # one rank has nothing to share: the same run
                 out[key] = dict(out[base], same_run_as=base)
                 continue
-            out[key] = _calibration(ctx, args.model, args.groups, max(1, args.iters // scale), args.samples, scale,
-                                    overlap, shard)
+            # scale_global_batch divides the iterations by the scale: ``--iters`` stays the paper batch's
+            out[key] = _calibration(ctx, args.model, args.groups, args.iters, args.samples, scale, overlap, shard)
     if "eval" in args.parts:
         out["evaluation"] = _eval(ctx, args.model, args.eval_images, args.eval_batch)
     return out if ctx.is_main else {}
