@@ -53,6 +53,7 @@ from .onnx_export.onnx_qdq import input_size as onnx_input_size
 from .plan import Plan, build_plan
 from .plan.outliers import block_outlier_stats
 from .reconstruct import Callbacks, GroupResult, Reconstructor, logits, prepare_model, resolve_device
+from .reconstruct.mixing import blend_views
 from .run import store
 from .run.integrity import check_onnx_for_run, check_onnx_input, onnx_info
 from .run.manifest import Manifest, ModelInfo, RunStatus
@@ -431,6 +432,7 @@ def calibrate(
     net = loaded.model.eval()
     fingerprint = _fingerprint(loaded, qcfg, ccfg, images)
     dist.require_same(fingerprint, "calibration images, model and settings")
+    images = blend_views(images, ccfg.view_mix, ccfg.seed)  # the views every stage below sees
     stage = callbacks.on_stage
 
     with store.run_lock(run_dir) if writer else contextlib.nullcontext():

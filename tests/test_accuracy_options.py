@@ -16,10 +16,11 @@ from osqdeploy.config import METHODS, CalibrationConfig, ConfigError, Method, Qu
 from osqdeploy.plan import build_plan
 from osqdeploy.quant.layers import act_quantizers, quant_layers
 from osqdeploy.reconstruct import Reconstructor, logits, prepare_model
+from osqdeploy.reconstruct.mixing import Mixing, blend_views
 from osqdeploy.reconstruct.objective import PredictionAwareMSE, ReconstructionMSE, prediction_kl
-from osqdeploy.reconstruct.output_tuning import Mixing, tuned_parameters
+from osqdeploy.reconstruct.output_tuning import tuned_parameters
 
-from conftest import images, tiny_vit
+from conftest import images, loaded_tiny, tiny_vit
 
 CPU = torch.device("cpu")
 
@@ -119,6 +120,7 @@ def test_a_recipe_refuses_a_number_of_images_that_is_not_a_positive_integer():
 @pytest.mark.parametrize("settings", [
     {"kl_groups": -1}, {"kl_groups": 1, "loss": "fisher"}, {"kl_weight": 0.0}, {"output_tuning_iters": -1},
     {"output_tuning": "weights"}, {"output_tuning_lr": 0.0}, {"loss": "l1"}, {"output_tuning_mix": "cutout"},
+    {"view_mix": "cutout"},
 ])
 def test_accuracy_settings_outside_the_method_are_refused(settings):
     with pytest.raises(ConfigError):
@@ -210,6 +212,44 @@ def test_mixing_blends_each_image_with_its_partner_as_drawn():
     up = replace(mix, kind="mixup").apply(pool, x[2:6], it, slice(2, 6))
     assert torch.allclose(up[:, 0, 0, 0], 1 - mix.lam[5, 2:6])
     assert mix.partners.min() >= 0 and mix.partners.max() < 40
+
+
+def test_view_mix_blends_half_the_views_once_from_unblended_partners():
+    x = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    before = x.clone()
+    assert blend_views(x, "none", 0) is x
+    for kind in ("cutmix", "mixup"):
+        out = blend_views(x, kind, 3)
+        assert torch.equal(x, before)  # the caller's views are left as they were
+        assert torch.equal(out, blend_views(x, kind, 3)) and not torch.equal(out, blend_views(x, kind, 4))
+        changed = [i for i in range(24) if not torch.equal(out[i], x[i])]
+        assert 9 <= len(changed) <= 12  # half of them, less any whose partner is itself or whose box is empty
+        for i in changed:
+            if kind == "cutmix":  # one rectangle, copied from one other unblended view
+                inside = (out[i] != x[i]).any(0)
+                rows, cols = inside.any(1).nonzero(), inside.any(0).nonzero()
+                box = (slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1))
+                assert any(torch.equal(out[i][:, box[0], box[1]], x[j][:, box[0], box[1]]) for j in range(24))
+            else:  # lam of the view and 1 - lam of one other unblended view
+                fits = []
+                for j in range(24):
+                    d = x[i] - x[j]
+                    lam = float((out[i] - x[j]).mul(d).sum() / d.pow(2).sum()) if j != i else 1.0
+                    fits.append(0 <= lam <= 1 and torch.allclose(out[i], lam * x[i] + (1 - lam) * x[j], atol=1e-6))
+                assert any(fits)
+
+
+def test_view_mix_reaches_every_stage_and_is_recorded(tmp_path):
+    from osqdeploy.api import calibrate, load_run
+
+    x = images(32, 32)
+    runs = {mix: calibrate(loaded_tiny("vit", depth=1), x, QuantConfig(4, 4), CalibrationConfig(
+        samples=32, batch_size=16, iters=0, granularity="blocks:1", view_mix=mix), tmp_path / mix)
+        for mix in ("none", "cutmix")}
+    assert load_run(tmp_path / "cutmix").manifest.calibration.view_mix == "cutmix"
+    steps = {mix: torch.cat([q.scale.flatten() for q in act_quantizers([run.model]) if hasattr(q, "scale")])
+             for mix, run in runs.items()}
+    assert not torch.equal(steps["none"], steps["cutmix"])  # the observers saw the blended views
 
 
 def test_mixing_at_full_weight_tunes_as_the_fixed_views_do(monkeypatch):

@@ -34,6 +34,7 @@ from ..distributed import DistContext
 from ..quant.layers import act_quantizers, quant_layers
 from ..quant.mode import QuantMode, quant_mode, set_mode
 from ..quant.quantizers import ActQuantizer
+from .mixing import Mixing
 from .objective import prediction_kl
 from .step import Schedule, run_steps
 
@@ -79,46 +80,6 @@ def tuned_parameters(model: nn.Module, which: str) -> tuple[list[torch.Tensor], 
         scales += [layer.weight_quantizer.scale for layer in quant_layers([model])
                    if layer.weight_quantizer.mode is QuantMode.INT]
     return scales, affine
-
-
-@dataclass
-class Mixing:
-    """Every step's blend of each batch image with a partner image, drawn up front (host-free steps).
-
-    timm's ``Mixup`` draws on the host per batch from numpy's global generator; a captured step
-    needs every draw on the device beforehand, from the run's seeded generator.
-    """
-
-    kind: str  # "mixup" | "cutmix"
-    partners: torch.Tensor  # [iters, batch] image index blended into each batch position
-    lam: torch.Tensor  # [iters, batch] mixup: weight of the batch image (uniform in [0, 1])
-    boxes: torch.Tensor  # [iters, batch, 4] cutmix: rows y0, y1 and columns x0, x1 pasted from the partner
-
-    @classmethod
-    def build(cls, kind: str, iters: int, batch: int, n: int, hw: tuple[int, int], gen: torch.Generator,
-              device: torch.device) -> Mixing:
-        partners = torch.randint(n, (iters, batch), generator=gen)
-        lam = torch.rand(iters, batch, generator=gen)
-        # CutMix's box: a fraction 1 - lam of the image around a uniform centre, clipped at the border
-        size = torch.tensor(hw, dtype=torch.float32) * (1 - lam).sqrt().unsqueeze(-1)  # [iters, batch, 2]
-        centre = torch.rand(iters, batch, 2, generator=gen) * torch.tensor(hw, dtype=torch.float32)
-        lo = (centre - size / 2).round().clamp(min=0)
-        hi = torch.minimum((centre + size / 2).round(), torch.tensor(hw, dtype=torch.float32))
-        boxes = torch.stack([lo[..., 0], hi[..., 0], lo[..., 1], hi[..., 1]], -1).long()
-        return cls(kind, partners.to(device), lam.to(device), boxes.to(device))
-
-    def apply(self, images: torch.Tensor, x: torch.Tensor, it: torch.Tensor, shard: slice) -> torch.Tensor:
-        """The batch ``x`` of step ``it`` (a device scalar index) blended with its partners."""
-        other = images.index_select(0, self.partners.index_select(0, it).squeeze(0)[shard])
-        if self.kind == "mixup":
-            lam = self.lam.index_select(0, it).squeeze(0)[shard].view(-1, 1, 1, 1)
-            return lam * x + (1 - lam) * other
-        box = self.boxes.index_select(0, it).squeeze(0)[shard]  # [b, 4]
-        rows = torch.arange(x.shape[-2], device=x.device).view(1, -1, 1)
-        cols = torch.arange(x.shape[-1], device=x.device).view(1, 1, -1)
-        inside = ((rows >= box[:, 0, None, None]) & (rows < box[:, 1, None, None])
-                  & (cols >= box[:, 2, None, None]) & (cols < box[:, 3, None, None]))
-        return torch.where(inside.unsqueeze(1), other, x)
 
 
 class OutputStep:

@@ -26,7 +26,8 @@ MANIFEST = "run.json"
 # so older runs stay valid while an edit of any field they did record is still caught.
 LATER_FIELDS: dict[str, dict[str, Any]] = {
     "quant": {"attn_grid": "log", "post_gelu_grid": "tensor"},
-    "calibration": {"overlap_allreduce": False, "shard_rounding": False, "output_tuning_mix": "none"},
+    "calibration": {"overlap_allreduce": False, "shard_rounding": False, "output_tuning_mix": "none",
+                    "view_mix": "none"},
 }
 
 
