@@ -5,6 +5,8 @@ Reads the raw rows ``benchmarks.accuracy_seeds`` wrote (``--files``, default eve
 bit-width once (a run re-measured in a later file has the same KL and top-1), and fits top-1 =
 a + b · KL by least squares. The residual spread is what one run's top-1 moves at a given KL,
 seeds and methods together; the fit says which KL a top-1 target asks for on these images.
+Then the same runs' ONNX Runtime top-1 minus fake-quant top-1, where measured: its mean over all
+of them, and how far one run's difference moves.
 
     python -m benchmarks.kl_vs_top1 --bits w4a4 --target 71.9
 """
@@ -20,16 +22,19 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def distinct_runs(files: list[Path], bits: str, min_iters: int) -> list[tuple[float, float]]:
-    """(held-out KL, top-1) of each distinct finished run of ``bits`` evaluated on 250 images."""
-    seen: dict[tuple[float, float], None] = {}
+def distinct_runs(files: list[Path], bits: str, min_iters: int) -> dict[tuple[float, float], float | None]:
+    """(held-out KL, top-1) of each distinct finished run of ``bits`` evaluated on 250 images, with its
+    ONNX Runtime minus fake-quant top-1 where any file measured it (else None)."""
+    seen: dict[tuple[float, float], float | None] = {}
     for path in files:
         for row in json.loads(path.read_text()).get("jobs", []):
             if (row.get("status") != "ok" or row.get("bits") != bits or row.get("eval_images") != 250
                     or row.get("iters", 0) < min_iters):
                 continue
-            seen.setdefault((round(row["kl"], 5), row["top1"]), None)
-    return list(seen)
+            key = (round(row["kl"], 5), row["top1"])
+            if seen.get(key) is None:
+                seen[key] = row.get("ort_minus_fake_quant")
+    return seen
 
 
 def main() -> None:
@@ -44,7 +49,7 @@ def main() -> None:
     runs = distinct_runs(args.files, args.bits, args.min_iters)
     if len(runs) < 3:
         raise SystemExit(f"{len(runs)} distinct {args.bits} runs in the files: too few to fit a line")
-    kl, top1 = np.array(runs).T
+    kl, top1 = np.array(list(runs)).T
     slope, intercept = np.polyfit(kl, top1, 1)
     residual = top1 - (intercept + slope * kl)
     spread = residual.std(ddof=2)
@@ -58,6 +63,12 @@ def main() -> None:
         print(f"  KL {value:.3f} -> top-1 {intercept + slope * value:.1f}")
     for value in args.target:
         print(f"  top-1 {value:.1f} <- KL {(value - intercept) / slope:.3f}")
+    ort = np.array([d for d in runs.values() if d is not None])
+    if len(ort) > 1:
+        sd = ort.std(ddof=1)
+        print(f"ONNX Runtime minus fake-quant top-1, {len(ort)} of the runs: mean {ort.mean():+.2f} "
+              f"(standard error {sd / np.sqrt(len(ort)):.2f}), one run SD {sd:.2f} "
+              f"(a 3-seed mean: {sd / np.sqrt(3):.2f})")
 
 
 if __name__ == "__main__":
