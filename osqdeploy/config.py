@@ -127,11 +127,13 @@ class Method(str, Enum):
 _PAPER_PLAN = dict(granularity="auto", samples=1024)
 # Every method's accuracy settings, all of them, so that choosing one resets the others.
 METHODS: dict[Method, dict] = {
-    Method.PAPER: dict(loss="mse", kl_groups=0, output_tuning_iters=0, **_PAPER_PLAN),
-    Method.FISHER: dict(loss="fisher", kl_groups=0, output_tuning_iters=0, **_PAPER_PLAN),
-    Method.PREDICTION: dict(loss="mse", kl_groups=1, kl_weight=1.0, output_tuning_iters=0, **_PAPER_PLAN),
+    Method.PAPER: dict(loss="mse", kl_groups=0, output_tuning_iters=0, view_mix="none", **_PAPER_PLAN),
+    Method.FISHER: dict(loss="fisher", kl_groups=0, output_tuning_iters=0, view_mix="none", **_PAPER_PLAN),
+    Method.PREDICTION: dict(loss="mse", kl_groups=1, kl_weight=1.0, output_tuning_iters=0, view_mix="none",
+                            **_PAPER_PLAN),
     Method.OUTPUT_TUNED: dict(loss="mse", kl_groups=0, output_tuning_iters=1000, output_tuning="steps+affine",
-                              output_tuning_lr=1e-3, output_tuning_mix="cutmix"),
+                              output_tuning_lr=1e-3, output_tuning_mix="cutmix", output_tuning_drop=0.0,
+                              view_mix="none"),
 }
 # What ``osq calibrate`` and ``api.calibration_config`` use when no method is named. It won on the
 # real DeiT-Tiny's held-out KL and logit MSE at W4A4, W6A6, W4A8 and W8A8 (3 seeds each, with the
@@ -142,12 +144,12 @@ DEFAULT_METHOD = Method.OUTPUT_TUNED
 def _method_settings(cfg: CalibrationConfig) -> dict:
     """The accuracy settings that change what ``cfg`` computes (a weight of a disabled term does not)."""
     settings: dict = {"loss": cfg.loss, "kl_groups": cfg.kl_groups, "tuned": cfg.output_tuning_iters > 0,
-                      "granularity": cfg.granularity, "samples": cfg.samples}
+                      "granularity": cfg.granularity, "samples": cfg.samples, "view_mix": cfg.view_mix}
     if cfg.kl_groups:
         settings["kl_weight"] = cfg.kl_weight
     if cfg.output_tuning_iters:
         settings.update(output_tuning=cfg.output_tuning, output_tuning_lr=cfg.output_tuning_lr,
-                        output_tuning_mix=cfg.output_tuning_mix)
+                        output_tuning_mix=cfg.output_tuning_mix, output_tuning_drop=cfg.output_tuning_drop)
     return settings
 
 
@@ -211,6 +213,11 @@ class CalibrationConfig:
     # against fixed views by 21 % and 8 % at W6A6 and 2 % at W4A4 on 1,024 views (+2 % on 4,096);
     # mixup did no better at W6A6 and worse at W4A4 (docs/results.md).
     output_tuning_mix: str = "none"
+    # QDrop during output tuning: each activation quantizer keeps the float value of an element with
+    # this probability per step, as the group steps do with ``drop_prob``, so the tuned steps,
+    # LayerNorms and biases are fitted around partly quantized activations rather than to one exact
+    # pattern of rounding. 0 (off) in every preset.
+    output_tuning_drop: float = 0.0
     # Speed features, used on CUDA devices only. TF32 matmuls change float rounding;
     # replaying each group's training step as a CUDA graph changes nothing that is computed
     # (reconstruct/step.py); compiled quantizer kernels fuse the same arithmetic (quant/kernels.py).
@@ -300,6 +307,8 @@ class CalibrationConfig:
             raise ConfigError(
                 f"output_tuning_mix must be one of {', '.join(OUTPUT_TUNING_MIXES)}, got {self.output_tuning_mix!r}"
             )
+        if not 0.0 <= self.output_tuning_drop < 1.0:
+            raise ConfigError(f"output tuning drop probability must be in [0, 1), got {self.output_tuning_drop}")
         if not self.output_tuning_lr > 0:
             raise ConfigError(f"output tuning learning rate must be > 0, got {self.output_tuning_lr}")
         # torch seeds are 64-bit and reconstruction seeds group i with seed * 100003 + i: a larger

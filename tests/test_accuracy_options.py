@@ -58,6 +58,9 @@ def test_the_dataclass_defaults_are_the_papers_and_each_preset_sets_its_own_sett
     assert tuned.with_method("paper").method is Method.PAPER
     # a setting changed by hand is a custom method; a weight of a term that is off changes nothing
     assert CalibrationConfig(kl_groups=2).method is Method.CUSTOM
+    assert CalibrationConfig(view_mix="cutmix").method is Method.CUSTOM
+    assert replace(tuned, output_tuning_drop=0.5).method is Method.CUSTOM
+    assert replace(tuned, view_mix="mixup").with_method(Method.OUTPUT_TUNED) == tuned
     assert CalibrationConfig(kl_weight=5.0).method is Method.PAPER
     assert CalibrationConfig(output_tuning_lr=1.0).method is Method.PAPER
 
@@ -120,7 +123,7 @@ def test_a_recipe_refuses_a_number_of_images_that_is_not_a_positive_integer():
 @pytest.mark.parametrize("settings", [
     {"kl_groups": -1}, {"kl_groups": 1, "loss": "fisher"}, {"kl_weight": 0.0}, {"output_tuning_iters": -1},
     {"output_tuning": "weights"}, {"output_tuning_lr": 0.0}, {"loss": "l1"}, {"output_tuning_mix": "cutout"},
-    {"view_mix": "cutout"},
+    {"view_mix": "cutout"}, {"output_tuning_drop": 1.0}, {"output_tuning_drop": -0.1},
 ])
 def test_accuracy_settings_outside_the_method_are_refused(settings):
     with pytest.raises(ConfigError):
@@ -252,6 +255,18 @@ def test_view_mix_reaches_every_stage_and_is_recorded(tmp_path):
     assert not torch.equal(steps["none"], steps["cutmix"])  # the observers saw the blended views
 
 
+def test_output_tuning_drop_tunes_around_partly_float_activations_and_restores_the_quantizers():
+    model = tiny_vit(depth=1)
+    settings = dict(iters=5, n=16, output_tuning_iters=20, output_tuning="steps+affine")
+    plain, _ = _calibrate(model, **settings)
+    dropped, rec = _calibrate(model, **settings, output_tuning_drop=0.5)
+    assert rec.output_tuning.kept
+    changed = [k for k, v in plain.state_dict().items() if not torch.equal(v, dropped.state_dict()[k])]
+    assert changed  # the drop masks changed what was fitted
+    # back to plain round-to-nearest for the checks after tuning, export and evaluation
+    assert all(not q.training and q.drop_prob == 0.0 for q in act_quantizers([dropped]))
+
+
 def test_mixing_at_full_weight_tunes_as_the_fixed_views_do(monkeypatch):
     # lam = 1 leaves every image itself: the copied float teacher must then predict what the
     # precomputed float logits hold, so the two tunings end where each other ends.
@@ -279,6 +294,9 @@ OPTIONS = {
     "tuned_mixup": dict(output_tuning_iters=100, output_tuning="steps+affine", output_tuning_mix="mixup"),
     "tuned_cutmix": dict(output_tuning_iters=100, output_tuning="steps+affine", output_tuning_mix="cutmix"),
     "tuned_wscale": dict(output_tuning_iters=100, output_tuning="steps+affine+wscale", output_tuning_mix="cutmix"),
+    "tuned_drop": dict(output_tuning_iters=100, output_tuning="steps+affine", output_tuning_mix="cutmix",
+                       output_tuning_drop=0.5),
+    "view_mix": dict(view_mix="cutmix"),
 }
 
 

@@ -181,6 +181,11 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
             set_mode(teacher, QuantMode.FLOAT)
     for p in params:
         p.requires_grad_(True)
+    # QDrop for the steps only (the copied teacher above runs in float; the KL checks run in eval mode)
+    dropping = [(q, q.drop_prob, q.training) for q in act_quantizers([model])] if cfg.output_tuning_drop else []
+    for q, _, _ in dropping:
+        q.drop_prob = cfg.output_tuning_drop
+        q.train()
     step = OutputStep(model, images, fp_logits, batches, scales, affine, cfg, device, dist, mixing, teacher)
     curve: list[tuple[int, float]] = []
     iters = cfg.output_tuning_iters
@@ -212,6 +217,9 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
         step.zero_grad()
         for p in params:
             p.requires_grad_(False)
+        for q, drop_prob, training in dropping:
+            q.drop_prob = drop_prob
+            q.train(training)
     kl_after = _kl(model, images, fp_logits, bs)
     kept = kl_after == kl_after and kl_after < kl_before
     if not kept:
