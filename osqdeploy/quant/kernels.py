@@ -9,7 +9,7 @@ same draws.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -93,6 +93,22 @@ def qdrop_mask(shape: torch.Size, device: torch.device, drop_prob: float) -> tor
 def active_drop(quantizer: nn.Module) -> float:
     """The QDrop probability a quantizer applies now: its ``drop_prob`` in training mode, else 0."""
     return quantizer.drop_prob if quantizer.training else 0.0
+
+
+@contextmanager
+def qdrop(quantizers: Iterable[nn.Module], drop_prob: float) -> Iterator[None]:
+    """QDrop on ``quantizers`` inside the block (training mode, each element kept float with
+    ``drop_prob``); after it, off again: evaluation mode, probability 0, as every later stage expects."""
+    quantizers = list(quantizers)
+    for q in quantizers:
+        q.drop_prob = drop_prob
+        q.train()
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.drop_prob = 0.0
+            q.eval()
 
 
 def draw_mask(shape: torch.Size | tuple[int, ...], device: torch.device, drop_prob: float) -> torch.Tensor | None:

@@ -31,7 +31,7 @@ from ..adapters import Adapter, State, Unit
 from ..config import CalibrationConfig, ConfigError, QuantConfig
 from ..distributed import DistContext
 from ..plan import Plan
-from ..quant.kernels import fused_quantizers
+from ..quant.kernels import fused_quantizers, qdrop
 from ..quant.layers import act_quantizers, quant_layers
 from ..quant.mode import QuantMode, quant_mode, set_mode
 from ..quant.reparam import reparameterize_input, reparameterize_norm
@@ -368,9 +368,6 @@ class Reconstructor:
         step_params = [q.scale for q in acts if hasattr(q, "scale") and isinstance(q.scale, nn.Parameter)]
         for p in step_params:
             p.requires_grad_(True)
-        for q in acts:
-            q.drop_prob = cfg.drop_prob
-            q.train()
         schedule = Schedule.build(cfg, q_in[0].shape[0], gen, self.device)
         step = GroupStep(
             lambda s: self._run_group(group, s), layers, step_params, q_in, fp_in, target,
@@ -396,15 +393,13 @@ class Reconstructor:
             self.callbacks.on_iter(index, it, value)
 
         cuda = self.device.type == "cuda"
-        with fused_quantizers(cfg.compile and cuda and not cfg.compile_group, cfg.fused_rng):  # group fuses more
+        fused = cfg.compile and cuda and not cfg.compile_group  # compile_group fuses more
+        with qdrop(acts, cfg.drop_prob), fused_quantizers(fused, cfg.fused_rng):
             try:
                 run_steps(step, cfg.iters, cfg.cuda_graph and cuda, on_log, log_every=max(1, cfg.iters // 100))
             finally:
                 step.release()
 
-        for q in acts:
-            q.drop_prob = 0.0
-            q.eval()
         for p in step_params:
             p.requires_grad_(False)
             p.grad = None

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import CalibrationConfig
 from ..distributed import DistContext
+from ..quant.kernels import qdrop
 from ..quant.layers import act_quantizers, quant_layers
 from ..quant.mode import QuantMode, quant_mode, set_mode
 from ..quant.quantizers import ActQuantizer
@@ -181,11 +182,6 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
             set_mode(teacher, QuantMode.FLOAT)
     for p in params:
         p.requires_grad_(True)
-    # QDrop for the steps only (the copied teacher above runs in float; the KL checks run in eval mode)
-    dropping = [(q, q.drop_prob, q.training) for q in act_quantizers([model])] if cfg.output_tuning_drop else []
-    for q, _, _ in dropping:
-        q.drop_prob = cfg.output_tuning_drop
-        q.train()
     step = OutputStep(model, images, fp_logits, batches, scales, affine, cfg, device, dist, mixing, teacher)
     curve: list[tuple[int, float]] = []
     iters = cfg.output_tuning_iters
@@ -201,25 +197,24 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
     # in a graph, their extra kernels cost microseconds a step, where compiling each quantizer's
     # fp32 variants afresh would cost more seconds than the whole stage.
     try:
-        try:
-            run_steps(step, iters, graph, on_log, log_every)
-        except RuntimeError as e:
-            if not graph:
-                raise
-            # a model whose forward cannot be captured still tunes, eagerly, from where it stopped
-            warnings.warn(f"output tuning could not be captured as a CUDA graph ({e}); continuing eagerly",
-                          RuntimeWarning, stacklevel=2)
-            for it in range(int(step.counter), iters):
-                step.eager()
-                if it % log_every == 0 or it == iters - 1:
-                    on_log(it)
+        # QDrop for the steps only, none at 0 (the copied teacher runs in float; the KL checks after it, without)
+        with qdrop(act_quantizers([model]), cfg.output_tuning_drop):
+            try:
+                run_steps(step, iters, graph, on_log, log_every)
+            except RuntimeError as e:
+                if not graph:
+                    raise
+                # a model whose forward cannot be captured still tunes, eagerly, from where it stopped
+                warnings.warn(f"output tuning could not be captured as a CUDA graph ({e}); continuing eagerly",
+                              RuntimeWarning, stacklevel=2)
+                for it in range(int(step.counter), iters):
+                    step.eager()
+                    if it % log_every == 0 or it == iters - 1:
+                        on_log(it)
     finally:
         step.zero_grad()
         for p in params:
             p.requires_grad_(False)
-        for q, drop_prob, training in dropping:
-            q.drop_prob = drop_prob
-            q.train(training)
     kl_after = _kl(model, images, fp_logits, bs)
     kept = kl_after == kl_after and kl_after < kl_before
     if not kept:
