@@ -60,6 +60,7 @@ def test_the_dataclass_defaults_are_the_papers_and_each_preset_sets_its_own_sett
     assert CalibrationConfig(kl_groups=2).method is Method.CUSTOM
     assert CalibrationConfig(view_mix="cutmix").method is Method.CUSTOM
     assert replace(tuned, output_tuning_drop=0.5).method is Method.CUSTOM
+    assert replace(tuned, output_tuning_ema=0.99).method is Method.CUSTOM
     assert replace(tuned, view_mix="mixup").with_method(Method.OUTPUT_TUNED) == tuned
     assert CalibrationConfig(kl_weight=5.0).method is Method.PAPER
     assert CalibrationConfig(output_tuning_lr=1.0).method is Method.PAPER
@@ -124,6 +125,7 @@ def test_a_recipe_refuses_a_number_of_images_that_is_not_a_positive_integer():
     {"kl_groups": -1}, {"kl_groups": 1, "loss": "fisher"}, {"kl_weight": 0.0}, {"output_tuning_iters": -1},
     {"output_tuning": "weights"}, {"output_tuning_lr": 0.0}, {"loss": "l1"}, {"output_tuning_mix": "cutout"},
     {"view_mix": "cutout"}, {"output_tuning_drop": 1.0}, {"output_tuning_drop": -0.1},
+    {"output_tuning_ema": 1.0}, {"output_tuning_ema": -0.5},
 ])
 def test_accuracy_settings_outside_the_method_are_refused(settings):
     with pytest.raises(ConfigError):
@@ -267,6 +269,37 @@ def test_output_tuning_drop_tunes_around_partly_float_activations_and_restores_t
     assert all(not q.training and q.drop_prob == 0.0 for q in act_quantizers([dropped]))
 
 
+def test_output_tuning_average_ends_on_the_moving_average_of_the_steps(monkeypatch):
+    # A decay that forgets at once is the last step itself; a slow one trails behind it.
+    import osqdeploy.reconstruct.output_tuning as ot
+
+    model = tiny_vit(depth=1)
+    settings = dict(iters=5, n=16, output_tuning_iters=20, output_tuning="steps+affine", output_tuning_mix="cutmix")
+    last, _ = _calibrate(model, **settings)
+    instant, _ = _calibrate(model, **settings, output_tuning_ema=1e-12)
+    sl, si = last.state_dict(), instant.state_dict()
+    assert all(torch.allclose(sl[k].float(), si[k].float(), rtol=1e-5, atol=1e-7) for k in sl)
+    # record the trajectory of one tuned tensor and average it by hand
+    trail: list[torch.Tensor] = []
+    step_body = ot.OutputStep.body
+
+    def body(self):
+        if not trail:
+            trail.append(self.params[0].detach().clone())  # where the average starts
+        step_body(self)
+        trail.append(self.params[0].detach().clone())
+
+    monkeypatch.setattr(ot.OutputStep, "body", body)
+    averaged, rec = _calibrate(model, **settings, output_tuning_ema=0.8)
+    assert rec.output_tuning.kept and len(trail) == 21
+    expected = trail[0]
+    for t in trail[1:]:
+        expected = 0.8 * expected + 0.2 * t
+    tuned = tuned_parameters(averaged, "steps+affine")[0][0]
+    assert torch.allclose(tuned, expected, rtol=1e-5, atol=1e-8)
+    assert not torch.equal(tuned, trail[-1])  # not the last step
+
+
 def test_mixing_at_full_weight_tunes_as_the_fixed_views_do(monkeypatch):
     # lam = 1 leaves every image itself: the copied float teacher must then predict what the
     # precomputed float logits hold, so the two tunings end where each other ends.
@@ -296,6 +329,8 @@ OPTIONS = {
     "tuned_wscale": dict(output_tuning_iters=100, output_tuning="steps+affine+wscale", output_tuning_mix="cutmix"),
     "tuned_drop": dict(output_tuning_iters=100, output_tuning="steps+affine", output_tuning_mix="cutmix",
                        output_tuning_drop=0.5),
+    "tuned_ema": dict(output_tuning_iters=100, output_tuning="steps+affine", output_tuning_mix="cutmix",
+                      output_tuning_ema=0.9),
     "view_mix": dict(view_mix="cutmix"),
 }
 

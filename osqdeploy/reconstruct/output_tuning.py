@@ -14,7 +14,8 @@ same ``run_steps`` as the group steps, so on CUDA it replays one captured iterat
 
 With ``output_tuning_mix`` each step fits a fresh blend of calibration images (mixup or cutmix)
 against the float model's prediction on that blend: the stage otherwise fits a thousand fixed
-predictions far better than it generalises (docs/results.md, "Accuracy methods").
+predictions far better than it generalises (docs/results.md, "Accuracy methods"). With
+``output_tuning_ema`` it ends on a moving average of the parameters instead of the last step.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ class OutputStep:
         # absolute rate would freeze the large ones or throw the small ones about.
         groups = [{"params": [p], "lr": cfg.output_tuning_lr * _size(p)} for p in scales + affine]
         self.optimizer = torch.optim.Adam(groups, **adam)
+        self.params = scales + affine
+        self.ema = cfg.output_tuning_ema  # 0: no average kept
+        self.average = [p.detach().clone() for p in self.params] if self.ema else []
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.rec = torch.zeros((), device=device)
 
@@ -122,6 +126,8 @@ class OutputStep:
         self.optimizer.step()
         with torch.no_grad():
             torch._foreach_clamp_min_(self.scales, 1e-8)
+            if self.average:
+                torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.ema)
             self.counter += 1
             self.rec.copy_(loss.detach())
 
@@ -215,6 +221,10 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
         step.zero_grad()
         for p in params:
             p.requires_grad_(False)
+    if step.average:
+        with torch.no_grad():
+            for p, a in zip(params, step.average, strict=True):
+                p.copy_(a)
     kl_after = _kl(model, images, fp_logits, bs)
     kept = kl_after == kl_after and kl_after < kl_before
     if not kept:

@@ -27,7 +27,8 @@ MANIFEST = "run.json"
 LATER_FIELDS: dict[str, dict[str, Any]] = {
     "quant": {"attn_grid": "log", "post_gelu_grid": "tensor"},
     "calibration": {"overlap_allreduce": False, "shard_rounding": False, "output_tuning_mix": "none",
-                    "view_mix": "none", "output_tuning_drop": 0.0},
+                    "view_mix": "none", "output_tuning_drop": 0.0,
+                    "output_tuning_ema": 0.0},
 }
 
 
