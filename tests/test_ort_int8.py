@@ -57,7 +57,10 @@ def test_fast_file_computes_what_the_qdq_file_computes(pair):
 def test_weights_dequantize_to_the_same_values(pair):
     (w, _), qdq, fast = pair
     a, b = onnx.load(str(qdq)), onnx.load(str(fast))
-    assert weight_types(b) == {"INT8": sum(weight_types(a).values())}
+    assert sum(weight_types(b).values()) == sum(weight_types(a).values())
+    assert set(weight_types(b)) <= {"INT8", "UINT8"}
+    if w == 4:  # the block layers in int8; the 8-bit patch embedding and head in uint8
+        assert weight_types(b)["INT8"] == 4 * DEPTH
 
     def dequantized(proto, symmetric: bool):
         inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
@@ -69,14 +72,32 @@ def test_weights_dequantize_to_the_same_values(pair):
                 shape = [1] * q.ndim
                 shape[axis] = -1
                 out[n.input[0]] = (q.astype(np.float32) - z.astype(np.float32).reshape(shape)) * s.reshape(shape)
-                if symmetric and w <= 7 and not n.input[0].startswith(("patch_embed", "head")):  # 8-bit edges
-                    assert not z.any(), "≤7-bit weights should be symmetric int8"
+                if symmetric and q.dtype == np.int8:
+                    assert not z.any(), "int8 weights are symmetric"
+                    # no pair of them can overflow a uint8 x int8 pair sum in int16 (CPUs without VNNI)
+                    assert np.abs(q.astype(np.int32)).max() <= 64, n.input[0]
         return out
 
     ref, got = dequantized(a, False), dequantized(b, True)
     assert ref.keys() == got.keys()
     for name in ref:
         np.testing.assert_array_equal(ref[name], got[name], err_msg=name)
+
+
+def test_weight_grids_wider_than_the_exact_int8_range_stay_uint8():
+    # x86 CPUs without VNNI sum uint8 x int8 products in int16 pairs: |w| <= 64 is exact there,
+    # so a 7-bit grid centred within that range goes to int8 and any wider one keeps uint8.
+    from osqdeploy.onnx_export.ort_int8 import _weight_codes
+
+    zp = np.array([64, 64], np.int64)
+    narrow = np.array([[0, 128], [10, 100]])  # centred values -64 … 64
+    codes, z = _weight_codes(narrow, zp, 0, "w")
+    assert codes.dtype == np.int8 and not z.any() and (codes == narrow - 64).all()
+    wide = np.array([[0, 255], [10, 100]])  # 191 above the zero point
+    codes, z = _weight_codes(wide, zp, 0, "w")
+    assert codes.dtype == np.uint8 and z.dtype == np.uint8 and (codes == wide).all() and (z == zp).all()
+    with pytest.raises(FormatError, match="8-bit"):
+        _weight_codes(np.array([[0, 300]]), np.array([0]), 0, "w")
 
 
 def test_onnxruntime_fuses_the_fast_file_into_integer_kernels(pair):
@@ -104,7 +125,8 @@ def test_export_writes_the_fast_format(tmp_path):
               CalibrationConfig(samples=16, batch_size=16, iters=0), tmp_path / "run")
     info = export_run(tmp_path / "run", tmp_path / "fast.onnx", format="ort-int8")
     assert info.format == ExportFormat.ort_int8.value
-    assert info.weight_initializers == {"INT8": sum(info.weight_initializers.values())}
+    # W4A8: the block layers' 4-bit codes as int8, the 8-bit patch embedding and head as uint8
+    assert info.weight_initializers == {"INT8": 4 * DEPTH, "UINT8": 2}
     assert file_format(onnx.load(str(tmp_path / "fast.onnx"))) == "ort-int8"
     rows = compare_speed({"fast": tmp_path / "fast.onnx"}, batch_sizes=(1, 4), seconds=0.05, min_runs=2)
     assert [r.batch for r in rows] == [1, 4] and all(r.images_per_s > 0 for r in rows)

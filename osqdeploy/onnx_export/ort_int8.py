@@ -11,8 +11,10 @@ MatMuls run in float on dequantized copies, slower than the float model. This pa
   same codes (the exporter already clips 5–7-bit grids that way in front of a uint8 quantizer);
 * a weight's codes ``q`` with per-channel zero points ``z`` become int8 ``q − z`` with zero point 0
   (symmetric int8, the form the int8 GEMMs take without a zero-point correction) when every
-  ``q − z`` fits int8, which holds for every ≤7-bit grid; otherwise (8-bit grids) int8 ``q − 128``
-  with zero points ``z − 128``.
+  ``q − z`` lies within ±64, which holds for every ≤6-bit grid; otherwise (8-bit grids, the 8-bit
+  patch embedding and head) they stay uint8 with their zero points. CPUs without VNNI sum uint8 ×
+  int8 products in saturating int16 pairs, exact only up to that bound (wider int8 weights gave
+  wrong logits on an AVX2-only CPU); uint8 weights take ONNX Runtime's U8U8 kernels, exact on every CPU.
 
 * the log√2 / log2 grid of the attention probabilities, an elementwise subgraph of some twenty
   nodes over the largest tensor of the model (``Pow``, ``Where``, ``Ceil``… once per element),
@@ -31,6 +33,9 @@ from enum import Enum
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+# the largest int8 weight magnitude a uint8 x int8 pair sum keeps within int16 (255 * 128 = 32,640)
+SAFE_INT8 = 64
 
 __all__ = ["FORMAT_KEY", "ExportFormat", "FormatError", "file_format", "to_ort_int8", "weight_types"]
 
@@ -90,7 +95,7 @@ def _grid_range(init: TensorProto) -> tuple[int, int]:
 
 
 def to_ort_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the osq ``qdq`` graph ``proto`` with every grid in uint8 (activations) / int8 (weights).
+    """A copy of the osq ``qdq`` graph ``proto`` with every grid in uint8 (activations) / int8 or uint8 (weights).
 
     Raises :class:`FormatError` when a quantizer's scale or zero point is not an initializer (not
     a graph osq wrote) or a weight grid does not fit int8.
@@ -140,9 +145,9 @@ def to_ort_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
         if zp_name in act_zero_points:
             raise FormatError(f"{node.name}: a weight and an activation share the zero point {zp_name}")
         if codes_name not in converted:
-            new_zp_name = f"{codes_name}.zero_point_int8"
+            new_zp_name = f"{codes_name}.zero_point_8bit"
             codes_init = inits[codes_name]
-            codes, new_zp = _int8_weight(_as_int(codes_init), _as_int(inits[zp_name]), _axis(node), codes_name)
+            codes, new_zp = _weight_codes(_as_int(codes_init), _as_int(inits[zp_name]), _axis(node), codes_name)
             codes_init.CopyFrom(numpy_helper.from_array(codes, codes_name))
             new_inits.append(numpy_helper.from_array(new_zp, new_zp_name))
             converted[codes_name] = new_zp_name
@@ -170,19 +175,23 @@ def _axis(node: onnx.NodeProto) -> int:
     return int(next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1))
 
 
-def _int8_weight(codes: np.ndarray, zp: np.ndarray, axis: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """int8 codes and zero points with the values of ``(codes − zp)`` along ``axis``.
+def _weight_codes(codes: np.ndarray, zp: np.ndarray, axis: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and zero points with the values of ``(codes − zp)`` along ``axis``, in the type the CPU sums exactly.
 
-    Symmetric (``codes − zp``, zero point 0) when that fits int8; otherwise shifted by 128.
+    int8 and symmetric (``codes − zp``, zero point 0) when every value is within ±64; otherwise
+    (wider grids, 8-bit ones always) uint8 with its zero points. x86 CPUs without VNNI multiply
+    uint8 activations by int8 weights in pairs summed into int16 (``vpmaddubsw``), which saturates
+    once two weights of a pair together exceed 128 in magnitude; uint8 weights take a kernel
+    that widens first, exact on every CPU.
     """
     shape = [1] * codes.ndim
     shape[axis] = -1
     centred = codes - zp.reshape(shape)
-    if centred.min() >= -127 and centred.max() <= 127:
+    if centred.min() >= -SAFE_INT8 and centred.max() <= SAFE_INT8:
         return centred.astype(np.int8), np.zeros(zp.shape, np.int8)
     if codes.min() < 0 or codes.max() > 255 or zp.min() < 0 or zp.max() > 255:
         raise FormatError(f"weight {name} does not fit an 8-bit grid")
-    return (codes - 128).astype(np.int8), (zp - 128).astype(np.int8)
+    return codes.astype(np.uint8), zp.astype(np.uint8)
 
 
 def _log_grids_as_tables(proto: onnx.ModelProto) -> int:
