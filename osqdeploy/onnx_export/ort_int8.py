@@ -34,14 +34,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-# the largest int8 weight magnitude a uint8 x int8 pair sum keeps within int16 (255 * 128 = 32,640)
-SAFE_INT8 = 64
-
 __all__ = ["FORMAT_KEY", "ExportFormat", "FormatError", "file_format", "to_ort_int8", "weight_types"]
 
 # metadata key every osq ONNX file carries: which of the formats below it is
 FORMAT_KEY = "osq_format"
 
+# the largest int8 weight magnitude a uint8 x int8 pair sum keeps within int16 (255 * 128 = 32,640)
+_EXACT_INT8 = 64
 # activation zero-point types narrower than uint8 (the exporter writes ≤4-bit grids as UINT4)
 _LOW_BIT = {TensorProto.UINT4, TensorProto.INT4}
 
@@ -98,7 +97,7 @@ def to_ort_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the osq ``qdq`` graph ``proto`` with every grid in uint8 (activations) / int8 or uint8 (weights).
 
     Raises :class:`FormatError` when a quantizer's scale or zero point is not an initializer (not
-    a graph osq wrote) or a weight grid does not fit int8.
+    a graph osq wrote) or a weight grid does not fit 8 bits.
     """
     if file_format(proto) == ExportFormat.ort_int8.value:
         return copy.deepcopy(proto)
@@ -187,7 +186,7 @@ def _weight_codes(codes: np.ndarray, zp: np.ndarray, axis: int, name: str) -> tu
     shape = [1] * codes.ndim
     shape[axis] = -1
     centred = codes - zp.reshape(shape)
-    if centred.min() >= -SAFE_INT8 and centred.max() <= SAFE_INT8:
+    if centred.min() >= -_EXACT_INT8 and centred.max() <= _EXACT_INT8:
         return centred.astype(np.int8), np.zeros(zp.shape, np.int8)
     if codes.min() < 0 or codes.max() > 255 or zp.min() < 0 or zp.max() > 255:
         raise FormatError(f"weight {name} does not fit an 8-bit grid")

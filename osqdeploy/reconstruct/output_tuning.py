@@ -100,11 +100,12 @@ class OutputStep:
         # Adam moves a parameter by about its learning rate per step, so each tensor's rate is
         # relative to its own size: activation steps of one model differ by 100x, and one
         # absolute rate would freeze the large ones or throw the small ones about.
-        groups = [{"params": [p], "lr": cfg.output_tuning_lr * _size(p)} for p in scales + affine]
+        params = scales + affine
+        groups = [{"params": [p], "lr": cfg.output_tuning_lr * _size(p)} for p in params]
         self.optimizer = torch.optim.Adam(groups, **adam)
-        self.params = scales + affine
+        self.params = [p.detach() for p in params]  # views of the learned tensors, for the average
         self.ema = cfg.output_tuning_ema  # 0: no average kept
-        self.average = [p.detach().clone() for p in self.params] if self.ema else []
+        self.average = [p.clone() for p in self.params] if self.ema else []
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.rec = torch.zeros((), device=device)
 
@@ -127,7 +128,7 @@ class OutputStep:
         with torch.no_grad():
             torch._foreach_clamp_min_(self.scales, 1e-8)
             if self.average:
-                torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.ema)
+                torch._foreach_lerp_(self.average, self.params, 1.0 - self.ema)
             self.counter += 1
             self.rec.copy_(loss.detach())
 
