@@ -157,6 +157,10 @@ def _time_split(m: Any) -> str:
     return f"{text}: " + ", ".join(parts)
 
 
+def _averaged(c: Any) -> str:
+    return f", ending on the average, decay {c.output_tuning_ema:.3g}" if c.output_tuning_ema else ""
+
+
 def inspect_tables(run: str, m: Any, source: str, progress: str) -> list[Any]:
     from .progress import plan_table, summary_table, tuning_line
 
@@ -176,7 +180,7 @@ def inspect_tables(run: str, m: Any, source: str, progress: str) -> list[Any]:
             f"device {m.device}, {_matmul_precision(m)} matmuls",
         ),
         ("method", c.method.value + (f", then {c.output_tuning_iters} steps of output tuning ({c.output_tuning}, "
-                                     f"{c.output_tuning_mix} views)" if c.output_tuning_iters else "")),
+                                     f"{c.output_tuning_mix} views{_averaged(c)})" if c.output_tuning_iters else "")),
     ]
     if m.seconds is not None:
         rows.append(("calibration time", _time_split(m)))

@@ -169,10 +169,13 @@ def calibration_config(recipe: str, method: Method | str | None = None, **overri
     if r.samples is not None:
         plan["samples"] = r.samples
     cfg = replace(CalibrationConfig(), **plan).with_method(method or DEFAULT_METHOD)
-    # a recipe's schedule shortens the stages the method runs; it never turns output tuning on
-    schedule = {k: v for k, v in RECIPE_CALIBRATION.get(r.name, {}).items()
-                if k != "output_tuning_iters" or cfg.output_tuning_iters}
-    return replace(cfg, **{**schedule, **{k: v for k, v in overrides.items() if v is not None}})
+    recipe_schedule = dict(RECIPE_CALIBRATION.get(r.name, {}))
+    if not cfg.output_tuning_iters:
+        recipe_schedule.pop("output_tuning_iters", None)  # a recipe's schedule never turns output tuning on
+    schedule = {**recipe_schedule, **{k: v for k, v in overrides.items() if v is not None}}
+    if "output_tuning_iters" in schedule:  # its average keeps its share of the stage, unless a decay is given
+        cfg = cfg.with_tuning_steps(schedule.pop("output_tuning_iters"))
+    return replace(cfg, **schedule)
 
 
 def calibration_images(

@@ -60,7 +60,8 @@ def test_the_dataclass_defaults_are_the_papers_and_each_preset_sets_its_own_sett
     assert CalibrationConfig(kl_groups=2).method is Method.CUSTOM
     assert CalibrationConfig(view_mix="cutmix").method is Method.CUSTOM
     assert replace(tuned, output_tuning_drop=0.5).method is Method.CUSTOM
-    assert replace(tuned, output_tuning_ema=0.99).method is Method.CUSTOM
+    assert replace(tuned, output_tuning_ema=0.0).method is Method.CUSTOM  # ending on the last step
+    assert replace(tuned, output_tuning_ema=0.99).method is Method.OUTPUT_TUNED  # the decay is schedule
     assert replace(tuned, view_mix="mixup").with_method(Method.OUTPUT_TUNED) == tuned
     assert CalibrationConfig(kl_weight=5.0).method is Method.PAPER
     assert CalibrationConfig(output_tuning_lr=1.0).method is Method.PAPER
@@ -90,6 +91,13 @@ def test_a_models_settings_are_the_default_method_on_its_recipes_plan_unless_a_m
     fast = fast_preset(deit)
     assert fast.iters == FAST_ITERS and fast.output_tuning_iters * deit.iters == deit.output_tuning_iters * FAST_ITERS
     assert fast.method is Method.OUTPUT_TUNED
+    # a shorter stage keeps its average over the same share of it: the start's weight is unchanged
+    start_weight = deit.output_tuning_ema ** deit.output_tuning_iters
+    for short in (fast, demo, calibration_config("deit_t", output_tuning_iters=300)):
+        assert short.output_tuning_ema < deit.output_tuning_ema
+        assert short.output_tuning_ema ** short.output_tuning_iters == pytest.approx(start_weight)
+    assert calibration_config("deit_t", output_tuning_iters=300, output_tuning_ema=0.9).output_tuning_ema == 0.9
+    assert calibration_config("deit_t", "paper", output_tuning_iters=300).output_tuning_ema == 0.0
 
 
 def test_the_accuracy_benchmark_builds_each_variant_as_osq_calibrate_would():
