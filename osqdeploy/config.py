@@ -114,7 +114,7 @@ class Method(str, Enum):
     ending on the moving average of what it learns, and takes the plan and views of the model's
     recipe (DeiT-Tiny's: 4 blocks per group, 4,096 views).
     A setting changed by hand makes the configuration ``CUSTOM``; the length of a stage (``iters``,
-    ``output_tuning_iters``) is schedule, not method.
+    ``output_tuning_iters``) and the decay of the tuning's average are schedule, not method.
     """
 
     PAPER = "paper"
