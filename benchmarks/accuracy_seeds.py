@@ -81,21 +81,27 @@ class Job:
     def configs(self, model: str, iters: int, samples: int | None, device: str):
         """The job's (QuantConfig, CalibrationConfig)."""
         from osqdeploy.api import calibration_config
-        from osqdeploy.config import QuantConfig
+        from osqdeploy.config import CalibrationConfig, QuantConfig
 
         w, a = parse_bits(self.bits)
         qcfg = QuantConfig(w_bits=w, a_bits=a)
         name, *pairs = self.variant.split(",")
         settings = dict(VARIANTS[name])
         settings.update(kv.split("=", 1) for kv in pairs)
-        # what `osq calibrate MODEL --method M` uses: the recipe's plan and views unless M pins its own
-        ccfg = calibration_config(model, settings.pop("method", None), samples=samples, iters=iters,
-                                  seed=self.seed, device=device)
+        method = settings.pop("method", None)
+        calib_defaults = CalibrationConfig()
+        calib = {"samples": samples, "iters": iters, "seed": self.seed, "device": device}
         for key, value in settings.items():
-            target = qcfg if key in {f.name for f in fields(qcfg)} else ccfg
+            target = qcfg if key in {f.name for f in fields(qcfg)} else calib_defaults
             if key not in {f.name for f in fields(target)}:
                 raise SystemExit(f"{self.variant}: {key} is a setting of neither QuantConfig nor CalibrationConfig")
-            setattr(target, key, _typed(getattr(target, key), value))
+            if target is qcfg:
+                setattr(qcfg, key, _typed(getattr(qcfg, key), value))
+            else:
+                calib[key] = _typed(getattr(calib_defaults, key), value)
+        # what `osq calibrate MODEL --method M` uses: the recipe's plan and views unless M pins its own,
+        # the variant's settings as options given by name (a tuning length keeps its average's share)
+        ccfg = calibration_config(model, method, **calib)
         qcfg.validate()
         ccfg.validate()
         return qcfg, ccfg

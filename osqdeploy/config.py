@@ -389,8 +389,7 @@ def fast_preset(cfg: CalibrationConfig) -> CalibrationConfig:
     Swin, mean of 9 seeds; benchmarks/fast_preset.py, README Results). Output tuning is cut by the
     same fraction (1,000 steps to 200: on the real DeiT-Tiny's paper runs 200 steps kept 80 % of
     the W4A4 KL gain and did better at W6A6, docs/results.md), its average over the same share of
-    it. A schedule already shorter than
-    the preset (the demo's) is returned unchanged.
+    it. A schedule already shorter than the preset (the demo's) is returned unchanged.
     """
     if cfg.iters <= FAST_ITERS:
         return cfg

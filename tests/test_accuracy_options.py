@@ -114,6 +114,12 @@ def test_the_accuracy_benchmark_builds_each_variant_as_osq_calibrate_would():
     mixed = config("paper,granularity=blocks:4,samples=4096")
     assert (mixed.loss, mixed.granularity, mixed.samples, mixed.output_tuning_iters) == ("mse", "blocks:4", 4096, 0)
     assert config("paper", samples=128).samples == 128
+    # a tuning length given in the variant shortens the average with it, as the API's options do
+    short = config("default,output_tuning_iters=200")
+    assert short == replace(calibration_config("deit_t", output_tuning_iters=200), seed=1, device="cpu")
+    assert short.output_tuning_ema < calibration_config("deit_t").output_tuning_ema
+    with pytest.raises(SystemExit, match="granularty"):
+        config("paper,granularty=blocks:4")
     with pytest.raises(SystemExit, match="output_tuning_itres"):
         post_tuned_job(Job("paper", "w4a4", 0), "steps+affine,output_tuning_itres=200")
 

@@ -224,14 +224,12 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
             p.requires_grad_(False)
     if step.average:
         with torch.no_grad():
-            for p, a in zip(params, step.average, strict=True):
-                p.copy_(a)
+            torch._foreach_copy_(params, step.average)
     kl_after = _kl(model, images, fp_logits, bs)
     kept = kl_after == kl_after and kl_after < kl_before
     if not kept:
         with torch.no_grad():
-            for p, s in zip(params, start, strict=True):
-                p.copy_(s)
+            torch._foreach_copy_(params, start)
         kl_after = kl_before
     return OutputTuningResult(
         iters=iters, params=cfg.output_tuning, tensors=len(params), kl_before=kl_before, kl_after=kl_after,
