@@ -450,3 +450,20 @@ def test_two_rank_run_is_written_by_rank_0_and_resumes_after_an_interruption(tmp
     single = calibrate(loaded_tiny(depth=2), images(16, 32), QuantConfig(4, 4),
                        PIPELINE_CFG, tmp_path / "one").manifest
     assert single.output_mse == pytest.approx(whole["output_mse"], rel=1e-5)
+
+
+def test_step_profile_counts_overlapping_kernels_once_and_keeps_collectives_apart(tmp_path):
+    from benchmarks.distributed_profile import kernel_summary
+
+    kernels = [("gemm", 0, 10), ("ncclDevKernel_AllGather_RING_LL", 5, 10), ("layer_norm", 8, 4), ("gemm", 30, 10)]
+    events = [{"cat": "kernel", "name": n, "ts": ts, "dur": dur} for n, ts, dur in kernels]
+    events.append({"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100})  # not a kernel
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    s = kernel_summary(trace, steps=2)
+    assert s["window_us_per_step"] == 20  # 0..40 over 2 steps
+    assert s["compute_union_us_per_step"] == 11  # 0..12 and 30..40
+    assert s["compute_sum_us_per_step"] == 12
+    assert s["nccl_sum_us_per_step"] == 5 and s["nccl_kernels_per_step"] == 0.5
+    assert s["busy_union_us_per_step"] == 12.5  # 0..15 and 30..40: the gather overlaps the compute
+    assert s["top_compute"][0] == ("gemm", 1.0, 10.0)
