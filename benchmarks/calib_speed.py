@@ -19,6 +19,8 @@ Modes, run side by side in one process on one GPU:
   fast+bf16 — the same under bf16 autocast (opt-in)
   fast+fp16+rng, fast+fp16+group(+rng) — the default engine with fused_rng / compile_group (opt-in
            candidates, last measured without fp16)
+  fast+fp16+pad — the default engine with the attention's keys padded to a multiple of 8 tokens
+           (pad_attention, opt-in: aligned operands for the attention's batched products)
   fast+group — fast, with the group's whole forward/backward torch.compile'd (compile_group),
            not each quantizer alone; +rng and +bf16 add those to it
 For each mode it prints the final reconstruction loss of group 0 and the fraction of group-0
@@ -68,6 +70,7 @@ MODES = {
     "fast+bf16": dict(tf32=True, cuda_graph=True, compile=True, autocast="bf16"),
     "fast+fp16": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16"),
     "fast+fp16+rng": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16", fused_rng=True),
+    "fast+fp16+pad": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16", pad_attention=True),
     "fast+fp16+group": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16", compile_group=True),
     "fast+fp16+group+rng": dict(tf32=True, cuda_graph=True, compile=True, autocast="fp16", compile_group=True,
                                 fused_rng=True),

@@ -281,6 +281,13 @@ class CalibrationConfig:
     # arithmetic up to float summation order. On: on 2× H200 (DeiT-B) a step took 3.31 against
     # 3.64 ms at batch 32, 10.02 against 10.35 at 128, 18.6 against 19.1 at 256.
     shard_rounding: bool = True
+    # The fused attention's keys and values padded to a multiple of 8 tokens, the padded keys
+    # masked out of the softmax (their probabilities exactly 0): every operand of the two batched
+    # products then has a leading dimension that tensor-core GEMMs accept. Unpadded, ViT's 197
+    # tokens send those products and their gradients to unaligned kernels, 17 % of a DeiT-B step on
+    # an H200 (docs/results.md, "Several GPUs"). The same function and QDrop draws, up to float
+    # summation order. Off until it is timed on a GPU.
+    pad_attention: bool = False
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

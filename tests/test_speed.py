@@ -432,3 +432,57 @@ def test_a_gelu_folded_into_the_fc2_quantizer_computes_the_unfolded_mlp():
     live.fc2.input_quantizer = ActQuantizer(4)
     fold_gelu(live)
     assert isinstance(live.act, torch.nn.GELU) and live.fc2.input_quantizer.gelu is None
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_padded_attention_keys_compute_the_unpadded_attention_and_its_gradients(kind, monkeypatch):
+    """``pad_attention`` pads the fused attention's keys to a multiple of 8 and masks them out of
+    the softmax: the same context, the same QDrop draws and the same gradients (ViT's 17 tokens,
+    Swin's 49-token windows with their shift masks)."""
+    from osqdeploy.adapters.attention import QuantMatMulAttention
+    from osqdeploy.quant.kernels import qdrop
+    from osqdeploy.quant.layers import act_quantizers
+    from osqdeploy.reconstruct import logits
+
+    from conftest import tiny_swin
+
+    model, size = (tiny_vit(depth=2), 32) if kind == "vit" else (tiny_swin(), 56)
+    adapter = prepare_model(model, QuantConfig(4, 4), adapter_for)
+    rec = Reconstructor(model, adapter, build_plan("auto", adapter.units(model)),
+                        CalibrationConfig(samples=8, batch_size=8, iters=0, pad_attention=True), torch.device("cpu"))
+    cores = [m for m in model.modules() if isinstance(m, QuantMatMulAttention)]
+    assert cores and all(c.key_align == 8 for c in cores)
+    x = images(8, size)
+    rec.initialize(x)
+    keys_seen: set[int] = set()  # the key counts the probabilities kernel was handed
+    probs_kernel = M.KERNELS["attn_probs"]
+
+    def recording(scores, *args):
+        keys_seen.add(scores.shape[-1])
+        return probs_kernel(scores, *args)
+
+    monkeypatch.setitem(M.KERNELS, "attn_probs", recording)
+    steps = [q.scale for q in act_quantizers([model]) if isinstance(q, ActQuantizer)]
+
+    def run(align: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        for c in cores:
+            c.key_align = align
+        for s in steps:
+            s.requires_grad_(True)
+            s.grad = None
+        torch.manual_seed(0)
+        with qdrop(act_quantizers([model]), 0.5):  # the probabilities' QDrop draws among them
+            out = model(x)
+        out.square().mean().backward()
+        for s in steps:
+            s.requires_grad_(False)
+        return out.detach(), [s.grad.clone() for s in steps], logits(model, x, 8, torch.device("cpu"))
+
+    padded, padded_grads, padded_logits = run(8)
+    assert keys_seen == ({24} if kind == "vit" else {56})  # 17 and 49 tokens, padded
+    keys_seen.clear()
+    plain, plain_grads, plain_logits = run(1)
+    assert keys_seen == ({17} if kind == "vit" else {49})
+    assert torch.allclose(padded, plain, rtol=1e-5, atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(padded_grads, plain_grads, strict=True))
+    assert torch.allclose(padded_logits, plain_logits, rtol=1e-5, atol=1e-5)  # evaluation: no QDrop

@@ -8,6 +8,7 @@ projection): the projection is slice B of the paper and lives in the block wrapp
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantConfig
@@ -31,6 +32,8 @@ class QuantMatMulAttention(nn.Module):
     def __init__(self, cfg: QuantConfig, scale: float):
         super().__init__()
         self.scale = scale
+        # ``fused_forward`` pads the keys to a multiple of this (see CalibrationConfig.pad_attention)
+        self.key_align = 1
         self.q_quantizer = ActQuantizer(cfg.a_bits)
         self.k_quantizer = ActQuantizer(cfg.a_bits)
         self.v_quantizer = ActQuantizer(cfg.a_bits)
@@ -65,10 +68,32 @@ class QuantMatMulAttention(nn.Module):
         q, k, v = KERNELS["qkv"](qkv, scale, zero_point, qs[0].bits, drop, matmul_dtype(qkv),
                                  draw_mask(qkv.shape, qkv.device, drop))
         a, a_drop = self.attn_quantizer, active_drop(self.attn_quantizer)
+        n = k.shape[-2]
+        mask = draw_mask((*q.shape[:-1], n), q.device, a_drop)  # at the keys' own count: the same draws padded
+        pad = -n % self.key_align
+        if pad:
+            k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+            bias = _mask_padded_keys(bias, n, pad, q.device)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_zeros((*mask.shape[:-1], pad))], dim=-1)
         scores = q @ k.transpose(-2, -1)
         probs = KERNELS["attn_probs"](scores, self.scale, bias, groups, a.delta, a.bits, a.base, a_drop,
-                                      matmul_dtype(v), draw_mask(scores.shape, scores.device, a_drop))
+                                      matmul_dtype(v), mask)
         return probs @ v
+
+
+def _mask_padded_keys(bias: torch.Tensor | None, n: int, pad: int, device: torch.device) -> torch.Tensor:
+    """``bias`` over ``n + pad`` keys, -inf on the ``pad`` padded ones (their softmax weight exactly 0)."""
+    if bias is None:
+        return torch.cat([torch.zeros(n, device=device), torch.full((pad,), float("-inf"), device=device)])
+    return F.pad(bias, (0, pad), value=float("-inf"))
+
+
+def align_attention_keys(model: nn.Module, multiple: int) -> None:
+    """Pad every fused attention's keys to a multiple of ``multiple`` tokens (1: no padding)."""
+    for m in model.modules():
+        if isinstance(m, QuantMatMulAttention):
+            m.key_align = multiple
 
 
 class QuantAttention(nn.Module):

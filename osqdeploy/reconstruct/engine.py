@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import Adapter, State, Unit
+from ..adapters.attention import align_attention_keys
 from ..config import CalibrationConfig, ConfigError, QuantConfig
 from ..distributed import DistContext
 from ..plan import Plan
@@ -155,6 +156,7 @@ class Reconstructor:
         # backward kernels: timm's LayerNorm affines and Swin's position-bias tables would
         # otherwise have gradients computed and accumulated at every step and never used.
         self.model = model.to(device).requires_grad_(False)
+        align_attention_keys(self.model, 8 if ccfg.pad_attention else 1)
         self.adapter = adapter
         self.plan = plan
         self.cfg = ccfg
