@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -145,17 +146,9 @@ def main() -> None:
         cases.append((f"2gpu_b{32 * args.scale}_{label}", 2, args.scale, {name: value}))
     results = []
     for tag, ranks, scale, env in cases:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # the spawned ranks inherit it
         t = time.perf_counter()
-        try:
+        with mock.patch.dict(os.environ, env):  # the spawned ranks inherit it
             r = launch(_case, scale, tag, args.iters, processes=ranks, device_type="cuda")
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         r["wall"] = time.perf_counter() - t
         results.append(r)
         k = {name: r.get("kernels", {}).get(f"{name}_us_per_step", 0.0)
