@@ -137,12 +137,18 @@ def main() -> None:
                    help="a further 2-rank case under each environment variable")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/distributed_step_profile.json"))
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("profiles CUDA kernels: no CUDA device here")
+    if args.scale < 2 or args.scale % 2:
+        p.error(f"--scale must be even (one GPU runs half of it), got {args.scale}")
     half = args.scale // 2
     cases = [(f"1gpu_b{32 * half}", 1, half, {}), (f"1gpu_b{32 * args.scale}", 1, args.scale, {}),
              (f"2gpu_b{32 * args.scale}", 2, args.scale, {})]
     for setting in args.nccl:
         label, _, assignment = setting.partition(":")
         name, _, value = assignment.partition("=")
+        if not (label and name and value):
+            p.error(f"--nccl takes LABEL:NAME=VALUE, got {setting!r}")
         cases.append((f"2gpu_b{32 * args.scale}_{label}", 2, args.scale, {name: value}))
     results = []
     for tag, ranks, scale, env in cases:
