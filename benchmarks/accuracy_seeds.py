@@ -111,7 +111,11 @@ class Job:
 def _typed(default: object, value: object) -> object:
     """A ``key=value`` setting's text as the type of the field's default (presets' values pass as they are)."""
     if isinstance(value, str) and not isinstance(default, str):
-        return value == "true" if isinstance(default, bool) else type(default)(value)
+        if isinstance(default, bool):  # "True" must not read as False
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"a yes/no setting takes true or false, got {value!r}")
+            return value.lower() == "true"
+        return type(default)(value)
     return value
 
 

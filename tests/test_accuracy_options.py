@@ -118,6 +118,11 @@ def test_the_accuracy_benchmark_builds_each_variant_as_osq_calibrate_would():
     short = config("default,output_tuning_iters=200")
     assert short == replace(calibration_config("deit_t", output_tuning_iters=200), seed=1, device="cpu")
     assert short.output_tuning_ema < calibration_config("deit_t").output_tuning_ema
+    # a yes/no setting reads true or false in either case, and nothing else
+    assert config("default,pad_attention=True").pad_attention and config("default,pad_attention=true").pad_attention
+    assert not config("default,pad_attention=False").pad_attention
+    with pytest.raises(SystemExit, match="true or false, got 'yes'"):
+        config("default,pad_attention=yes")
     with pytest.raises(SystemExit, match="granularty"):
         config("paper,granularty=blocks:4")
     with pytest.raises(SystemExit, match="output_tuning_itres"):
