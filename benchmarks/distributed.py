@@ -41,12 +41,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from osqdeploy.adapters import adapter_for
+from osqdeploy.adapters import Adapter, adapter_for
 from osqdeploy.config import CalibrationConfig, QuantConfig
 from osqdeploy.distributed import SWEEP_TIMEOUT, DistContext, launch, scale_global_batch
 from osqdeploy.evaluation import TorchRuntime, evaluate
 from osqdeploy.load.models import load_model
-from osqdeploy.plan import build_plan
+from osqdeploy.plan import Plan, build_plan
 from osqdeploy.quant.layers import quant_layers
 from osqdeploy.reconstruct import Callbacks, Reconstructor, prepare_model
 from osqdeploy.sweep import SweepSpec, run_sweep
@@ -69,15 +69,21 @@ def _per_1k(marks: list[tuple[int, float]]) -> float:
     return 1000 * (marks[-1][1] - start[1]) / max(1, marks[-1][0] - start[0])
 
 
-def _calibration(ctx: DistContext, model_name: str, groups: int, iters: int, samples: int, scale: int,
-                 overlap: bool, shard: bool) -> dict:
+def random_w4a4_model(model_name: str, samples: int) -> tuple[torch.nn.Module, Adapter, Plan, torch.Tensor]:
+    """``model_name`` with seeded random weights prepared for W4A4, its ``auto`` plan and ``samples`` random images."""
     torch.manual_seed(0)
     model = load_model(model_name, pretrained=False).model
     adapter = prepare_model(model, QuantConfig(4, 4), adapter_for)
     plan = build_plan("auto", adapter.units(model))
+    images = torch.randn(samples, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    return model, adapter, plan, images
+
+
+def _calibration(ctx: DistContext, model_name: str, groups: int, iters: int, samples: int, scale: int,
+                 overlap: bool, shard: bool) -> dict:
+    model, adapter, plan, images = random_w4a4_model(model_name, samples)
     ccfg = scale_global_batch(CalibrationConfig(samples=samples, iters=iters, overlap_allreduce=overlap,
                                                      shard_rounding=shard), scale)
-    images = torch.randn(samples, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     clock = _Clock()
     t0 = time.perf_counter()
     rec = Reconstructor(model, adapter, plan, ccfg, ctx.device, clock, dist=ctx)

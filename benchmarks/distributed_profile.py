@@ -28,13 +28,10 @@ from unittest import mock
 
 import torch
 
-from benchmarks.distributed import _Clock, _per_1k
-from osqdeploy.adapters import adapter_for
-from osqdeploy.config import CalibrationConfig, QuantConfig
+from benchmarks.distributed import _Clock, _per_1k, random_w4a4_model
+from osqdeploy.config import CalibrationConfig
 from osqdeploy.distributed import DistContext, launch, scale_global_batch
-from osqdeploy.load.models import load_model
-from osqdeploy.plan import build_plan
-from osqdeploy.reconstruct import Reconstructor, prepare_model
+from osqdeploy.reconstruct import Reconstructor
 
 PROFILE_FROM, PROFILE_STEPS = 60, 20  # replays: past the capture and the allocator's settling
 
@@ -80,12 +77,8 @@ def kernel_summary(trace: Path, steps: int) -> dict:
 
 
 def _case(ctx: DistContext, scale: int, tag: str, iters: int) -> dict:
-    torch.manual_seed(0)
-    model = load_model("deit_base_patch16_224", pretrained=False).model
-    adapter = prepare_model(model, QuantConfig(4, 4), adapter_for)
-    plan = build_plan("auto", adapter.units(model))
+    model, adapter, plan, images = random_w4a4_model("deit_base_patch16_224", 1024)
     ccfg = scale_global_batch(CalibrationConfig(samples=1024, iters=iters * scale), scale)
-    images = torch.randn(1024, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     clock = _Clock()
     rec = Reconstructor(model, adapter, plan, ccfg, ctx.device, clock, dist=ctx)
     t = time.perf_counter()

@@ -84,9 +84,7 @@ class QuantMatMulAttention(nn.Module):
 
 def _mask_padded_keys(bias: torch.Tensor | None, n: int, pad: int, device: torch.device) -> torch.Tensor:
     """``bias`` over ``n + pad`` keys, -inf on the ``pad`` padded ones (their softmax weight exactly 0)."""
-    if bias is None:
-        return torch.cat([torch.zeros(n, device=device), torch.full((pad,), float("-inf"), device=device)])
-    return F.pad(bias, (0, pad), value=float("-inf"))
+    return F.pad(torch.zeros(n, device=device) if bias is None else bias, (0, pad), value=float("-inf"))
 
 
 def align_attention_keys(model: nn.Module, multiple: int) -> None:
