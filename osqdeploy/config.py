@@ -134,7 +134,8 @@ METHODS: dict[Method, dict] = {
                             **_PAPER_PLAN),
     Method.OUTPUT_TUNED: dict(loss="mse", kl_groups=0, output_tuning_iters=1000, output_tuning="steps+affine",
                               output_tuning_lr=1e-3, output_tuning_mix="cutmix", output_tuning_drop=0.0,
-                              output_tuning_ema=0.995, view_mix="none"),
+                              output_tuning_ema=0.995, output_tuning_batch=0, output_tuning_crop=0.0,
+                              view_mix="none"),
 }
 # What ``osq calibrate`` and ``api.calibration_config`` use when no method is named. On the real
 # DeiT-Tiny with the recipe's 4-block, 4,096-view plan it won on held-out KL and logit MSE at W4A4
@@ -153,6 +154,7 @@ def _method_settings(cfg: CalibrationConfig) -> dict:
         # whether the tuning ends on an average is method; its decay follows the stage's length
         settings.update(output_tuning=cfg.output_tuning, output_tuning_lr=cfg.output_tuning_lr,
                         output_tuning_mix=cfg.output_tuning_mix, output_tuning_drop=cfg.output_tuning_drop,
+                        output_tuning_batch=cfg.output_tuning_batch, output_tuning_crop=cfg.output_tuning_crop,
                         averaged=cfg.output_tuning_ema > 0)
     return settings
 
@@ -231,6 +233,15 @@ class CalibrationConfig:
     # lowered held-out KL by 2.5 % at W4A4 (6 seeds) and 10.5 % at W6A6 (every seed of 3). Like the
     # stage's length it is schedule: ``with_tuning_steps`` changes both together.
     output_tuning_ema: float = 0.0
+    # Images per tuning step; 0 takes the reconstruction's ``batch_size``. Off the group steps' 32,
+    # each step fits more blends for little more time: the step is bound by kernel launches, not
+    # arithmetic, on a model as small as DeiT-Tiny.
+    output_tuning_batch: int = 0
+    # Each tuning step also re-crops every image it fits (after any blend): a random box covering
+    # between this fraction and all of its area, aspect ratio 3/4 to 4/3, flipped with probability
+    # 1/2, resampled to full size on the device, the float model's prediction taken on that very
+    # crop. 0 (off): the stage fits the calibration views' own framing only.
+    output_tuning_crop: float = 0.0
     # Speed features, used on CUDA devices only. TF32 matmuls change float rounding;
     # replaying each group's training step as a CUDA graph changes nothing that is computed
     # (reconstruct/step.py); compiled quantizer kernels fuse the same arithmetic (quant/kernels.py).
@@ -333,6 +344,12 @@ class CalibrationConfig:
             raise ConfigError(f"output tuning average decay must be in [0, 1), got {self.output_tuning_ema}")
         if not self.output_tuning_lr > 0:
             raise ConfigError(f"output tuning learning rate must be > 0, got {self.output_tuning_lr}")
+        if self.output_tuning_batch < 0:
+            raise ConfigError(f"output tuning batch must be ≥ 0 (0: batch_size), got {self.output_tuning_batch}")
+        if not (self.output_tuning_crop == 0.0 or 0.0 < self.output_tuning_crop <= 1.0):
+            raise ConfigError(
+                f"output tuning crop must be 0 (off) or a fraction in (0, 1], got {self.output_tuning_crop}"
+            )
         # torch seeds are 64-bit and reconstruction seeds group i with seed * 100003 + i: a larger
         # seed would fail only once reconstruction starts
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:

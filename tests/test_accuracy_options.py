@@ -16,7 +16,7 @@ from osqdeploy.config import METHODS, CalibrationConfig, ConfigError, Method, Qu
 from osqdeploy.plan import build_plan
 from osqdeploy.quant.layers import act_quantizers, quant_layers
 from osqdeploy.reconstruct import Reconstructor, logits, prepare_model
-from osqdeploy.reconstruct.mixing import Mixing, blend_views
+from osqdeploy.reconstruct.mixing import Crops, Mixing, blend_views
 from osqdeploy.reconstruct.objective import PredictionAwareMSE, ReconstructionMSE, prediction_kl
 from osqdeploy.reconstruct.output_tuning import tuned_parameters
 
@@ -276,6 +276,53 @@ def test_view_mix_reaches_every_stage_and_is_recorded(tmp_path):
     assert not torch.equal(steps["none"], steps["cutmix"])  # the observers saw the blended views
 
 
+def test_crops_resample_a_box_of_the_drawn_area_and_aspect_flipped_as_drawn():
+    gen = torch.Generator().manual_seed(0)
+    crops = Crops.build(0.35, iters=300, batch=8, gen=gen, device=CPU)
+    w, h = crops.theta[..., 0, 0].abs(), crops.theta[..., 1, 1]
+    area = w * h  # fractions of the side: a box inside the image covering 0.35..1 of it
+    assert area.min() >= 0.35 - 1e-6 and area.max() <= 1 + 1e-6 and area.std() > 0.1
+    assert (w <= 1).all() and (h <= 1).all()
+    assert (crops.theta[..., 0, 2].abs() <= 1 - w + 1e-6).all() and (crops.theta[..., 1, 2].abs() <= 1 - h + 1e-6).all()
+    flipped = crops.theta[..., 0, 0] < 0
+    assert 0.4 < flipped.float().mean() < 0.6
+    # the whole image unflipped is the image itself; flipped, its mirror; a shard takes its rows only
+    x = torch.randn(2, 3, 16, 16)
+    eye = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    whole = Crops(torch.stack([eye, eye * torch.tensor([[-1.0], [1.0]])]).unsqueeze(0))
+    out = whole.apply(x, torch.tensor([0]), slice(None))
+    assert torch.allclose(out[0], x[0], atol=1e-5) and torch.allclose(out[1], x[1].flip(-1), atol=1e-5)
+    assert torch.allclose(whole.apply(x[1:], torch.tensor([0]), slice(1, 2))[0], x[1].flip(-1), atol=1e-5)
+    # a half-width box at the left edge: its left half stretched over the whole width
+    half = Crops(torch.tensor([[[[0.5, 0, -0.5], [0, 1.0, 0]]]]))
+    ramp = torch.arange(16.0).expand(1, 1, 16, 16)
+    left = half.apply(ramp, torch.tensor([0]), slice(None))
+    assert left.max() <= 8.0 and left[0, 0, 0, 0] == 0.0 and torch.all(left[..., 1:] >= left[..., :-1])
+
+
+def test_output_tuning_batch_and_crops_change_what_a_step_fits(monkeypatch):
+    import osqdeploy.reconstruct.output_tuning as ot
+
+    model = tiny_vit(depth=1)
+    widths: list[int] = []
+    body = ot.OutputStep.body
+    monkeypatch.setattr(ot.OutputStep, "body", lambda self: (widths.append(self.batches.shape[1]), body(self)))
+    settings = dict(iters=5, n=32, output_tuning_iters=20, output_tuning="steps+affine", output_tuning_mix="cutmix")
+    plain, _ = _calibrate(model, **settings)
+    assert set(widths) == {16}  # the reconstruction's batch
+    widths.clear()
+    wide, rec = _calibrate(model, **settings, output_tuning_batch=32)
+    assert set(widths) == {32} and rec.output_tuning.kept
+    cropped, rec = _calibrate(model, **settings, output_tuning_crop=0.35)
+    assert rec.output_tuning.kept
+    sp, sw, sc = plain.state_dict(), wide.state_dict(), cropped.state_dict()
+    assert any(not torch.equal(sp[k], sw[k]) for k in sp) and any(not torch.equal(sp[k], sc[k]) for k in sp)
+    with pytest.raises(ConfigError, match="crop"):
+        CalibrationConfig(output_tuning_crop=1.5).validate()
+    with pytest.raises(ConfigError, match="batch"):
+        CalibrationConfig(output_tuning_batch=-1).validate()
+
+
 def test_output_tuning_drop_tunes_around_partly_float_activations_and_restores_the_quantizers():
     model = tiny_vit(depth=1)
     settings = dict(iters=5, n=16, output_tuning_iters=20, output_tuning="steps+affine")
@@ -350,6 +397,8 @@ OPTIONS = {
                        output_tuning_drop=0.5),
     "tuned_ema": dict(output_tuning_iters=100, output_tuning="steps+affine", output_tuning_mix="cutmix",
                       output_tuning_ema=0.9),
+    "tuned_crop": dict(output_tuning_iters=100, output_tuning="steps+affine", output_tuning_mix="cutmix",
+                       output_tuning_crop=0.35, output_tuning_batch=32),
     "view_mix": dict(view_mix="cutmix"),
 }
 

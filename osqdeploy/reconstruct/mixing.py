@@ -1,17 +1,22 @@
-"""Blends of calibration images: each image mixed with (mixup) or patched from (cutmix) a partner.
+"""Blends and crops of calibration images, drawn up front so a captured step stays host-free.
 
-Two stages draw them. Output tuning blends every batch afresh (``output_tuning_mix``), so it fits
+A blend mixes each image with (mixup) or patches it from (cutmix) a partner. Two stages draw
+them. Output tuning blends every batch afresh (``output_tuning_mix``), so it fits
 the float function around the images rather than a thousand fixed predictions. Before any
 reconstruction, ``view_mix`` blends half of the calibration views once, so block reconstruction
 sees inputs that are not crops of the same few hundred pictures. DeiT itself was trained on both
-kinds of blend, so they stay inputs the float model has a considered answer for.
+kinds of blend, so they stay inputs the float model has a considered answer for. Output tuning
+may also re-crop every image each step (``output_tuning_crop``, :class:`Crops`), as DeiT's
+training did with random resized crops and flips.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 VIEW_MIX_CHUNK = 256  # views blended at a time: bounds the temporary copies, not the result
 
@@ -54,6 +59,38 @@ class Mixing:
         inside = ((rows >= box[:, 0, None, None]) & (rows < box[:, 1, None, None])
                   & (cols >= box[:, 2, None, None]) & (cols < box[:, 3, None, None]))
         return torch.where(inside.unsqueeze(1), other, x)
+
+
+@dataclass
+class Crops:
+    """Every step's random resized crop and flip of each batch image, as sampling grids' affine maps.
+
+    timm's ``RandomResizedCropAndInterpolation`` draws on the host per picture; here each step's
+    boxes are drawn beforehand from the run's seeded generator and applied on the device with
+    ``F.affine_grid`` / ``F.grid_sample``, one bilinear resampling of the whole batch.
+    """
+
+    theta: torch.Tensor  # [iters, batch, 2, 3] output → input coordinates, in [-1, 1] units
+
+    @classmethod
+    def build(cls, scale: float, iters: int, batch: int, gen: torch.Generator, device: torch.device) -> Crops:
+        area = scale + (1 - scale) * torch.rand(iters, batch, generator=gen)
+        log_ratio = math.log(3 / 4) + math.log(16 / 9) * torch.rand(iters, batch, generator=gen)
+        ratio = log_ratio.exp()  # width / height
+        w = (area * ratio).sqrt().clamp(max=1.0)  # fractions of the image's width and height
+        h = (area / ratio).sqrt().clamp(max=1.0)
+        cx = (1 - w) * (2 * torch.rand(iters, batch, generator=gen) - 1)  # centre, box inside the image
+        cy = (1 - h) * (2 * torch.rand(iters, batch, generator=gen) - 1)
+        flip = torch.where(torch.rand(iters, batch, generator=gen) < 0.5, -1.0, 1.0)
+        zero = torch.zeros_like(w)
+        theta = torch.stack([torch.stack([w * flip, zero, cx], -1), torch.stack([zero, h, cy], -1)], -2)
+        return cls(theta.to(device))
+
+    def apply(self, x: torch.Tensor, it: torch.Tensor, shard: slice) -> torch.Tensor:
+        """The batch ``x`` of step ``it`` (a device scalar index), each image cropped, resized and maybe flipped."""
+        theta = self.theta.index_select(0, it).squeeze(0)[shard].to(x.dtype)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def blend_views(images: torch.Tensor, kind: str, seed: int) -> torch.Tensor:

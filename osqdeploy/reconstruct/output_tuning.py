@@ -15,7 +15,9 @@ same ``run_steps`` as the group steps, so on CUDA it replays one captured iterat
 With ``output_tuning_mix`` each step fits a fresh blend of calibration images (mixup or cutmix)
 against the float model's prediction on that blend: the stage otherwise fits a thousand fixed
 predictions far better than it generalises (docs/results.md, "Accuracy methods"). With
-``output_tuning_ema`` it ends on a moving average of the parameters instead of the last step.
+``output_tuning_ema`` it ends on a moving average of the parameters instead of the last step;
+with ``output_tuning_crop`` every image is also re-cropped each step, and ``output_tuning_batch``
+sets how many images a step fits.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..quant.kernels import qdrop
 from ..quant.layers import act_quantizers, quant_layers
 from ..quant.mode import QuantMode, quant_mode, set_mode
 from ..quant.quantizers import ActQuantizer
-from .mixing import Mixing
+from .mixing import Crops, Mixing
 from .objective import prediction_kl
 from .step import Schedule, run_steps
 
@@ -90,9 +92,10 @@ class OutputStep:
     def __init__(self, model: nn.Module, images: torch.Tensor, fp_logits: torch.Tensor, batches: torch.Tensor,
                  scales: list[torch.Tensor], affine: list[torch.Tensor], cfg: CalibrationConfig,
                  device: torch.device, dist: DistContext, mixing: Mixing | None = None,
-                 teacher: nn.Module | None = None):
+                 teacher: nn.Module | None = None, crops: Crops | None = None):
         self.model, self.images, self.fp_logits, self.batches = model, images, fp_logits, batches
-        self.mixing, self.teacher = mixing, teacher  # with mixing: the float model, run on each blend
+        self.mixing, self.crops = mixing, crops
+        self.teacher = teacher  # with blends or crops: the float model, run on each step's inputs
         self.dist, self.shard = dist, dist.batch_shard(batches.shape[1])  # data parallel: a shard of each batch
         self.scales = scales  # kept positive after every update
         cuda = device.type == "cuda"
@@ -115,10 +118,13 @@ class OutputStep:
     def body(self) -> None:
         idx = self.batches.index_select(0, self.counter).squeeze(0)[self.shard]
         x = self.images.index_select(0, idx)
-        if self.mixing is None:
+        if self.mixing is None and self.crops is None:
             target = self.fp_logits.index_select(0, idx)
         else:
-            x = self.mixing.apply(self.images, x, self.counter, self.shard)
+            if self.mixing is not None:
+                x = self.mixing.apply(self.images, x, self.counter, self.shard)
+            if self.crops is not None:
+                x = self.crops.apply(x, self.counter, self.shard)
             with torch.no_grad():
                 target = self.teacher(x).float()
         loss = prediction_kl(target, self.model(x))
@@ -178,18 +184,22 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
     start = [p.detach().clone() for p in params]
     kl_before = _kl(model, images, fp_logits, bs)
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 99_991)
-    batches = Schedule.build(replace(cfg, iters=cfg.output_tuning_iters), images.shape[0], gen, device).batches
-    mixing = teacher = None
+    schedule = replace(cfg, iters=cfg.output_tuning_iters, batch_size=cfg.output_tuning_batch or cfg.batch_size)
+    batches = Schedule.build(schedule, images.shape[0], gen, device).batches
+    mixing = crops = teacher = None
     if cfg.output_tuning_mix != "none":
         mixing = Mixing.build(cfg.output_tuning_mix, cfg.output_tuning_iters, batches.shape[1], images.shape[0],
                               tuple(images.shape[-2:]), gen, device)
+    if cfg.output_tuning_crop:  # drawn after the blends, so adding crops leaves those draws as they were
+        crops = Crops.build(cfg.output_tuning_crop, cfg.output_tuning_iters, batches.shape[1], gen, device)
+    if mixing is not None or crops is not None:
         # the float model apart from the one being tuned: its LayerNorms and biases move
         teacher = reference if reference is not None else copy.deepcopy(model)
         if reference is None:
             set_mode(teacher, QuantMode.FLOAT)
     for p in params:
         p.requires_grad_(True)
-    step = OutputStep(model, images, fp_logits, batches, scales, affine, cfg, device, dist, mixing, teacher)
+    step = OutputStep(model, images, fp_logits, batches, scales, affine, cfg, device, dist, mixing, teacher, crops)
     curve: list[tuple[int, float]] = []
     iters = cfg.output_tuning_iters
 
