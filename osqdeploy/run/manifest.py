@@ -28,7 +28,8 @@ LATER_FIELDS: dict[str, dict[str, Any]] = {
     "quant": {"attn_grid": "log", "post_gelu_grid": "tensor"},
     "calibration": {"overlap_allreduce": False, "shard_rounding": False, "output_tuning_mix": "none",
                     "view_mix": "none", "output_tuning_drop": 0.0,
-                    "output_tuning_ema": 0.0, "output_tuning_batch": 0, "output_tuning_crop": 0.0},
+                    "output_tuning_ema": 0.0, "output_tuning_batch": 0, "output_tuning_crop": 0.0,
+                    "pad_attention": False},
 }
 
 
