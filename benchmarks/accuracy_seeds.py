@@ -87,6 +87,8 @@ class Job:
         w, a = parse_bits(self.bits)
         qcfg = QuantConfig(w_bits=w, a_bits=a)
         name, *pairs = self.variant.split(",")
+        if not all("=" in kv for kv in pairs):
+            raise SystemExit(f"a variant is NAME[,key=value...], got {self.variant!r}")
         settings = dict(VARIANTS[name])
         settings.update(kv.split("=", 1) for kv in pairs)
         method = settings.pop("method", None)

@@ -17,28 +17,22 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
 
 import torch
 
-from benchmarks.accuracy_seeds import _typed
+from benchmarks.accuracy_seeds import parse_jobs
 from osqdeploy.api import calibrate, load_run
-from osqdeploy.config import METHODS, CalibrationConfig, Method, QuantConfig
+from osqdeploy.config import CalibrationConfig, QuantConfig
 from osqdeploy.load import load_model
 from osqdeploy.reconstruct.output_tuning import tune_outputs
 
 
-def tuning_config(spec: str, samples: int, seed: int) -> CalibrationConfig:
-    """``default[,key=value...]``: the default method's tuning with these settings changed."""
-    name, *pairs = spec.split(",")
-    if name != "default" or not all("=" in kv for kv in pairs):
-        raise SystemExit(f"a setting is default[,key=value...], got {spec!r}")
-    cfg = replace(CalibrationConfig(samples=samples, seed=seed), **METHODS[Method.OUTPUT_TUNED])
-    for key, value in (kv.split("=", 1) for kv in pairs):
-        if not hasattr(cfg, key):
-            raise SystemExit(f"{key} is not a setting of CalibrationConfig")
-        setattr(cfg, key, _typed(getattr(cfg, key), value))
-    cfg.validate()
+def tuning_config(spec: str, model: str, samples: int) -> CalibrationConfig:
+    """``NAME[,key=value...]``, a variant of ``benchmarks.accuracy_seeds``: the tuning its calibration runs."""
+    (job,) = parse_jobs([spec], ["w4a4"], [0])  # the bits and seed do not change the tuning's settings
+    _, cfg = job.configs(model, iters=None, samples=samples, device="auto")
+    if not cfg.output_tuning_iters:
+        raise SystemExit(f"{spec} runs no output tuning")
     return cfg
 
 
@@ -48,7 +42,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--bits", type=int, nargs=2, default=[4, 4])
     ap.add_argument("--samples", type=int, default=4096, help="calibration views the stage draws from")
-    ap.add_argument("--settings", nargs="+", default=["default"], metavar="default[,key=value...]")
+    ap.add_argument("--settings", nargs="+", default=["default"], metavar="NAME[,key=value...]",
+                    help="accuracy_seeds variants whose tuning is timed")
     ap.add_argument("--steps", type=int, nargs=2, default=[100, 400], metavar=("SHORT", "LONG"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
@@ -56,14 +51,14 @@ def main() -> None:
     short, long = args.steps
     if not 0 < short < long:
         raise SystemExit(f"--steps takes two lengths, the first shorter, got {short} {long}")
-    configs = {spec: tuning_config(spec, args.samples, 0) for spec in args.settings}  # refuse bad input first
+    configs = {spec: tuning_config(spec, args.model, args.samples) for spec in args.settings}  # refuse bad input first
 
     fp = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.checkpoint is not None)
     size = fp.model.default_cfg["input_size"]
     images = torch.randn(args.samples, *size, generator=torch.Generator().manual_seed(0))
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        rtn = replace(CalibrationConfig(samples=args.samples, device=args.device), iters=0)
+        rtn = CalibrationConfig(samples=args.samples, iters=0, device=args.device)
         calibrate(load_model(args.model, checkpoint=args.checkpoint, pretrained=args.checkpoint is not None),
                   images, QuantConfig(*args.bits), rtn, work)
         for spec, cfg in configs.items():

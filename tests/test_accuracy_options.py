@@ -326,13 +326,13 @@ def test_output_tuning_batch_and_crops_change_what_a_step_fits(monkeypatch):
 def test_the_tuning_speed_benchmark_times_the_defaults_tuning_with_the_settings_it_is_given():
     from benchmarks.tuning_speed import tuning_config
 
-    cfg = tuning_config("default,output_tuning_batch=128,output_tuning_crop=0.35", samples=4096, seed=0)
+    cfg = tuning_config("default,output_tuning_batch=128,output_tuning_crop=0.35", "deit_t", samples=4096)
     assert cfg.output_tuning_batch == 128 and cfg.output_tuning_crop == 0.35 and cfg.samples == 4096
     assert cfg.output_tuning_iters == METHODS[Method.OUTPUT_TUNED]["output_tuning_iters"]
     assert cfg.output_tuning_mix == "cutmix" and cfg.output_tuning_ema == 0.995
     for bad in ("paper", "default,output_tuning_batch", "default,no_such_setting=1", "default,output_tuning_crop=2"):
         with pytest.raises((SystemExit, ConfigError)):
-            tuning_config(bad, samples=64, seed=0)
+            tuning_config(bad, "deit_t", samples=64)
 
 
 def test_output_tuning_drop_tunes_around_partly_float_activations_and_restores_the_quantizers():
