@@ -81,17 +81,17 @@ class Job:
 
     def configs(self, model: str, iters: int, samples: int | None, device: str):
         """The job's (QuantConfig, CalibrationConfig)."""
-        from osqdeploy.api import calibration_config
-        from osqdeploy.config import CalibrationConfig, QuantConfig
+        from osqdeploy.api import calibration_config, quant_config
+        from osqdeploy.config import CalibrationConfig
 
         w, a = parse_bits(self.bits)
-        qcfg = QuantConfig(w_bits=w, a_bits=a)
         name, *pairs = self.variant.split(",")
         if not all("=" in kv for kv in pairs):
             raise SystemExit(f"a variant is NAME[,key=value...], got {self.variant!r}")
         settings = dict(VARIANTS[name])
         settings.update(kv.split("=", 1) for kv in pairs)
         method = settings.pop("method", None)
+        qcfg = quant_config(w, a, method)
         calib_defaults = CalibrationConfig()
         calib = {"samples": samples, "iters": iters, "seed": self.seed, "device": device}
         for key, value in settings.items():

@@ -39,7 +39,7 @@ from rich.console import Console
 
 from osqdeploy.api import calibrate
 from osqdeploy.api import export as export_run
-from osqdeploy.config import ATTN_GRIDS, CalibrationConfig, QuantConfig
+from osqdeploy.config import ATTN_GRIDS, POST_GELU_GRIDS, CalibrationConfig, QuantConfig
 from osqdeploy.evaluation import OnnxRuntime, evaluate, parity
 from osqdeploy.evaluation.throughput import compare_speed, speed_table
 from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform
@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="device of --self-calibrate")
     ap.add_argument("--attn-grid", default="log", choices=list(ATTN_GRIDS),
                     help="post-softmax grid of --self-calibrate's runs (QuantConfig.attn_grid)")
+    ap.add_argument("--post-gelu-grids", nargs="+", default=["tensor"], choices=list(POST_GELU_GRIDS),
+                    help="--self-calibrate one run per bit pair with each of these post-GELU grids")
     args = ap.parse_args()
     console = Console()
     work = args.workdir / args.model
@@ -147,27 +149,30 @@ def main() -> None:
     runs = finished_runs(args.runs_dir) if args.runs_dir else {}
     for pair in args.pairs:
         w, a = (int(b) for b in pair.split(","))
-        run_dir = runs.get((w, a))
-        if run_dir is None:
-            if not args.self_calibrate:
-                console.print(f"W{w}A{a}: no finished run under {args.runs_dir}, skipped (or pass --self-calibrate)")
-                continue
-            run_dir = work / f"run_w{w}a{a}_{args.iters}it_{args.attn_grid}"
+        found = runs.get((w, a))
+        if found is None and not args.self_calibrate:
+            console.print(f"W{w}A{a}: no finished run under {args.runs_dir}, skipped (or pass --self-calibrate)")
+            continue
+        for post_gelu in [None] if found is not None else args.post_gelu_grids:
+            run_dir = found or work / f"run_w{w}a{a}_{args.iters}it_{args.attn_grid}_{post_gelu}"
             if not (run_dir / MANIFEST).is_file():
                 t0 = time.perf_counter()
                 model = load_model(args.model, checkpoint=args.checkpoint, pretrained=False)
-                calibrate(model, calib, QuantConfig(w, a, attn_grid=args.attn_grid), CalibrationConfig(
+                qcfg = QuantConfig(w, a, attn_grid=args.attn_grid, post_gelu_grid=post_gelu)
+                calibrate(model, calib, qcfg, CalibrationConfig(
                     samples=len(calib), batch_size=32, iters=args.iters, device=args.device, seed=args.seed), run_dir)
                 console.print(f"W{w}A{a}: calibrated in {time.perf_counter() - t0:.0f} s ({args.iters} it/group)")
-        grid = read_manifest(run_dir).quant.attn_grid
-        tag = f"w{w}a{a}" + ("_uniform" if grid == "uniform" else "")
-        label = f"osq W{w}A{a}" + (" uniform softmax" if grid == "uniform" else "")
-        qdq = work / f"osq_{tag}.qdq.onnx"
-        with contextlib.redirect_stdout(io.StringIO()):
-            export_run(run_dir, qdq)
-        fast = work / f"osq_{tag}.ort-int8.onnx"
-        onnx.save(to_ort_int8(onnx.load(str(qdq))), str(fast))
-        files += [(f"{label} qdq", qdq), (f"{label} ort-int8", fast)]
+            quant = read_manifest(run_dir).quant
+            uniform, rotated = quant.attn_grid == "uniform", quant.post_gelu_grid != "tensor"
+            tag = f"w{w}a{a}" + ("_uniform" if uniform else "") + (f"_{quant.post_gelu_grid}" if rotated else "")
+            label = (f"osq W{w}A{a}" + (" uniform softmax" if uniform else "")
+                     + (f" {quant.post_gelu_grid} post-GELU" if rotated else ""))
+            qdq = work / f"osq_{tag}.qdq.onnx"
+            with contextlib.redirect_stdout(io.StringIO()):
+                export_run(run_dir, qdq)
+            fast = work / f"osq_{tag}.ort-int8.onnx"
+            onnx.save(to_ort_int8(onnx.load(str(qdq))), str(fast))
+            files += [(f"{label} qdq", qdq), (f"{label} ort-int8", fast)]
 
     console.print(f"timing {len(files)} files, taking turns, {args.seconds:g} s each per batch size")
     rows = compare_speed(dict(files), tuple(args.batches), threads=args.threads, seconds=args.seconds)

@@ -76,7 +76,7 @@ def calibrate(
     state = {"hint": "interrupted before calibration started; nothing to resume"}
     with boundary(batch_size or o.DEFAULT_BATCH, interrupted=lambda: state["hint"]):
         from osqdeploy import api, load
-        from osqdeploy.config import QuantConfig, fast_preset
+        from osqdeploy.config import fast_preset
         from osqdeploy.plan import build_plan
         from osqdeploy.reconstruct import resolve_device, warm_compile_workers
         from osqdeploy.run import store
@@ -84,7 +84,7 @@ def calibrate(
 
         recipe = load.resolve_recipe(model)
         w_bits, a_bits = bits if bits is not None else (recipe.w_bits, recipe.a_bits)
-        qcfg = QuantConfig(w_bits=w_bits, a_bits=a_bits, attn_grid=attn_grid.value)
+        qcfg = api.quant_config(w_bits, a_bits, method.value if method else None, attn_grid=attn_grid.value)
         qcfg.validate()
         ccfg = api.calibration_config(
             recipe.name,

@@ -162,6 +162,8 @@ def _averaged(c: Any) -> str:
 
 
 def inspect_tables(run: str, m: Any, source: str, progress: str) -> list[Any]:
+    from osqdeploy.config import method_of
+
     from .progress import plan_table, summary_table, tuning_line
 
     q, c = m.quant, m.calibration
@@ -172,15 +174,17 @@ def inspect_tables(run: str, m: Any, source: str, progress: str) -> list[Any]:
         (
             "bits",
             f"W{q.w_bits}A{q.a_bits}, patch embedding and head {q.edge_bits}-bit, softmax on a "
-            + (f"log{'√2' if q.attn_log_base == 'sqrt2' else '2'} grid" if q.attn_grid == "log" else "uniform grid"),
+            + (f"log{'√2' if q.attn_log_base == 'sqrt2' else '2'} grid" if q.attn_grid == "log" else "uniform grid")
+            + f", post-GELU grid {q.post_gelu_grid}",
         ),
         (
             "calibration",
             f"{c.samples} images, {c.iters} iters/group, batch {c.batch_size}, seed {c.seed}, "
             f"device {m.device}, {_matmul_precision(m)} matmuls",
         ),
-        ("method", c.method.value + (f", then {c.output_tuning_iters} steps of output tuning ({c.output_tuning}, "
-                                     f"{c.output_tuning_mix} views{_averaged(c)})" if c.output_tuning_iters else "")),
+        ("method", method_of(q, c).value
+         + (f", then {c.output_tuning_iters} steps of output tuning ({c.output_tuning}, "
+            f"{c.output_tuning_mix} views{_averaged(c)})" if c.output_tuning_iters else "")),
     ]
     if m.seconds is not None:
         rows.append(("calibration time", _time_split(m)))

@@ -29,6 +29,7 @@ _EXPORTS = {
     "export": "api",
     "evaluate": "api",
     "load_run": "api",
+    "quant_config": "api",
     "Run": "api",
     "EvalReport": "api",
     "QuantConfig": "config",
@@ -38,7 +39,17 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from .api import EvalReport, Run, calibrate, calibration_config, calibration_images, evaluate, export, load_run
+    from .api import (
+        EvalReport,
+        Run,
+        calibrate,
+        calibration_config,
+        calibration_images,
+        evaluate,
+        export,
+        load_run,
+        quant_config,
+    )
     from .config import CalibrationConfig, QuantConfig
     from .load.models import list_recipes, load_model
 
@@ -68,4 +79,5 @@ __all__ = [
     "list_recipes",
     "load_model",
     "load_run",
+    "quant_config",
 ]

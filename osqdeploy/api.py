@@ -178,6 +178,17 @@ def calibration_config(recipe: str, method: Method | str | None = None, **overri
     return replace(cfg, **schedule)
 
 
+def quant_config(w_bits: int, a_bits: int, method: Method | str | None = None, **overrides: Any) -> QuantConfig:
+    """The quantizer settings ``osq calibrate`` uses: ``w_bits``/``a_bits`` with ``method``'s
+    quantizer choices (``DEFAULT_METHOD``'s when None), then ``overrides`` (None ones ignored).
+
+    The pair to :func:`calibration_config`: a method names both halves, so ``method="paper"``
+    keeps the paper's grids while the default rotates the post-GELU inputs.
+    """
+    cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits).with_method(method or DEFAULT_METHOD)
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def calibration_images(
     data: str | Path | ImageFiles,
     model: nn.Module | LoadedModel,
@@ -399,8 +410,9 @@ def calibrate(
 
     ``model`` is a timm ViT/DeiT/Swin (or what :func:`load_model` returns); ``images`` a float
     tensor ``[N, 3, H, W]`` in the model's preprocessing, or a folder (see :func:`calibration_images`).
-    ``calibration`` None is ``CalibrationConfig()``, the paper's method; :func:`calibration_config`
-    gives what ``osq calibrate`` uses (the default method on the model recipe's plan).
+    ``quant`` and ``calibration`` None are ``QuantConfig()`` and ``CalibrationConfig()``, the
+    paper's method; :func:`quant_config` and :func:`calibration_config` give what ``osq calibrate``
+    uses (the default method on the model recipe's plan).
     The model is quantized in place. Every finished group is checkpointed in ``run_dir`` (a fresh
     temporary directory when None; :meth:`Run.save` copies it elsewhere), and a later call with the
     same settings, weights and images continues from the first unfinished group.
@@ -803,6 +815,7 @@ __all__ = [
     "load_run",
     "onnx_run_sha",
     "original_model",
+    "quant_config",
     "same_origin",
     "scan_images",
 ]

@@ -14,7 +14,7 @@ AUTOCASTS = ("auto", "off", "bf16", "fp16")
 POST_GELU_RANGES = ("mse", "mse_max")
 EDGE_RANGES = ("mse", "minmax")
 ATTN_GRIDS = ("log", "uniform")
-POST_GELU_GRIDS = ("tensor", "channel")
+POST_GELU_GRIDS = ("tensor", "channel", "hadamard")
 OUTPUT_TUNING_PARAMS = ("steps", "steps+affine", "steps+affine+wscale")
 OUTPUT_TUNING_MIXES = ("none", "mixup", "cutmix")
 VIEW_MIXES = OUTPUT_TUNING_MIXES
@@ -64,12 +64,16 @@ class QuantConfig:
     # calibration images; docs/method.md). The paper is silent on its observers;
     # this one won on measured accuracy, so it is the default.
     post_gelu_range: str = "mse_max"
-    # Grid of the post-GELU activations. "tensor": one per-tensor grid, like every activation.
+    # Grid of the post-GELU activations, which `osq inspect --sensitivity` ranks the costliest of a
+    # W4A4 DeiT-Tiny. "tensor": one per-tensor grid, like every activation (the paper's).
     # "channel": a grid per channel, RepQ-ViT's reparameterisation carried over from post-LayerNorm
     # activations: there is no affine before the quantizer to fold it into, so the quantizer keeps a
-    # per-channel multiply-add (one Mul and one Add in the exported graph) and fc2 absorbs the inverse.
-    # `osq inspect --sensitivity` ranks these inputs the costliest of a W4A4 DeiT-Tiny, yet per-channel
-    # grids did worse there at every schedule tried (docs/method.md): opt-in.
+    # per-channel multiply-add (one Mul and one Add in the exported graph) and fc2 absorbs the inverse;
+    # it did worse at every schedule tried (docs/method.md). "hadamard": each block of 64 channels
+    # rotated by an orthonormal Hadamard matrix and centred before one per-tensor grid, fc2 holding
+    # the inverse (one MatMul and one Add per block in the exported graph); on the real DeiT-Tiny it
+    # lowered held-out KL by 22 % at W4A4 and 27 % at W6A6 after the default's tuning, so the
+    # default method uses it (``METHOD_QUANT``). The dataclass default stays the paper's grid.
     post_gelu_grid: str = "tensor"
     # Inputs of the 8-bit edge layers (patch embedding, head). "mse": the MSE observer, as
     # everywhere else; "minmax": the extremes of all calibration data, unclipped. The head sees
@@ -81,6 +85,11 @@ class QuantConfig:
     # 62.0 → 62.4); but on the tiny test ViT it raised the final-output MSE after a 400-iteration
     # reconstruction from 0.197 to 0.210. Opt-in until a full-schedule real-model run decides.
     edge_range: str = "mse"
+
+    def with_method(self, method: Method | str) -> QuantConfig:
+        """These settings with the quantizer choices of ``method`` (``METHOD_QUANT``; bits kept)."""
+        method = Method(method)
+        return self if method is Method.CUSTOM else replace(self, **METHOD_QUANT[method])
 
     def validate(self) -> None:
         _check_bits("weight bits", self.w_bits)
@@ -137,10 +146,31 @@ METHODS: dict[Method, dict] = {
                               output_tuning_ema=0.995, output_tuning_batch=0, output_tuning_crop=0.0,
                               view_mix="none"),
 }
+# Every method's quantizer choices (QuantConfig fields), reset with the method like its settings
+# above: the paper's methods keep its per-tensor post-GELU grid, the default rotates it.
+_PAPER_QUANT = dict(post_gelu_grid="tensor")
+METHOD_QUANT: dict[Method, dict] = {
+    Method.PAPER: _PAPER_QUANT,
+    Method.FISHER: _PAPER_QUANT,
+    Method.PREDICTION: _PAPER_QUANT,
+    Method.OUTPUT_TUNED: dict(post_gelu_grid="hadamard"),
+}
+
+
+def method_of(quant: QuantConfig, calibration: CalibrationConfig) -> Method:
+    """The named method a run's two configurations are: ``calibration.method`` when ``quant`` has
+    that method's quantizer choices, else ``Method.CUSTOM``."""
+    method = calibration.method
+    if method is Method.CUSTOM or quant.with_method(method) != quant:
+        return Method.CUSTOM
+    return method
+
+
 # What ``osq calibrate`` and ``api.calibration_config`` use when no method is named. On the real
 # DeiT-Tiny with the recipe's 4-block, 4,096-view plan it won on held-out KL and logit MSE at W4A4
-# (6 seeds) and W6A6 (3 seeds), and, before its tuning ended on an average, at W4A8 and W8A8 too
-# (docs/results.md), at 1.17x the paper's calibration time.
+# (6 seeds) and W6A6 (3 seeds), and, before its tuning ended on an average, at W4A8 and W8A8 too,
+# at 1.17x the paper's calibration time; the rotated post-GELU grid then lowered its KL by a fifth
+# or more at W4A4 and W6A6 at the same time (docs/results.md).
 DEFAULT_METHOD = Method.OUTPUT_TUNED
 
 

@@ -217,7 +217,7 @@ def job_config(job: Job, spec: SweepSpec, device: torch.device | str) -> Calibra
 
 def run_job(job: Job, spec: SweepSpec, where: Path, device: torch.device) -> dict[str, Any]:
     """Calibrate, export and evaluate one job in ``where``; returns (and writes) its result row."""
-    from .api import calibrate, export, load_run
+    from .api import calibrate, export, load_run, quant_config
     from .evaluation import OnnxRuntime, TorchRuntime, evaluate, kl_divergence, parity
     from .load.data import ImageFiles, calibration_tensor, eval_transform
 
@@ -229,7 +229,7 @@ def run_job(job: Job, spec: SweepSpec, where: Path, device: torch.device) -> dic
     transform = eval_transform(loaded.model)
     ccfg = job_config(job, spec, device)
     images = calibration_tensor(ImageFiles(calib_dir, transform=transform), ccfg.samples, job.seed)
-    qcfg = QuantConfig(w_bits=job.w_bits, a_bits=job.a_bits)
+    qcfg = quant_config(job.w_bits, job.a_bits, spec.method)
     run_dir = where / "run"
     if not (run_dir / "run.json").is_file() or json.loads((run_dir / "run.json").read_text()).get(
         "status"

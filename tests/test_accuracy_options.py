@@ -100,6 +100,25 @@ def test_a_models_settings_are_the_default_method_on_its_recipes_plan_unless_a_m
     assert calibration_config("deit_t", "paper", output_tuning_iters=300).output_tuning_ema == 0.0
 
 
+def test_a_method_names_its_quantizer_choices_too():
+    """The default rotates the post-GELU inputs; the paper's methods keep its per-tensor grid, and
+    a run whose two halves disagree with every method is custom."""
+    from osqdeploy.api import calibration_config, quant_config
+    from osqdeploy.config import DEFAULT_METHOD, METHOD_QUANT, method_of
+
+    assert set(METHOD_QUANT) == set(METHODS)
+    assert QuantConfig().post_gelu_grid == "tensor"  # the dataclass is the paper's, as CalibrationConfig's
+    default, paper = quant_config(4, 4), quant_config(6, 6, "paper")
+    assert default.post_gelu_grid == "hadamard" and (default.w_bits, default.a_bits) == (4, 4)
+    assert paper == QuantConfig(6, 6)
+    assert quant_config(4, 4, attn_grid="uniform", post_gelu_grid=None).attn_grid == "uniform"  # None: not given
+    assert QuantConfig(post_gelu_grid="channel").with_method("custom").post_gelu_grid == "channel"
+    assert method_of(default, calibration_config("deit_t")) is DEFAULT_METHOD
+    assert method_of(paper, calibration_config("deit_t", "paper")) is Method.PAPER
+    assert method_of(default, calibration_config("deit_t", "paper")) is Method.CUSTOM
+    assert method_of(paper, calibration_config("deit_t")) is Method.CUSTOM
+
+
 def test_the_accuracy_benchmark_builds_each_variant_as_osq_calibrate_would():
     from benchmarks.accuracy_seeds import Job, post_tuned_job
     from osqdeploy.api import calibration_config
@@ -108,6 +127,10 @@ def test_the_accuracy_benchmark_builds_each_variant_as_osq_calibrate_would():
         return Job(variant, "w4a4", 1).configs("deit_t", 20000, samples, "cpu")[1]
 
     assert config("default") == replace(calibration_config("deit_t"), seed=1, device="cpu")
+    quant = Job("paper,post_gelu_grid=hadamard", "w4a4", 1).configs("deit_t", 20000, None, "cpu")[0]
+    assert quant.post_gelu_grid == "hadamard"  # a quantizer setting after the name beats the method's
+    assert Job("default", "w6a6", 1).configs("deit_t", 20000, None, "cpu")[0] == QuantConfig(6, 6).with_method(
+        "output_tuned")
     paper = config("paper")
     assert paper.method is Method.PAPER and (paper.granularity, paper.samples) == ("auto", 1024)
     # settings after the name apply last, whatever the preset pins

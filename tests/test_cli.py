@@ -446,7 +446,7 @@ def test_python_api_gives_the_same_run_and_report_as_the_cli(in_chain, tmp_path)
     loaded = osq.load_model("demo")
     ccfg = osq.calibration_config("demo", iters=2, samples=16, batch_size=8, device="cpu")
     images = osq.calibration_images(demo.demo_paths().train_dir, loaded.model, ccfg.samples, ccfg.seed)
-    run = osq.calibrate(loaded, images, osq.QuantConfig(w_bits=4, a_bits=4), ccfg)
+    run = osq.calibrate(loaded, images, osq.quant_config(4, 4), ccfg)
     saved = run.save(tmp_path / "run")
     assert store.sha256_file(saved / store.STATE) == store.sha256_file(cli_run / store.STATE)
     assert osq.load_run(saved).manifest.state_sha256 == store.read_manifest(cli_run).state_sha256

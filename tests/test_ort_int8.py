@@ -203,18 +203,20 @@ def test_unknown_attention_grid_is_refused():
         QuantConfig(attn_grid="cubic").validate()
 
 
-def test_post_gelu_channel_grid_exports_and_runs_in_both_formats(tmp_path):
-    """post_gelu_grid="channel" adds a multiply-add per block before fc2's QuantizeLinear; both
-    files still compute what the fake-quant model computes, and ORT still fuses fc2."""
+@pytest.mark.parametrize("grid", [pytest.param("channel", marks=pytest.mark.slow), "hadamard"])
+def test_post_gelu_grids_export_and_run_in_both_formats(tmp_path, grid):
+    """post_gelu_grid="channel" adds a multiply-add per block before fc2's QuantizeLinear,
+    "hadamard" a block rotation (a float MatMul) and an Add; both files still compute what the
+    fake-quant model computes, and ORT still fuses fc2."""
     import torch
 
     from osqdeploy.api import load_run
     from osqdeploy.config import ConfigError
 
-    calibrate(loaded_tiny("vit", depth=DEPTH), images(16, 32), QuantConfig(8, 8, post_gelu_grid="channel"),
+    calibrate(loaded_tiny("vit", depth=DEPTH), images(16, 32), QuantConfig(8, 8, post_gelu_grid=grid),
               CalibrationConfig(samples=16, batch_size=16, iters=0), tmp_path / "run")
     run = load_run(tmp_path / "run")
-    assert run.manifest.quant.post_gelu_grid == "channel"
+    assert run.manifest.quant.post_gelu_grid == grid
     qdq, fast = tmp_path / "qdq.onnx", tmp_path / "fast.onnx"
     export_run(tmp_path / "run", qdq)
     onnx.save(to_ort_int8(onnx.load(str(qdq))), str(fast))

@@ -65,6 +65,7 @@ def test_compiled_quantizer_kernels_match_their_eager_definitions():
 
     # QDrop's masks, drawn by the callers before the kernels (as the modules do)
     mx, mp, mq, ms = (torch.rand(t.shape, generator=g) < 0.5 for t in (x, probs, qkv, scores))
+    rot, shift = P.hadamard(8), torch.randn(24, generator=g) * 0.1
 
     def run():
         xs, ps, qs, ss = (t.clone().requires_grad_(True) for t in (x, probs, qkv, scores))
@@ -81,6 +82,8 @@ def test_compiled_quantizer_kernels_match_their_eager_definitions():
             *M.KERNELS["qkv"](qs, qkv_scale, torch.tensor([7.0, 8.0, 6.0]), 4, 0.5, None, mq),
             M.KERNELS["attn_probs"](ss, 0.5, bias, 2, torch.tensor(1.0), 4, "sqrt2", 0.5, None, ms),
             reg,
+            # GELU, a Hadamard rotation of each 8 channels and a centring shift before the grid
+            M.KERNELS["uniform"](xs, scale, torch.tensor(7.0), 4, 0.5, None, "none", mx, None, shift, rot),
         ]
         loss = sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
         return outs, torch.autograd.grad(loss, [xs, scale, ps, a, qs, qkv_scale, ss])
@@ -93,7 +96,7 @@ def test_compiled_quantizer_kernels_match_their_eager_definitions():
         assert torch.equal(eager_out[i], fused_out[i])  # same codes: the grid arithmetic is elementwise
     # GELU's erf and the softmax's sum are computed by other code once fused: kept (dropped-out)
     # float values differ in the last bit, and a code only where that crosses a grid threshold
-    for i in (1, 8):
+    for i in (1, 8, 10):
         close = torch.isclose(eager_out[i], fused_out[i], rtol=1e-6, atol=1e-6)
         assert float(close.float().mean()) > 0.995
     assert torch.allclose(eager_out[9], fused_out[9], rtol=1e-5)

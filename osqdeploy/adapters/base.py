@@ -20,6 +20,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..quant.layers import QuantConv2d, QuantLinear, fold_gelu
 from ..quant.quantizers import ActQuantizer
+from ..quant.reparam import rotate_input
 
 State = tuple[torch.Tensor, ...]
 
@@ -97,6 +98,10 @@ def quantize_mlp(mlp: nn.Module, cfg: QuantConfig) -> None:
     fold_gelu(mlp)
     if cfg.post_gelu_grid == "channel":
         mlp.fc2.input_quantizer.enable_channel_affine(mlp.fc2.in_features)
+    elif cfg.post_gelu_grid == "hadamard":
+        # rotated and centred, the input is no longer one-sided: search both ends of its range
+        mlp.fc2.input_quantizer.range_keep_min = False
+        rotate_input(mlp.fc2)
 
 
 def block_units(block: nn.Module, index: int, stage: int, a: list[nn.Module], b: list[nn.Module], c: list[nn.Module]):

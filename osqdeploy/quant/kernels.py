@@ -130,20 +130,26 @@ def qdrop_mix(xf: torch.Tensor, xq: torch.Tensor, drop_prob: float, mask: torch.
 
 
 def grid_input(x: torch.Tensor, gelu: str | None, affine_scale: torch.Tensor | None,
-               affine_shift: torch.Tensor | None) -> torch.Tensor:
-    """What a uniform grid sees: its input after the quantizer's own GELU (``ActQuantizer.gelu``)
-    and per-channel multiply-add (``ActQuantizer.affine_scale``), on every route."""
+               affine_shift: torch.Tensor | None, rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """What a uniform grid sees: its input after the quantizer's own GELU (``ActQuantizer.gelu``),
+    block rotation (``ActQuantizer.rotation``) and per-channel multiply-add (``affine_scale``,
+    ``affine_shift``; either may be None), on every route."""
     if gelu is not None:
         x = F.gelu(x, approximate=gelu)
+    if rotation is not None:
+        x = P.rotate_blocks(x, rotation)
     if affine_scale is not None:
-        x = x * affine_scale + affine_shift
+        x = x * affine_scale
+    if affine_shift is not None:
+        x = x + affine_shift
     return x
 
 
 def _uniform_train(x, scale, zero_point, bits: int, drop_prob: float, out_dtype: torch.dtype | None = None,
                    gelu: str | None = None, mask: torch.Tensor | None = None,
-                   affine_scale: torch.Tensor | None = None, affine_shift: torch.Tensor | None = None):
-    xf = grid_input(x.float(), gelu, affine_scale, affine_shift)
+                   affine_scale: torch.Tensor | None = None, affine_shift: torch.Tensor | None = None,
+                   rotation: torch.Tensor | None = None):
+    xf = grid_input(x.float(), gelu, affine_scale, affine_shift, rotation)
     xq = P.fake_quantize_uniform(xf, scale, zero_point, bits)
     return qdrop_mix(xf, xq, drop_prob, mask).to(out_dtype or x.dtype)
 

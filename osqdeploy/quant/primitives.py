@@ -130,6 +130,39 @@ def mse_optimal_range(
     return best_min, best_max
 
 
+# --- rotations --------------------------------------------------------------------------------
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix of order ``n`` (a power of two); symmetric, its own inverse."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard order must be a power of two, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def rotation_block(channels: int, largest: int = 64) -> int:
+    """The Hadamard order that rotates ``channels`` in equal blocks: the largest power of two up to
+    ``largest`` dividing it (64 for every timm ViT, DeiT and Swin MLP width)."""
+    block = 1
+    while block < largest and channels % (2 * block) == 0:
+        block *= 2
+    if block < 2:
+        raise ValueError(f"{channels} channels cannot be rotated in blocks (odd width)")
+    return block
+
+
+def rotate_blocks(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``x``'s last dimension in blocks of ``rotation``'s order, each block times ``rotation``.
+
+    Always in ``x``'s own precision, outside autocast: the rotated values are what the grid rounds.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return (x.unflatten(-1, (-1, rotation.shape[0])) @ rotation.to(x.dtype)).flatten(-2)
+
+
 # --- log2-family grid for post-softmax attention (RepQ-ViT) -------------------------------------
 
 

@@ -63,6 +63,11 @@ class ActQuantizer(Quantizer):
         # affine precedes the quantizer to absorb it. None unless enable_channel_affine was called.
         self.register_buffer("affine_scale", None)
         self.register_buffer("affine_shift", None)
+        # An orthonormal Hadamard rotation of each block of channels after the GELU, before the grid
+        # (QuantConfig.post_gelu_grid='hadamard'), with a centring shift in ``affine_shift``; the
+        # next Linear holds the inverse. A constant of the structure, so not saved with a run.
+        self.register_buffer("rotation", None, persistent=False)
+        self.obs_mean: torch.Tensor | None = None  # per channel, of the rotated input
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, mode={self.mode.value}"
@@ -84,7 +89,18 @@ class ActQuantizer(Quantizer):
         self.affine_scale = torch.ones(channels)
         self.affine_shift = torch.zeros(channels)
 
+    def enable_rotation(self, channels: int, block: int) -> None:
+        """Rotate blocks of ``block`` channels before the grid, and observe centred (the shift stays
+        zero until :func:`~osqdeploy.quant.reparam.reparameterize_input` sets it from the mean)."""
+        self.rotation = P.hadamard(block)
+        self.affine_shift = torch.zeros(channels)
+
     def observe(self, x: torch.Tensor) -> None:
+        if self.rotation is not None:
+            # the grid will see the input less its mean: observe the range of that
+            mean = x.detach().float().reshape(-1, x.shape[-1]).mean(0)
+            self.obs_mean = _ema(self.obs_mean, mean, self.ema_decay)
+            x = x - mean
         if self.range_minmax:
             rows = x.detach().float().reshape(-1, x.shape[-1]) if self.per_channel_observe else x.detach().float()
             lo, hi = (rows.amin(0), rows.amax(0)) if self.per_channel_observe else (rows.amin(), rows.amax())
@@ -124,8 +140,8 @@ class ActQuantizer(Quantizer):
             drop_prob = active_drop(self)
             return KERNELS["uniform"](x, self.scale, self.zero_point, self.bits, drop_prob, matmul_dtype(x),
                                       self.gelu, draw_mask(x.shape, x.device, drop_prob),
-                                      self.affine_scale, self.affine_shift)
-        x = grid_input(x, self.gelu, self.affine_scale, self.affine_shift)
+                                      self.affine_scale, self.affine_shift, self.rotation)
+        x = grid_input(x, self.gelu, self.affine_scale, self.affine_shift, self.rotation)
         if self.mode is QuantMode.OBSERVE:
             self.observe(x)
             return x

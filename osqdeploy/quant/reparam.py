@@ -12,6 +12,13 @@ with r = Δ_c / mean(Δ) and b = min_c / r − target_min. The float network is 
 rounding, and the quantized network equals the per-channel-quantized one. Post-GELU activations
 (``QuantConfig.post_gelu_grid='channel'``) get the same grid with the LayerNorm's part played by a
 multiply-add the quantizer carries.
+
+Post-GELU activations can instead be rotated (``QuantConfig.post_gelu_grid='hadamard'``): an
+orthonormal Hadamard matrix H mixes each block of channels, so a few large channels spread over
+the block and one per-tensor grid fits them all (QuaRot's idea, on the one activation that
+``osq inspect --sensitivity`` ranks costliest at W4A4). The next Linear takes W' = W·H, blockwise,
+which leaves the float network unchanged; the rotated input is centred by a shift the Linear's
+bias absorbs.
 """
 
 from __future__ import annotations
@@ -57,10 +64,34 @@ def reparameterize_norm(norm: nn.LayerNorm, quantizer: ActQuantizer, linears: li
 
 
 @torch.no_grad()
+def rotate_input(layer: QuantLinear) -> None:
+    """Rotate ``layer``'s input in Hadamard blocks and fold the inverse into its weight.
+
+    Done when the structure is built, before anything is observed: from then on the quantizer
+    outputs x·H and the layer computes with W·H, the same function in every mode.
+    """
+    quantizer = layer.input_quantizer
+    quantizer.enable_rotation(layer.in_features, P.rotation_block(layer.in_features))
+    # the model may already be on its device; the quantizer's buffers follow it with the model
+    rotation = quantizer.rotation.to(layer.weight.device)
+    folded = layer.weight.unflatten(1, (-1, rotation.shape[0])) @ rotation
+    layer.weight.copy_(folded.flatten(1))
+
+
+@torch.no_grad()
 def reparameterize_input(layer: QuantLinear) -> None:
     """The same for an input with no affine before it (post-GELU): the quantizer's own channel
-    affine takes the LayerNorm's part, so the exported graph gains one Mul and one Add."""
+    affine takes the LayerNorm's part, so the exported graph gains one Mul and one Add.
+
+    A rotated input is centred instead: the quantizer subtracts the observed mean, the bias adds
+    it back through the weight (one Add in the exported graph)."""
     quantizer = layer.input_quantizer
+    if quantizer.rotation is not None:
+        if quantizer.obs_mean is None:
+            raise RuntimeError("centring a rotated input needs its observed mean")
+        quantizer.affine_shift.copy_(-quantizer.obs_mean)
+        layer.bias.add_(layer.weight @ quantizer.obs_mean)
+        return
     if quantizer.affine_scale is None:
         raise RuntimeError("reparameterize_input needs a quantizer with a channel affine (enable_channel_affine)")
     r, b = _per_tensor_targets(quantizer)

@@ -207,7 +207,7 @@ class Reconstructor:
         for site in self.adapter.reparam_sites(self.model):
             reparameterize_norm(site.norm, site.quantizer, site.linears)
         for layer in layers:
-            if layer.input_quantizer.affine_scale is not None:
+            if layer.input_quantizer.affine_shift is not None:
                 reparameterize_input(layer)
         for layer in layers:
             layer.weight_quantizer.init_grid(layer.weight)
