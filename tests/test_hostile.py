@@ -948,6 +948,26 @@ def test_a_run_written_before_a_later_config_field_still_loads(sealed_run, tmp_p
     assert store.verify_run(run_dir).status == "damaged"
 
 
+# The configuration fields runs held when they were first sealed. A field added since must be in
+# LATER_FIELDS with the value runs behaved by before it, or a run sealed without it reads as damaged.
+FIRST_SEALED = {
+    "quant": {"a_bits", "attn_log_base", "edge_bits", "edge_range", "post_gelu_range", "reparam", "w_bits",
+              "weight_init"},
+    "calibration": {"autocast", "batch_size", "beta_end", "beta_start", "compile", "compile_group", "cross_stage",
+                    "cuda_graph", "device", "drop_prob", "extra", "fused_adam", "fused_rng", "granularity", "iters",
+                    "loss", "loss_scale", "lr_act", "lr_round", "round_weight", "samples", "seed", "tf32", "warmup"},
+}
+
+
+def test_every_config_field_added_since_runs_were_first_sealed_is_a_later_field():
+    from dataclasses import fields
+
+    for section, cls in (("quant", QuantConfig), ("calibration", CalibrationConfig)):
+        added = {f.name for f in fields(cls)} - FIRST_SEALED[section]
+        assert added == set(LATER_FIELDS[section]), section
+        cls(**LATER_FIELDS[section]).validate()  # the values are ones the section accepts
+
+
 def test_dropping_a_later_field_that_was_recorded_is_damage(tmp_path):
     from conftest import images, loaded_tiny
 

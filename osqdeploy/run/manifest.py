@@ -26,7 +26,9 @@ MANIFEST = "run.json"
 # so older runs stay valid while an edit of any field they did record is still caught.
 LATER_FIELDS: dict[str, dict[str, Any]] = {
     "quant": {"attn_grid": "log", "post_gelu_grid": "tensor"},
-    "calibration": {"overlap_allreduce": False, "shard_rounding": False, "output_tuning_mix": "none",
+    "calibration": {"kl_groups": 0, "kl_weight": 1.0, "output_tuning": "steps", "output_tuning_iters": 0,
+                    "output_tuning_lr": 1e-3,
+                    "overlap_allreduce": False, "shard_rounding": False, "output_tuning_mix": "none",
                     "view_mix": "none", "output_tuning_drop": 0.0,
                     "output_tuning_ema": 0.0, "output_tuning_batch": 0, "output_tuning_crop": 0.0,
                     "pad_attention": False},
