@@ -73,9 +73,7 @@ def rotate_input(layer: QuantLinear) -> None:
     quantizer = layer.input_quantizer
     quantizer.enable_rotation(layer.in_features, P.rotation_block(layer.in_features))
     # the model may already be on its device; the quantizer's buffers follow it with the model
-    rotation = quantizer.rotation.to(layer.weight.device)
-    folded = layer.weight.unflatten(1, (-1, rotation.shape[0])) @ rotation
-    layer.weight.copy_(folded.flatten(1))
+    layer.weight.copy_(P.rotate_blocks(layer.weight, quantizer.rotation.to(layer.weight.device)))
 
 
 @torch.no_grad()
