@@ -490,3 +490,20 @@ def test_output_tuned_run_exports_what_its_fake_quant_model_computes(tmp_path, p
     # the bounds of tests/test_export.py: tuned steps, LayerNorms and biases are what the file holds
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
     assert abs(got - ref).max() <= 0.03 * (ref.max() - ref.min())
+
+
+def test_the_logit_scale_benchmark_separates_a_models_confidence_from_its_ranking():
+    from benchmarks.logit_scale import scale_report
+
+    g = torch.Generator().manual_seed(0)
+    ref = 3 * torch.randn(64, 10, generator=g)
+    labels = ref.argmax(1)
+    # the same ranking at a different confidence: all of its KL is scale, none is left at the best T
+    sharper = scale_report(ref, 1.6 * ref, labels)
+    assert sharper["kl"] > 0.05 and sharper["agreement"] == 100.0
+    assert sharper["best_temperature"] == pytest.approx(1.6, abs=0.011)
+    assert sharper["kl_at_best_temperature"] < 1e-3 * sharper["kl"]
+    assert sharper["logit_spread_vs_fp32"] == pytest.approx(1.6, rel=1e-5)
+    # a reordering at fp32's own scale: no temperature removes its KL
+    shuffled = scale_report(ref, ref[:, torch.randperm(10, generator=g)], labels)
+    assert shuffled["kl_share_of_scale"] < 0.5 and shuffled["agreement"] < 50

@@ -1,0 +1,80 @@
+"""How much of a run's held-out KL to fp32 is the scale of its logits, and how much their order.
+
+KL(fp32 ‖ quantized) falls when a model's confidence matches fp32's even if it ranks classes no
+better, so a change that lowers KL can leave top-1 where it was, or lower it. For each run this
+prints, on the held-out half of the images: top-1, agreement with fp32, KL, the single
+temperature T that minimises KL(fp32 ‖ softmax(logits / T)) and the KL left at it (the part no
+rescaling removes), the ratio of the logits' spread to fp32's, and the cross-entropy to the labels.
+
+    python -m benchmarks.logit_scale --images IMAGES --checkpoint deit_tiny_patch16_224.pth RUN [RUN ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from benchmarks.accuracy_seeds import EVAL_FRACTION, SPLIT_SEED
+
+TEMPERATURES = torch.linspace(0.5, 2.0, 151)
+
+
+def kl_rows(ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(ref) ‖ softmax(logits)) per image."""
+    p = ref.log_softmax(1)
+    return (p.exp() * (p - logits.log_softmax(1))).sum(1)
+
+
+def scale_report(ref: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The figures of the module docstring for one set of logits against fp32's."""
+    kls = torch.stack([kl_rows(ref, logits / t).mean() for t in TEMPERATURES])
+    best = int(kls.argmin())
+    kl = float(kl_rows(ref, logits).mean())
+    return {
+        "top1": 100 * float((logits.argmax(1) == labels).float().mean()),
+        "agreement": 100 * float((logits.argmax(1) == ref.argmax(1)).float().mean()),
+        "kl": kl,
+        "best_temperature": float(TEMPERATURES[best]),
+        "kl_at_best_temperature": float(kls[best]),
+        "kl_share_of_scale": (kl - float(kls[best])) / kl if kl > 0 else 0.0,
+        "logit_spread_vs_fp32": float(logits.std(1).mean() / ref.std(1).mean()),
+        "cross_entropy": float(torch.nn.functional.cross_entropy(logits, labels)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", help="run directories")
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--model", default="deit_t")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+
+    from osqdeploy.api import load_run
+    from osqdeploy.evaluation import TorchRuntime, evaluate
+    from osqdeploy.load import ImageFiles, eval_transform, load_model
+
+    fp = load_model(args.model, checkpoint=args.checkpoint)
+    _, held = ImageFiles(args.images, transform=eval_transform(fp.model)).split(EVAL_FRACTION, seed=SPLIT_SEED)
+    labels = torch.tensor(held.labels)
+    ref = evaluate(TorchRuntime(fp.model, args.device), held, progress=False).logits
+    rows = [{"run": "fp32", **scale_report(ref, ref, labels)}]
+    for run in args.runs:
+        logits = evaluate(TorchRuntime(load_run(run, args.device).model, args.device), held, progress=False).logits
+        rows.append({"run": run, **scale_report(ref, logits, labels)})
+    keys = list(rows[0])[1:]
+    print("| run | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for row in rows:
+        print(f"| {row['run']} | " + " | ".join(f"{row[k]:.4g}" for k in keys) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
