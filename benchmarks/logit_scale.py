@@ -17,21 +17,16 @@ import json
 import torch
 
 from benchmarks.accuracy_seeds import EVAL_FRACTION, SPLIT_SEED
+from osqdeploy.evaluation import kl_divergence
 
 TEMPERATURES = torch.linspace(0.5, 2.0, 151)
 
 
-def kl_rows(ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(ref) ‖ softmax(logits)) per image."""
-    p = ref.log_softmax(1)
-    return (p.exp() * (p - logits.log_softmax(1))).sum(1)
-
-
 def scale_report(ref: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """The figures of the module docstring for one set of logits against fp32's."""
-    kls = torch.stack([kl_rows(ref, logits / t).mean() for t in TEMPERATURES])
+    kls = torch.tensor([kl_divergence(ref, logits / t) for t in TEMPERATURES])
     best = int(kls.argmin())
-    kl = float(kl_rows(ref, logits).mean())
+    kl = kl_divergence(ref, logits)
     return {
         "top1": 100 * float((logits.argmax(1) == labels).float().mean()),
         "agreement": 100 * float((logits.argmax(1) == ref.argmax(1)).float().mean()),
