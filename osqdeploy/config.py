@@ -185,7 +185,7 @@ def _method_settings(cfg: CalibrationConfig) -> dict:
         settings.update(output_tuning=cfg.output_tuning, output_tuning_lr=cfg.output_tuning_lr,
                         output_tuning_mix=cfg.output_tuning_mix, output_tuning_drop=cfg.output_tuning_drop,
                         output_tuning_batch=cfg.output_tuning_batch, output_tuning_crop=cfg.output_tuning_crop,
-                        averaged=cfg.output_tuning_ema > 0)
+                        output_tuning_class_bias=cfg.output_tuning_class_bias, averaged=cfg.output_tuning_ema > 0)
     return settings
 
 
@@ -273,6 +273,9 @@ class CalibrationConfig:
     # crop. 0 (off) in every preset: at 0.35 it lowered W4A4 held-out KL by 2.7 % in PyTorch, not
     # at all in ONNX Runtime, and nothing at W6A6 (real DeiT-Tiny, 3 seeds, paired).
     output_tuning_crop: float = 0.0
+    # Whether "steps+affine" tuning also moves the classifier's bias, a prior over classes that
+    # calibration images of a few classes would pull toward their own.
+    output_tuning_class_bias: bool = True
     # Speed features, used on CUDA devices only. TF32 matmuls change float rounding;
     # replaying each group's training step as a CUDA graph changes nothing that is computed
     # (reconstruct/step.py); compiled quantizer kernels fuse the same arithmetic (quant/kernels.py).

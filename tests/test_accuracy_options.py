@@ -240,6 +240,22 @@ def test_weight_scale_tuning_moves_row_scales_and_keeps_the_codes():
         assert not wb.scale.requires_grad
 
 
+def test_tuning_without_the_class_bias_leaves_the_classifiers_prior_as_reconstruction_left_it():
+    model = tiny_vit(depth=2)
+    base, _ = _calibrate(model, iters=10, n=32)
+    with_bias, _ = _calibrate(model, iters=10, n=32, output_tuning_iters=30, output_tuning="steps+affine")
+    without, rec = _calibrate(model, iters=10, n=32, output_tuning_iters=30, output_tuning="steps+affine",
+                              output_tuning_class_bias=False)
+    head = base.get_classifier().bias
+    assert not torch.equal(with_bias.get_classifier().bias, head)
+    assert torch.equal(without.get_classifier().bias, head)
+    assert rec.output_tuning.kept and rec.output_tuning.tensors == len(tuned_parameters(base, "steps+affine")[1]) \
+        + len(tuned_parameters(base, "steps+affine")[0]) - 1
+    # the other biases still move
+    assert any(not torch.equal(a.bias, b.bias) for a, b in zip(quant_layers([base])[:-1], quant_layers([without])[:-1],
+                                                               strict=True))
+
+
 def test_mixing_blends_each_image_with_its_partner_as_drawn():
     gen = torch.Generator().manual_seed(0)
     mix = Mixing.build("cutmix", iters=200, batch=8, n=40, hw=(32, 32), gen=gen, device=CPU)
@@ -507,3 +523,18 @@ def test_the_logit_scale_benchmark_separates_a_models_confidence_from_its_rankin
     # a reordering at fp32's own scale: no temperature removes its KL
     shuffled = scale_report(ref, ref[:, torch.randperm(10, generator=g)], labels)
     assert shuffled["kl_share_of_scale"] < 0.5 and shuffled["agreement"] < 50
+
+
+def test_the_class_prior_benchmark_counts_predictions_and_mass_on_the_calibration_classes():
+    from benchmarks.class_prior import prior_report
+
+    calib = torch.tensor([True, True, False, False])
+    labels = torch.tensor([2, 3, 2, 3])
+    logits = torch.tensor([[0.0, 0.0, 5.0, 0.0], [0.0, 9.0, 0.0, 0.0], [0.0, 0.0, 7.0, 0.0], [0.0, 0.0, 0.0, 3.0]])
+    r = prior_report(logits, labels, calib)
+    # one of four held-out images named a calibration class, so one of four is wrong
+    assert r["top1"] == 75.0 and r["predicted_calibration_class"] == 25.0
+    expected_mass = float(logits.softmax(1)[:, :2].sum(1).mean())
+    assert r["calibration_class_mass"] == pytest.approx(expected_mass)
+    # calibration logits lead the others by (9 - 0)/2 - 0 on image 2 and trail by 2.5, 3.5, 1.5 elsewhere
+    assert r["calibration_logit_lead"] == pytest.approx((-2.5 + 4.5 - 3.5 - 1.5) / 4)

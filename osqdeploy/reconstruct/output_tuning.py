@@ -64,11 +64,14 @@ class OutputTuningResult:
         return {k: v for k, v in asdict(self).items() if k != "loss_curve"}
 
 
-def tuned_parameters(model: nn.Module, which: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def tuned_parameters(model: nn.Module, which: str, class_bias: bool = True
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(scales, float affine parameters) that output tuning learns for ``which``.
 
     Scales (activation steps, and weight row scales with ``wscale``) must stay positive; the
-    step clamps them.
+    step clamps them. ``class_bias=False`` leaves the classifier's bias (timm's
+    ``get_classifier()``) out: it is a prior over classes, which calibration images of a few
+    classes would pull toward their own.
     """
     scales = [q.scale for q in act_quantizers([model]) if isinstance(q, ActQuantizer) and q.mode is QuantMode.NEAREST]
     affine: list[torch.Tensor] = []
@@ -78,6 +81,10 @@ def tuned_parameters(model: nn.Module, which: str) -> tuple[list[torch.Tensor], 
             if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
                 affine += [p for p in (m.weight, m.bias) if p is not None]
         affine += [layer.bias for layer in quant_layers([model])]
+        if not class_bias and hasattr(model, "get_classifier"):
+            head = model.get_classifier()
+            if getattr(head, "bias", None) is not None:
+                seen.add(id(head.bias))
         affine = [p for p in affine if not (id(p) in seen or seen.add(id(p)))]
     if which.endswith("+wscale"):
         # the row scales of finalized integer weights: a buffer, learned like a parameter here
@@ -179,7 +186,7 @@ def tune_outputs(model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig,
     with torch.no_grad(), (quant_mode(model, QuantMode.FLOAT) if reference is None else contextlib.nullcontext()):
         ref = model if reference is None else reference.eval().to(device)
         fp_logits = torch.cat([ref(images[i : i + bs]).float() for i in range(0, images.shape[0], bs)])
-    scales, affine = tuned_parameters(model, cfg.output_tuning)
+    scales, affine = tuned_parameters(model, cfg.output_tuning, cfg.output_tuning_class_bias)
     params = scales + affine
     start = [p.detach().clone() for p in params]
     kl_before = _kl(model, images, fp_logits, bs)
