@@ -13,11 +13,10 @@ that of the others.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from benchmarks.accuracy_seeds import EVAL_FRACTION, SPLIT_SEED
+from benchmarks.held_out import add_arguments, held_out_logits, write_rows
 
 
 def prior_report(logits: torch.Tensor, labels: torch.Tensor, calib: torch.Tensor) -> dict:
@@ -33,36 +32,13 @@ def prior_report(logits: torch.Tensor, labels: torch.Tensor, calib: torch.Tensor
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", help="run directories")
-    ap.add_argument("--images", required=True)
-    ap.add_argument("--checkpoint")
-    ap.add_argument("--model", default="deit_t")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", help="also write the rows here")
+    add_arguments(ap)
     args = ap.parse_args()
-
-    from osqdeploy.api import load_run
-    from osqdeploy.evaluation import TorchRuntime, evaluate
-    from osqdeploy.load import ImageFiles, eval_transform, load_model
-
-    fp = load_model(args.model, checkpoint=args.checkpoint)
-    calib_set, held = ImageFiles(args.images, transform=eval_transform(fp.model)).split(EVAL_FRACTION, seed=SPLIT_SEED)
-    labels = torch.tensor(held.labels)
-    ref = evaluate(TorchRuntime(fp.model, args.device), held, progress=False).logits
+    ref, labels, calib_labels, runs = held_out_logits(args)
     calib = torch.zeros(ref.shape[1], dtype=torch.bool)
-    calib[torch.tensor(calib_set.labels)] = True
-    rows = [{"run": "fp32", **prior_report(ref, labels, calib)}]
-    for run in args.runs:
-        logits = evaluate(TorchRuntime(load_run(run, args.device).model, args.device), held, progress=False).logits
-        rows.append({"run": run, **prior_report(logits, labels, calib)})
-    keys = list(rows[0])[1:]
-    print("| run | " + " | ".join(keys) + " |")
-    print("|---" * (len(keys) + 1) + "|")
-    for row in rows:
-        print(f"| {row['run']} | " + " | ".join(f"{row[k]:.4g}" for k in keys) + " |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    calib[calib_labels] = True
+    write_rows([{"run": "fp32", **prior_report(ref, labels, calib)}]
+               + [{"run": run, **prior_report(logits, labels, calib)} for run, logits in runs], args.json)
 
 
 if __name__ == "__main__":

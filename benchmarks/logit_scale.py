@@ -12,11 +12,10 @@ rescaling removes), the ratio of the logits' spread to fp32's, and the cross-ent
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from benchmarks.accuracy_seeds import EVAL_FRACTION, SPLIT_SEED
+from benchmarks.held_out import add_arguments, held_out_logits, write_rows
 from osqdeploy.evaluation import kl_divergence
 
 TEMPERATURES = torch.linspace(0.5, 2.0, 151)
@@ -41,34 +40,11 @@ def scale_report(ref: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", help="run directories")
-    ap.add_argument("--images", required=True)
-    ap.add_argument("--checkpoint")
-    ap.add_argument("--model", default="deit_t")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", help="also write the rows here")
+    add_arguments(ap)
     args = ap.parse_args()
-
-    from osqdeploy.api import load_run
-    from osqdeploy.evaluation import TorchRuntime, evaluate
-    from osqdeploy.load import ImageFiles, eval_transform, load_model
-
-    fp = load_model(args.model, checkpoint=args.checkpoint)
-    _, held = ImageFiles(args.images, transform=eval_transform(fp.model)).split(EVAL_FRACTION, seed=SPLIT_SEED)
-    labels = torch.tensor(held.labels)
-    ref = evaluate(TorchRuntime(fp.model, args.device), held, progress=False).logits
-    rows = [{"run": "fp32", **scale_report(ref, ref, labels)}]
-    for run in args.runs:
-        logits = evaluate(TorchRuntime(load_run(run, args.device).model, args.device), held, progress=False).logits
-        rows.append({"run": run, **scale_report(ref, logits, labels)})
-    keys = list(rows[0])[1:]
-    print("| run | " + " | ".join(keys) + " |")
-    print("|---" * (len(keys) + 1) + "|")
-    for row in rows:
-        print(f"| {row['run']} | " + " | ".join(f"{row[k]:.4g}" for k in keys) + " |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    ref, labels, _, runs = held_out_logits(args)
+    write_rows([{"run": "fp32", **scale_report(ref, ref, labels)}]
+               + [{"run": run, **scale_report(ref, logits, labels)} for run, logits in runs], args.json)
 
 
 if __name__ == "__main__":
