@@ -71,7 +71,7 @@ def tuned_parameters(model: nn.Module, which: str, class_bias: bool = True
     Scales (activation steps, and weight row scales with ``wscale``) must stay positive; the
     step clamps them. ``class_bias=False`` leaves the classifier's bias (timm's
     ``get_classifier()``) out: it is a prior over classes, which calibration images of a few
-    classes would pull toward their own.
+    classes could pull toward their own.
     """
     scales = [q.scale for q in act_quantizers([model]) if isinstance(q, ActQuantizer) and q.mode is QuantMode.NEAREST]
     affine: list[torch.Tensor] = []
