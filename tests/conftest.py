@@ -63,3 +63,10 @@ def swin_model():
     return tiny_swin()
 
 
+
+
+def pytest_collection_modifyitems(config, items):
+    # Files marked long_file run first: under --dist loadfile each worker takes whole files in
+    # collection order (--no-loadscope-reorder), and a file of minutes started last keeps the
+    # run going while the other worker has nothing left.
+    items.sort(key=lambda item: item.get_closest_marker("long_file") is None)

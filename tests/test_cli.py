@@ -31,6 +31,8 @@ from osqdeploy.load import demo
 from osqdeploy.reconstruct import Reconstructor
 from osqdeploy.run import store
 
+pytestmark = pytest.mark.long_file
+
 QUICK = ["--iters", "2", "--samples", "16", "--batch-size", "8"]
 runner = CliRunner()
 

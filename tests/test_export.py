@@ -15,6 +15,8 @@ from osqdeploy.quant.quantizers import ActQuantizer
 
 from conftest import images, loaded_tiny
 
+pytestmark = pytest.mark.long_file
+
 SIZES = {"vit": 32, "swin": 56}
 
 

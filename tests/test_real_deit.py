@@ -1,10 +1,10 @@
-"""The real-checkpoint path end to end: real DeiT-Tiny weights, real ImageNet images .
+"""The real-checkpoint path end to end: real DeiT-Tiny weights, real ImageNet images.
 
 A handful of images and a few iterations: this checks the workflow and that nothing in it breaks
 a real network, not the accuracy of the full schedule (benchmarks/deit_tiny_accuracy.py does that).
 """
 
-
+import pytest
 
 from osqdeploy.api import calibrate, load_run
 from osqdeploy.api import export as export_run
@@ -12,6 +12,8 @@ from osqdeploy.config import CalibrationConfig, QuantConfig
 from osqdeploy.evaluation import OnnxRuntime, TorchRuntime, evaluate, parity
 from osqdeploy.load.data import ImageFiles, calibration_tensor, eval_transform
 from osqdeploy.load.models import load_model
+
+pytestmark = pytest.mark.long_file
 
 
 def test_real_deit_tiny_w8a8_end_to_end(tmp_path, deit_tiny_weights, imagenet_sample):

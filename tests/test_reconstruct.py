@@ -13,6 +13,8 @@ from osqdeploy.reconstruct import Callbacks, Reconstructor, logits, prepare_mode
 
 from conftest import images, tiny_swin, tiny_vit
 
+pytestmark = pytest.mark.long_file
+
 CPU = torch.device("cpu")
 
 
