@@ -63,8 +63,6 @@ def swin_model():
     return tiny_swin()
 
 
-
-
 def pytest_collection_modifyitems(config, items):
     # Files marked long_file run first: under --dist loadfile each worker takes whole files in
     # collection order (--no-loadscope-reorder), and a file of minutes started last keeps the
