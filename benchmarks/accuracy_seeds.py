@@ -22,6 +22,10 @@ on the other half.
     python -m benchmarks.accuracy_seeds --summarize --out results/accuracy
     python -m benchmarks.accuracy_seeds --ort-only --images ... --checkpoint ... --out results/accuracy
 
+``--float-draws K`` evaluates every fake-quant model K more times, each with one seeded float32
+ulp per Linear and LayerNorm output, and reports top-1 and KL as means over the draws too: at
+4 bits one evaluation's KL moves by a few per cent with float rounding alone.
+
 ``--ort-only`` adds ONNX Runtime's CPU figures to rows already measured (calibrated on a GPU host,
 evaluated in ORT on the deployment CPU): each finished run is exported and run in ORT beside its
 fake-quant model, which is re-evaluated on this host only for the agreement between the two.
@@ -62,7 +66,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "prediction_tuned": {"method": "output_tuned", "kl_groups": 1},
 }
 
-METRICS = ("top1", "kl", "logit_mse", "agreement", "calib_seconds", "ort_cpu_top1", "ort_minus_fake_quant")
+METRICS = ("top1", "kl", "logit_mse", "agreement", "calib_seconds", "ort_cpu_top1", "ort_minus_fake_quant",
+           "top1_over_draws", "kl_over_draws")
 
 
 @dataclass(frozen=True)
@@ -262,8 +267,29 @@ def _measure(model, ref, eval_set, device: str, args: argparse.Namespace):
 
     q = evaluate(TorchRuntime(model, device, name="torch-quant"), eval_set, progress=False, limit=args.limit_eval)
     p = parity(ref, q)
-    return {"eval_images": q.n, "fp32_top1": ref.top1, "top1": q.top1, "kl": p.kl_divergence,
-            "logit_mse": float((q.logits - ref.logits).pow(2).mean()), "agreement": p.top1_agreement}, q
+    row = {"eval_images": q.n, "fp32_top1": ref.top1, "top1": q.top1, "kl": p.kl_divergence,
+           "logit_mse": float((q.logits - ref.logits).pow(2).mean()), "agreement": p.top1_agreement}
+    if args.float_draws:
+        row |= float_draws(model, ref, q, eval_set, device, args.float_draws, args.limit_eval)
+    return row, q
+
+
+def float_draws(model, ref, q, eval_set, device: str, draws: int, limit: int | None = None) -> dict:
+    """Top-1 and KL of the fake-quant model over float draws: its plain evaluation ``q`` and
+    ``draws`` more, each with every Linear/LayerNorm output moved by one seeded float32 ulp.
+
+    At 4 bits one evaluation is one draw of float rounding (another GEMM kernel, another
+    processor): it moves a run's top-1 by points and its KL by a few per cent, as much as the
+    differences between the candidates compared. Their mean is the run's figure without that noise.
+    """
+    from osqdeploy.evaluation import TorchRuntime, UlpPerturbed, evaluate, parity
+
+    results = [q] + [evaluate(UlpPerturbed(TorchRuntime(model, device, name="torch-quant"), seed), eval_set,
+                              progress=False, limit=limit) for seed in range(draws)]
+    top1 = [r.top1 for r in results]
+    kl = [parity(ref, r).kl_divergence for r in results]
+    return {"draw_top1": top1, "draw_kl": kl, "top1_over_draws": sum(top1) / len(top1),
+            "kl_over_draws": sum(kl) / len(kl)}
 
 
 def _ort(row: dict, run_dir: Path, ref, q, eval_set, args: argparse.Namespace) -> dict:
@@ -469,6 +495,8 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         argv += ["--limit-eval", str(args.limit_eval)]
     if args.ort:
         argv.append("--ort")
+    if args.float_draws:
+        argv += ["--float-draws", str(args.float_draws)]
     if args.keep_onnx:
         argv.append("--keep-onnx")
     if args.post_tuning:
@@ -489,6 +517,19 @@ def _stats(values: list[float]) -> dict | None:
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def _cell(stats: dict | None, fmt: str) -> str:
+    if not stats:
+        return "–"
+    return f"{stats['mean']:{fmt}} [{stats['min']:{fmt}}, {stats['max']:{fmt}}]"
+
+
+def _paired(by_seed: dict, variant: str, own: str | None, bits: str, seeds: list[int], key: str) -> str:
+    """``key``'s change from the runs a post-tuned variant was tuned from (``own``), seed by seed."""
+    pairs = [by_seed[(variant, bits, k)][key] / by_seed[(own, bits, k)][key] - 1 for k in seeds
+             if own and key in by_seed[(variant, bits, k)] and key in by_seed.get((own, bits, k), {})]
+    return _cell(_stats([100 * x for x in pairs]), "+.1f") + " %" if pairs else "–"
+
+
 def summarize(out: Path) -> str:
     rows = [json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))]
     ok = [r for r in rows if r.get("status") == "ok"]
@@ -499,11 +540,6 @@ def summarize(out: Path) -> str:
     summary = {g: {m: _stats([r[m] for r in rs if r.get(m) is not None]) for m in METRICS} | {
         "seeds": sorted(r["seed"] for r in rs)} for g, rs in groups.items()}
 
-    def cell(stats: dict | None, fmt: str) -> str:
-        if not stats:
-            return "–"
-        return f"{stats['mean']:{fmt}} [{stats['min']:{fmt}}, {stats['max']:{fmt}}]"
-
     fp32 = sorted({round(r["fp32_top1"], 2) for r in ok})
     concurrent = sorted({r.get("concurrent_jobs") for r in ok if r.get("concurrent_jobs")})
     lines = [f"fp32 top-1 on the held-out images: {', '.join(f'{v:.1f}' for v in fp32)} %  "
@@ -512,6 +548,10 @@ def summarize(out: Path) -> str:
              "| variant | bits | seeds | top-1 % | Δ top-1 vs fp32 | KL to fp32 | KL vs paper | KL vs its base, "
              "paired | logit MSE | agreement % | calib s | ORT CPU top-1 % | ORT − fake-quant |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    drawn = any("kl_over_draws" in r for r in ok)
+    if drawn:  # --float-draws: the same figures as means over float draws, and the paired KL change on them
+        lines[-2] += " top-1 over float draws % | KL over float draws | KL over draws vs its base, paired |"
+        lines[-1] += "---|---|---|"
     by_seed = {(r["variant"], r["bits"], r["seed"]): r for r in ok}
     for g in sorted(summary, key=lambda g: (g.split("@")[1], g)):
         s, (variant, bits) = summary[g], g.split("@")
@@ -520,15 +560,15 @@ def summarize(out: Path) -> str:
         delta = f"{s['top1']['mean'] - fp32[0]:+.1f}" if fp32 and len(fp32) == 1 else "–"
         # a post-tuned variant against the very runs it was tuned from, seed by seed
         own = variant.rsplit("+", 1)[0] if "+" in variant else None
-        pairs = [by_seed[(variant, bits, k)]["kl"] / by_seed[(own, bits, k)]["kl"] - 1 for k in s["seeds"]
-                 if own and (own, bits, k) in by_seed]
-        paired = cell(_stats([100 * x for x in pairs]), "+.1f") + " %" if pairs else "–"
+        pair = {key: _paired(by_seed, variant, own, bits, s["seeds"], key) for key in ("kl", "kl_over_draws")}
         lines.append(
-            f"| {variant} | {bits.upper()} | {len(s['seeds'])} | {cell(s['top1'], '.1f')} | {delta} | "
-            f"{cell(s['kl'], '.4f')} | {rel} | {paired} | {cell(s['logit_mse'], '.3f')} | "
-            f"{cell(s['agreement'], '.1f')} | "
-            f"{cell(s['calib_seconds'], '.0f')} | {cell(s['ort_cpu_top1'], '.1f')} | "
-            f"{cell(s['ort_minus_fake_quant'], '+.1f')} |")
+            f"| {variant} | {bits.upper()} | {len(s['seeds'])} | {_cell(s['top1'], '.1f')} | {delta} | "
+            f"{_cell(s['kl'], '.4f')} | {rel} | {pair['kl']} | {_cell(s['logit_mse'], '.3f')} | "
+            f"{_cell(s['agreement'], '.1f')} | "
+            f"{_cell(s['calib_seconds'], '.0f')} | {_cell(s['ort_cpu_top1'], '.1f')} | "
+            f"{_cell(s['ort_minus_fake_quant'], '+.1f')} |"
+            + (f" {_cell(s['top1_over_draws'], '.1f')} | {_cell(s['kl_over_draws'], '.4f')} | "
+               f"{pair['kl_over_draws']} |" if drawn else ""))
     lines += ["", "Per seed:", "", "| variant | bits | seed | top-1 % | KL | logit MSE | calib s | concurrent jobs | "
               "ORT CPU top-1 % |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(ok, key=lambda r: (r["bits"], r["variant"], r["seed"])):
@@ -562,6 +602,9 @@ def main() -> None:
     ap.add_argument("--ort", action="store_true", help="also export each run and evaluate it in ONNX Runtime (CPU)")
     ap.add_argument("--ort-threads", type=int, default=2)
     ap.add_argument("--keep-onnx", action="store_true")
+    ap.add_argument("--float-draws", type=int, default=0, metavar="K",
+                    help="also evaluate each fake-quant model K more times, one float32 ulp per output moved by a "
+                         "seeded draw, and report top-1 and KL as means over the draws")
     ap.add_argument("--post-tuning", nargs="*", default=[], metavar="KIND[,key=value...]",
                     help="also tune each finished run at the output (OUTPUT_TUNED's rate and length on fixed views, "
                          f"KIND's parameter set: {', '.join(POST_TUNING)}; settings of CalibrationConfig after it, "

@@ -16,7 +16,8 @@ Every file's held-out logits are kept under ``--workdir``, so an interrupted run
 stopped. With ``--noise-floor`` each run's PyTorch fake-quant model is evaluated too, plain and with
 every Linear/LayerNorm output moved by one float32 ulp (``UlpPerturbed``), and the qdq file once more
 with ONNX Runtime's basic graph optimizations only: top-1 agreements of equally exact float
-implementations, against which the ort-int8/qdq agreement is judged.
+implementations, against which the ort-int8/qdq agreement is judged, and each PyTorch draw's
+top-1 and KL, how far a run's figures move with float rounding alone.
 JSON goes to ``benchmarks/results/ort_accuracy_<model>_cpu.json``.
 """
 
@@ -220,6 +221,10 @@ def main() -> None:
                                ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
             rows[-1].noise = {
                 "torch_quant_top1": 100.0 * float((tq.argmax(1) == labels).float().mean()),
+                "torch_ulp_top1": 100.0 * float((tu.argmax(1) == labels).float().mean()),
+                # KL of each float draw: how far one run's KL to fp32 moves with float rounding alone
+                "torch_quant_kl": kl_divergence(ref.logits, tq),
+                "torch_ulp_kl": kl_divergence(ref.logits, tu),
                 "torch_vs_torch_ulp": _agreement(tq, tu),
                 "torch_vs_qdq": _agreement(tq, rq.logits),
                 "torch_vs_ort_int8": _agreement(tq, rf.logits),

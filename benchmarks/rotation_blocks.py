@@ -40,7 +40,7 @@ def main() -> None:
     default_block = P.rotation_block
     job_args = argparse.Namespace(model=args.model, checkpoint=args.checkpoint, images=args.images,
                                   iters=args.iters, samples=args.samples, device=args.device, limit_eval=None,
-                                  post_tuning=[], concurrent=1)
+                                  float_draws=0, post_tuning=[], concurrent=1)
     rows = []
     for block in args.blocks:
         P.rotation_block = partial(default_block, largest=block)  # what reparam.rotate_input asks for

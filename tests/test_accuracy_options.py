@@ -539,3 +539,38 @@ def test_the_class_prior_benchmark_counts_predictions_and_mass_on_the_calibratio
     assert r["calibration_class_mass"] == pytest.approx(expected_mass)
     # calibration logits lead the others by (9 - 0)/2 - 0 on image 2 and trail by 2.5, 3.5, 1.5 elsewhere
     assert r["calibration_logit_lead"] == pytest.approx((-2.5 + 4.5 - 3.5 - 1.5) / 4)
+
+
+def test_the_accuracy_benchmark_averages_a_run_over_float_draws_and_pairs_the_averages(tmp_path):
+    import json
+
+    from torch.utils.data import TensorDataset
+
+    from benchmarks.accuracy_seeds import float_draws, summarize
+    from osqdeploy.evaluation import TorchRuntime, evaluate, parity
+
+    model = tiny_vit()
+    quantized, _ = _calibrate(model, iters=5, n=32)
+    x = images(48, 32, seed=5)
+    data = TensorDataset(x, logits(model, x, 48, CPU).argmax(1))
+    ref = evaluate(TorchRuntime(model), data, batch_size=16, progress=False)
+    q = evaluate(TorchRuntime(quantized), data, batch_size=16, progress=False)
+    drawn = float_draws(quantized, ref, q, data, "cpu", draws=3)
+    # the plain evaluation, then three seeded draws: at 4 bits a one-ulp nudge moves the KL
+    assert drawn["draw_top1"][0] == q.top1 and drawn["draw_kl"][0] == parity(ref, q).kl_divergence
+    assert len(drawn["draw_kl"]) == 4 and len(set(drawn["draw_kl"])) > 1
+    assert drawn["kl_over_draws"] == pytest.approx(sum(drawn["draw_kl"]) / 4)
+    assert drawn["top1_over_draws"] == pytest.approx(sum(drawn["draw_top1"]) / 4)
+    assert float_draws(quantized, ref, q, data, "cpu", draws=3) == drawn  # seeded
+
+    # the summary pairs a tuned variant with its own runs on the averaged KL as on the plain one
+    (tmp_path / "jobs").mkdir()
+    for variant, kl, kl_drawn in (("r", 0.20, 0.25), ("r+tuned", 0.18, 0.20)):
+        row = {"status": "ok", "variant": variant, "bits": "w4a4", "seed": 0, "job": variant, "fp32_top1": 80.0,
+               "top1": 75.0, "kl": kl, "logit_mse": 0.3, "agreement": 90.0, "calib_seconds": 1.0,
+               "top1_over_draws": 76.0, "kl_over_draws": kl_drawn}
+        (tmp_path / "jobs" / f"{variant}.json").write_text(json.dumps(row))
+    table = summarize(tmp_path)
+    tuned_line = next(line for line in table.splitlines() if line.startswith("| r+tuned |"))
+    assert "KL over float draws" in table
+    assert "-10.0 [-10.0, -10.0] %" in tuned_line and "-20.0 [-20.0, -20.0] %" in tuned_line
