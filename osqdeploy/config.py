@@ -271,7 +271,8 @@ class CalibrationConfig:
     # between this fraction and all of its area, aspect ratio 3/4 to 4/3, flipped with probability
     # 1/2, resampled to full size on the device, the float model's prediction taken on that very
     # crop. 0 (off) in every preset: at 0.35 it lowered W4A4 held-out KL by 2.7 % in PyTorch, not
-    # at all in ONNX Runtime, and nothing at W6A6 (real DeiT-Tiny, 3 seeds, paired).
+    # at all in ONNX Runtime, and nothing at W6A6 (real DeiT-Tiny, 3 seeds, paired); with the
+    # classifier's bias held too, by 1 % averaged over six float draws of each run (docs/results.md).
     output_tuning_crop: float = 0.0
     # Whether "steps+affine" tuning also moves the classifier's bias, a prior over classes that
     # calibration images of a few classes could pull toward their own. True in every preset: held,
