@@ -277,7 +277,7 @@ class CalibrationConfig:
     # Whether "steps+affine" tuning also moves the classifier's bias, a prior over classes that
     # calibration images of a few classes could pull toward their own. True in every preset: held,
     # it changed held-out KL by -3 % at W4A4 and -0.5 % at W6A6 on the real DeiT-Tiny, one seed
-    # of three lower and two higher at each (docs/results.md).
+    # of three lower and two higher at each; -2 % at W4A4 averaged over float draws (docs/results.md).
     output_tuning_class_bias: bool = True
     # Speed features, used on CUDA devices only. TF32 matmuls change float rounding;
     # replaying each group's training step as a CUDA graph changes nothing that is computed
