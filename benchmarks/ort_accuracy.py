@@ -73,6 +73,15 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return 100.0 * float((a.argmax(1) == b.argmax(1)).float().mean())
 
 
+def _right_by_fp32(ref: EvalResult, labels: torch.Tensor, draws: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    """Images the run gets right (mean over its float draws) among those fp32 gets right and wrong:
+    a model closer to fp32 also shares more of fp32's mistakes, which top-1 counts against it."""
+    fp32_right = ref.logits.argmax(1) == labels
+    right = torch.stack([d.argmax(1) == labels for d in draws]).float().mean(0)
+    return {"fp32_right": int(fp32_right.sum()), "right_where_fp32_right": float(right[fp32_right].sum()),
+            "right_where_fp32_wrong": float(right[~fp32_right].sum())}
+
+
 def _torch_logits(run_dir: Path, held_out: ImageFiles, work: Path, ulp_seed: int | None) -> torch.Tensor:
     """Held-out logits of the run's fake-quant model on this CPU (one ulp per output with ``ulp_seed``), cached."""
     cache = work / f"{run_dir.name}.torch{'' if ulp_seed is None else f'~ulp{ulp_seed}'}.logits.pt"
@@ -225,6 +234,7 @@ def main() -> None:
                 # KL of each float draw: how far one run's KL to fp32 moves with float rounding alone
                 "torch_quant_kl": kl_divergence(ref.logits, tq),
                 "torch_ulp_kl": kl_divergence(ref.logits, tu),
+                **_right_by_fp32(ref, labels, (tq, tu, rq.logits, rf.logits)),
                 "torch_vs_torch_ulp": _agreement(tq, tu),
                 "torch_vs_qdq": _agreement(tq, rq.logits),
                 "torch_vs_ort_int8": _agreement(tq, rf.logits),
