@@ -16,8 +16,9 @@ Every file's held-out logits are kept under ``--workdir``, so an interrupted run
 stopped. With ``--noise-floor`` each run's PyTorch fake-quant model is evaluated too, plain and with
 every Linear/LayerNorm output moved by one float32 ulp (``UlpPerturbed``), and the qdq file once more
 with ONNX Runtime's basic graph optimizations only: top-1 agreements of equally exact float
-implementations, against which the ort-int8/qdq agreement is judged, and each PyTorch draw's
-top-1 and KL, how far a run's figures move with float rounding alone.
+implementations, against which the ort-int8/qdq agreement is judged; each PyTorch draw's top-1
+and KL, how far a run's figures move with float rounding alone; and, over the four draws, the
+images the run gets right among those fp32 gets right and among those it gets wrong.
 JSON goes to ``benchmarks/results/ort_accuracy_<model>_cpu.json``.
 """
 

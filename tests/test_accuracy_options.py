@@ -574,3 +574,15 @@ def test_the_accuracy_benchmark_averages_a_run_over_float_draws_and_pairs_the_av
     tuned_line = next(line for line in table.splitlines() if line.startswith("| r+tuned |"))
     assert "KL over float draws" in table
     assert "-10.0 [-10.0, -10.0] %" in tuned_line and "-20.0 [-20.0, -20.0] %" in tuned_line
+
+
+def test_the_onnx_accuracy_benchmark_counts_right_answers_apart_where_fp32_is_right_and_wrong():
+    from benchmarks.ort_accuracy import _right_by_fp32
+    from osqdeploy.evaluation.evaluator import EvalResult
+
+    labels = torch.tensor([0, 1, 2, 3])
+    ref = EvalResult("fp32", 4, 50.0, None, 0.0, torch.eye(4)[[0, 1, 0, 0]], labels)  # right on images 0 and 1
+    # draw 1 repeats fp32; draw 2 misses image 1 and gets image 2 right where fp32 is wrong
+    draws = (torch.eye(4)[[0, 1, 0, 0]], torch.eye(4)[[0, 0, 2, 0]])
+    counts = _right_by_fp32(ref, labels, draws)
+    assert counts == {"fp32_right": 2, "right_where_fp32_right": 1.5, "right_where_fp32_wrong": 0.5}
