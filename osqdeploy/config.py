@@ -185,7 +185,8 @@ def _method_settings(cfg: CalibrationConfig) -> dict:
         settings.update(output_tuning=cfg.output_tuning, output_tuning_lr=cfg.output_tuning_lr,
                         output_tuning_mix=cfg.output_tuning_mix, output_tuning_drop=cfg.output_tuning_drop,
                         output_tuning_batch=cfg.output_tuning_batch, output_tuning_crop=cfg.output_tuning_crop,
-                        output_tuning_class_bias=cfg.output_tuning_class_bias, averaged=cfg.output_tuning_ema > 0)
+                        output_tuning_class_bias=cfg.output_tuning_class_bias,
+                        output_tuning_temperature=cfg.output_tuning_temperature, averaged=cfg.output_tuning_ema > 0)
     return settings
 
 
@@ -279,6 +280,10 @@ class CalibrationConfig:
     # it changed held-out KL by -3 % at W4A4 and -0.5 % at W6A6 on the real DeiT-Tiny, one seed
     # of three lower and two higher at each; -2 % at W4A4 averaged over float draws (docs/results.md).
     output_tuning_class_bias: bool = True
+    # Temperature of the tuning's KL (Hinton's distillation loss, scaled by T²): below 1 it weighs
+    # the top classes of each prediction more, above 1 the rest. 1 in every preset; whatever it is,
+    # the stage keeps its result only if the plain KL (T = 1) on the calibration images fell.
+    output_tuning_temperature: float = 1.0
     # Speed features, used on CUDA devices only. TF32 matmuls change float rounding;
     # replaying each group's training step as a CUDA graph changes nothing that is computed
     # (reconstruct/step.py); compiled quantizer kernels fuse the same arithmetic (quant/kernels.py).
@@ -387,6 +392,8 @@ class CalibrationConfig:
             raise ConfigError(
                 f"output tuning crop must be 0 (off) or a fraction in (0, 1], got {self.output_tuning_crop}"
             )
+        if not self.output_tuning_temperature > 0:
+            raise ConfigError(f"output tuning temperature must be > 0, got {self.output_tuning_temperature}")
         # torch seeds are 64-bit and reconstruction seeds group i with seed * 100003 + i: a larger
         # seed would fail only once reconstruction starts
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:

@@ -257,6 +257,36 @@ def test_tuning_without_the_class_bias_leaves_the_classifiers_prior_as_reconstru
                                                                strict=True))
 
 
+def test_tuning_temperature_is_hintons_loss_and_sharpening_weighs_the_top_class():
+    gen = torch.Generator().manual_seed(0)
+    fp, q = torch.randn(16, 10, generator=gen) * 3, torch.randn(16, 10, generator=gen) * 3
+    assert torch.equal(prediction_kl(fp, q, 1.0), prediction_kl(fp, q))
+    # T² · KL(softmax(fp / T) ‖ softmax(q / T))
+    t = 0.5
+    p = (fp / t).softmax(-1)
+    ref = (p * ((fp / t).log_softmax(-1) - (q / t).log_softmax(-1))).sum(-1).mean() * t * t
+    assert torch.allclose(prediction_kl(fp, q, t), ref, rtol=1e-5)
+    assert float(prediction_kl(fp, fp.clone(), 0.5)) == pytest.approx(0.0, abs=1e-6)
+    # a wrong top class costs more, relative to spread elsewhere, at T < 1 than at T = 1
+    base = torch.tensor([[4.0, 2.0, 0.0, 0.0]])
+    top_swapped = torch.tensor([[2.0, 4.0, 0.0, 0.0]])
+    tail_moved = torch.tensor([[4.0, 2.0, 1.5, -1.5]])
+    ratio = [float(prediction_kl(base, top_swapped, t) / prediction_kl(base, tail_moved, t)) for t in (1.0, 0.5)]
+    assert ratio[1] > ratio[0]
+
+
+def test_tuning_at_another_temperature_keeps_only_a_lower_plain_kl():
+    model = tiny_vit(depth=2)
+    plain, _ = _calibrate(model, iters=10, n=32, output_tuning_iters=30, output_tuning="steps+affine")
+    sharp, rec = _calibrate(model, iters=10, n=32, output_tuning_iters=30, output_tuning="steps+affine",
+                            output_tuning_temperature=0.5)
+    assert rec.output_tuning.kept and rec.output_tuning.kl_after < rec.output_tuning.kl_before
+    assert any(not torch.equal(a.bias, b.bias) for a, b in zip(quant_layers([plain]), quant_layers([sharp]),
+                                                               strict=True))
+    with pytest.raises(ConfigError, match="temperature"):
+        CalibrationConfig(output_tuning_temperature=0.0).validate()
+
+
 def test_mixing_blends_each_image_with_its_partner_as_drawn():
     gen = torch.Generator().manual_seed(0)
     mix = Mixing.build("cutmix", iters=200, batch=8, n=40, hw=(32, 32), gen=gen, device=CPU)

@@ -50,10 +50,18 @@ class FisherMSE(ReconstructionMSE):
     needs_weights = True
 
 
-def prediction_kl(fp_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(float prediction ‖ quantized prediction), summed over classes, averaged over images."""
-    return F.kl_div(q_logits.float().log_softmax(-1), fp_logits.float().log_softmax(-1), log_target=True,
-                    reduction="batchmean")
+def prediction_kl(fp_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(float prediction ‖ quantized prediction), summed over classes, averaged over images.
+
+    With ``temperature`` T both predictions are softened (T > 1) or sharpened (T < 1) first and
+    the KL is scaled by T², Hinton's distillation loss: T < 1 weighs the top classes more.
+    """
+    if temperature == 1.0:
+        return F.kl_div(q_logits.float().log_softmax(-1), fp_logits.float().log_softmax(-1), log_target=True,
+                        reduction="batchmean")
+    t = temperature
+    return F.kl_div((q_logits.float() / t).log_softmax(-1), (fp_logits.float() / t).log_softmax(-1),
+                    log_target=True, reduction="batchmean") * t * t
 
 
 class PredictionAwareMSE(ReconstructionMSE):

@@ -102,6 +102,7 @@ class OutputStep:
                  teacher: nn.Module | None = None, crops: Crops | None = None):
         self.model, self.images, self.fp_logits, self.batches = model, images, fp_logits, batches
         self.mixing, self.crops = mixing, crops
+        self.temperature = cfg.output_tuning_temperature
         self.teacher = teacher  # with blends or crops: the float model, run on each step's inputs
         self.dist, self.shard = dist, dist.batch_shard(batches.shape[1])  # data parallel: a shard of each batch
         self.scales = scales  # kept positive after every update
@@ -134,7 +135,7 @@ class OutputStep:
                 x = self.crops.apply(x, self.counter, self.shard)
             with torch.no_grad():
                 target = self.teacher(x).float()
-        loss = prediction_kl(target, self.model(x))
+        loss = prediction_kl(target, self.model(x), self.temperature)
         loss.backward()
         loss = self.dist.average_gradients([self.optimizer], loss)
         self.optimizer.step()

@@ -31,7 +31,8 @@ LATER_FIELDS: dict[str, dict[str, Any]] = {
                     "overlap_allreduce": False, "shard_rounding": False, "output_tuning_mix": "none",
                     "view_mix": "none", "output_tuning_drop": 0.0,
                     "output_tuning_ema": 0.0, "output_tuning_batch": 0, "output_tuning_crop": 0.0,
-                    "pad_attention": False, "output_tuning_class_bias": True},
+                    "pad_attention": False, "output_tuning_class_bias": True,
+                    "output_tuning_temperature": 1.0},
 }
 
 
