@@ -399,7 +399,7 @@ def test_the_tuning_speed_benchmark_times_the_defaults_tuning_with_the_settings_
     cfg = tuning_config("default,output_tuning_batch=128,output_tuning_crop=0.35", "deit_t", samples=4096)
     assert cfg.output_tuning_batch == 128 and cfg.output_tuning_crop == 0.35 and cfg.samples == 4096
     assert cfg.output_tuning_iters == METHODS[Method.OUTPUT_TUNED]["output_tuning_iters"]
-    assert cfg.output_tuning_mix == "cutmix" and cfg.output_tuning_ema == 0.995
+    assert cfg.output_tuning_mix == "cutmix" and cfg.output_tuning_ema == 0.995 and cfg.output_tuning_temperature == 2.0
     for bad in ("paper", "default,output_tuning_batch", "default,no_such_setting=1", "default,output_tuning_crop=2"):
         with pytest.raises((SystemExit, ConfigError)):
             tuning_config(bad, "deit_t", samples=64)
