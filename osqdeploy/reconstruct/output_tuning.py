@@ -17,7 +17,8 @@ against the float model's prediction on that blend: the stage otherwise fits a t
 predictions far better than it generalises (docs/results.md, "Accuracy methods"). With
 ``output_tuning_ema`` it ends on a moving average of the parameters instead of the last step;
 with ``output_tuning_crop`` every image is also re-cropped each step, and ``output_tuning_batch``
-sets how many images a step fits.
+sets how many images a step fits. ``output_tuning_temperature`` softens both predictions in the
+fitted KL (the default's 2), so every logit of an image, not mostly its top ones, is fitted.
 """
 
 from __future__ import annotations
