@@ -275,13 +275,17 @@ def test_tuning_temperature_is_hintons_loss_and_sharpening_weighs_the_top_class(
     assert ratio[1] > ratio[0]
 
 
-def test_tuning_at_another_temperature_keeps_only_a_lower_plain_kl():
+def test_tuning_at_the_defaults_temperature_fits_differently_and_is_judged_on_the_plain_kl():
     model = tiny_vit(depth=2)
     plain, _ = _calibrate(model, iters=10, n=32, output_tuning_iters=30, output_tuning="steps+affine")
-    sharp, rec = _calibrate(model, iters=10, n=32, output_tuning_iters=30, output_tuning="steps+affine",
-                            output_tuning_temperature=0.5)
+    soft, rec = _calibrate(model, iters=10, n=32, output_tuning_iters=30, output_tuning="steps+affine",
+                           output_tuning_temperature=METHODS[Method.OUTPUT_TUNED]["output_tuning_temperature"])
+    # kl_before / kl_after are the plain KL (T = 1) on the calibration images, whatever was fitted
     assert rec.output_tuning.kept and rec.output_tuning.kl_after < rec.output_tuning.kl_before
-    assert any(not torch.equal(a.bias, b.bias) for a, b in zip(quant_layers([plain]), quant_layers([sharp]),
+    x = images(32, 32)
+    plain_kl = float(prediction_kl(logits(model, x, 16, CPU), logits(soft, x, 16, CPU)))
+    assert plain_kl == pytest.approx(rec.output_tuning.kl_after, rel=1e-4)
+    assert any(not torch.equal(a.bias, b.bias) for a, b in zip(quant_layers([plain]), quant_layers([soft]),
                                                                strict=True))
     with pytest.raises(ConfigError, match="temperature"):
         CalibrationConfig(output_tuning_temperature=0.0).validate()
