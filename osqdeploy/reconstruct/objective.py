@@ -56,10 +56,7 @@ def prediction_kl(fp_logits: torch.Tensor, q_logits: torch.Tensor, temperature: 
     With ``temperature`` T both predictions are softened (T > 1) or sharpened (T < 1) first and
     the KL is scaled by T², Hinton's distillation loss: T < 1 weighs the top classes more.
     """
-    if temperature == 1.0:
-        return F.kl_div(q_logits.float().log_softmax(-1), fp_logits.float().log_softmax(-1), log_target=True,
-                        reduction="batchmean")
-    t = temperature
+    t = temperature  # dividing and multiplying by 1 are exact: T = 1 is the plain KL, bit for bit
     return F.kl_div((q_logits.float() / t).log_softmax(-1), (fp_logits.float() / t).log_softmax(-1),
                     log_target=True, reduction="batchmean") * t * t
 
