@@ -170,7 +170,7 @@ def method_of(quant: QuantConfig, calibration: CalibrationConfig) -> Method:
 # DeiT-Tiny with the recipe's 4-block, 4,096-view plan it won on held-out KL and logit MSE at W4A4
 # (6 seeds) and W6A6 (3 seeds), and, before its tuning ended on an average, at W4A8 and W8A8 too,
 # at 1.17x the paper's calibration time; the rotated post-GELU grid then lowered its KL by a fifth
-# or more at W4A4 and W6A6 at the same time, and tuning at temperature 2 its logit MSE by 7-9 %
+# or more at W4A4 and W6A6 at the same time, and tuning at temperature 2 its logit MSE by 8-10 %
 # (docs/results.md).
 DEFAULT_METHOD = Method.OUTPUT_TUNED
 
