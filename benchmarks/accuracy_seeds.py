@@ -220,6 +220,21 @@ def post_tuned_job(job: Job, spec: str) -> tuple[Job, dict[str, str]]:
     return Job(variant, job.bits, job.seed), {"output_tuning": kind, **dict(kv.split("=", 1) for kv in pairs)}
 
 
+def post_tuned_config(job: Job, spec: str, ccfg, lr: float | None = None, iters: int | None = None):
+    """The CalibrationConfig ``job``'s run (calibrated with ``ccfg``) is tuned with under ``--post-tuning spec``."""
+    from osqdeploy.config import METHODS, Method
+
+    _, settings = post_tuned_job(job, spec)
+    preset = METHODS[Method.OUTPUT_TUNED]  # its tuning settings only: the reconstruction stays the job's
+    # fixed views unless the spec says otherwise, so the commands of earlier rows still mean what they did
+    tcfg = replace(ccfg, output_tuning_lr=lr or preset["output_tuning_lr"],
+                   output_tuning_iters=iters or preset["output_tuning_iters"], output_tuning_mix="none")
+    for key, value in settings.items():
+        setattr(tcfg, key, _typed(getattr(tcfg, key), value))
+    tcfg.validate()
+    return tcfg
+
+
 def _post_tuned(job: Job, spec: str, run_dir: Path, calib, float_model, ccfg, calib_seconds: float, ref, eval_set,
                 device: str, args: argparse.Namespace):
     """The job's finished run tuned at the output (``tune_outputs``, OUTPUT_TUNED's settings), saved as its own run.
@@ -234,19 +249,10 @@ def _post_tuned(job: Job, spec: str, run_dir: Path, calib, float_model, ccfg, ca
     from osqdeploy.reconstruct.output_tuning import tune_outputs
     from osqdeploy.run import store
 
-    tuned_job, settings = post_tuned_job(job, spec)
+    tuned_job, _ = post_tuned_job(job, spec)
     variant, name = tuned_job.variant, tuned_job.name
     tuned_dir = Path(args.out) / "runs" / name
-    from osqdeploy.config import METHODS, Method
-
-    preset = METHODS[Method.OUTPUT_TUNED]  # its tuning settings only: the reconstruction stays the job's
-    # fixed views unless the spec says otherwise, so the commands of earlier rows still mean what they did
-    tcfg = replace(ccfg, output_tuning_lr=args.post_tuning_lr or preset["output_tuning_lr"],
-                   output_tuning_iters=args.post_tuning_iters or preset["output_tuning_iters"],
-                   output_tuning_mix="none")
-    for key, value in settings.items():
-        setattr(tcfg, key, _typed(getattr(tcfg, key), value))
-    tcfg.validate()
+    tcfg = post_tuned_config(job, spec, ccfg, args.post_tuning_lr, args.post_tuning_iters)
     run = load_run(run_dir, device)
     result = tune_outputs(run.model, calib, tcfg, torch.device(device), reference=float_model)
     if tuned_dir.exists():

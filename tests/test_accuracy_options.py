@@ -152,6 +152,20 @@ def test_the_accuracy_benchmark_builds_each_variant_as_osq_calibrate_would():
         post_tuned_job(Job("paper", "w4a4", 0), "steps+affine,output_tuning_itres=200")
 
 
+def test_the_rotated_reconstruction_tuned_at_temperature_2_is_the_default_calibration():
+    """results.md reports the default from runs reconstructed, saved, then tuned with ``--post-tuning``."""
+    from benchmarks.accuracy_seeds import Job, post_tuned_config
+    from osqdeploy.api import calibration_config, quant_config
+
+    job = Job("paper,granularity=blocks:4,samples=4096,post_gelu_grid=hadamard", "w4a4", 1)
+    quant, ccfg = job.configs("deit_t", 20000, None, "cpu")
+    tuning = "steps+affine,output_tuning_mix=cutmix,output_tuning_ema=0.995"
+    default = replace(calibration_config("deit_t"), seed=1, device="cpu")
+    assert quant == quant_config(4, 4)
+    assert post_tuned_config(job, tuning + ",output_tuning_temperature=2", ccfg) == default
+    assert post_tuned_config(job, tuning, ccfg).method is Method.CUSTOM
+
+
 def test_a_recipe_refuses_a_number_of_images_that_is_not_a_positive_integer():
     from osqdeploy.load.models import RecipeError, _parse_recipe
 
