@@ -196,8 +196,7 @@ MethodOpt = Annotated[
     typer.Option(
         help="output_tuned (the default): block reconstruction on the recipe's plan and views, then output-level "
         "tuning of steps, LayerNorms and biases (KL to fp32 at temperature 2 on cutmix blends of the calibration "
-        "images, ending on the "
-        "moving average of what it learns); paper: the "
+        "images, ending on the moving average of what it learns); paper: the "
         "paper's block reconstruction on its own plan and 1,024 views, nothing after; prediction adds the KL of "
         "predictions to the last group; fisher weights the block error by Fisher information.",
         show_default=False,
